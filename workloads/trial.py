@@ -1,0 +1,471 @@
+"""One training trial: a model, a stabilizer set, a learning-rate schedule, probes and a divergence
+detector. Pure PyTorch: no Ray, no MLflow. Run it from Python (``run(TrialConfig(...))``), from the
+command line (``python -m workloads.trial --help``) or under any scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from workloads import data as data_mod
+from workloads import probes
+from workloads import stabilizers as stab
+from workloads.divergence import KINDS, DivergenceConfig, DivergenceDetector, DivergenceEvent
+from workloads.models import WORKLOADS, GPT, GPTConfig, build_swin, build_vit
+
+SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_DATA = {"gpt": "stdlib", "vit": "digits", "swin": "digits"}
+
+Reporter = Callable[[int, dict[str, float], list[DivergenceEvent]], None]
+
+
+class ConfigError(ValueError):
+    """A TrialConfig field has a value outside what is allowed."""
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial needs. Validated on construction (``ConfigError`` names the field)."""
+
+    workload: str = "gpt"
+    depth: int = 4
+    width: int = 128
+    heads: int = 4
+    seq_len: int = 128
+    img_size: int = 32
+    patch_size: int = 4
+    window_size: int = 4
+    mlp_ratio: float = 4.0
+    bias: bool = False
+    dropout: float = 0.0
+    batch_size: int = 16
+    steps: int = 300
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 0.0
+    """Global gradient-norm clip; 0 = off (the default, so that instabilities are not masked)."""
+    stabilizers: tuple[str, ...] = ()
+    stabilizer_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+    probe_interval: int = 25
+    eval_interval: int = 100
+    eval_batches: int = 4
+    max_loss_ratio: float = 1.5
+    spike_ratio: float = 2.0
+    entropy_collapse: float = 0.05
+    stop_on: tuple[str, ...] = ("nonfinite", "loss_ratio", "loss_spike")
+    data: str = "auto"
+    data_path: str | None = None
+    vocab_size: int | None = None
+    """Only for ``data: bin`` (token shards); byte-level text uses 256."""
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if isinstance(self.stabilizers, str):
+            set_("stabilizers", tuple(n for n in self.stabilizers.replace(",", "+").split("+") if n))
+        set_("stabilizers", tuple(self.stabilizers))
+        set_("stop_on", tuple(self.stop_on))
+        if self.workload not in WORKLOADS:
+            raise ConfigError(f"workload: {self.workload!r} is not one of {list(WORKLOADS)}")
+        if self.data == "auto":
+            set_("data", DEFAULT_DATA[self.workload])
+        allowed_data = data_mod.TEXT_SOURCES if self.workload == "gpt" else data_mod.IMAGE_SOURCES
+        if self.data not in allowed_data:
+            raise ConfigError(f"data: {self.data!r} is not a source for {self.workload}; allowed: {list(allowed_data)}")
+        for name in ("depth", "width", "heads", "seq_len", "img_size", "patch_size", "window_size",
+                     "batch_size", "steps", "probe_interval", "eval_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}: {v!r} must be an integer >= 1")
+        for name in ("warmup_steps", "eval_interval", "threads", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name}: {v!r} must be an integer >= 0")
+        if self.width % self.heads:
+            raise ConfigError(f"width: {self.width} must be divisible by heads ({self.heads})")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr: {self.lr!r} must be a finite number > 0")
+        for name in ("weight_decay", "grad_clip", "dropout", "min_lr_ratio", "eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"beta1/beta2: ({self.beta1}, {self.beta2}) must be in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule: {self.schedule!r} is not one of {list(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: {self.precision!r} is not one of {list(PRECISIONS)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: {self.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+        bad = [k for k in self.stop_on if k not in KINDS]
+        if bad:
+            raise ConfigError(f"stop_on: unknown kind(s) {bad}; allowed: {list(KINDS)}")
+        if self.max_loss_ratio <= 1 or self.spike_ratio <= 1:
+            raise ConfigError("max_loss_ratio and spike_ratio must be > 1")
+        if self.workload == "swin" and self.depth < 2:
+            raise ConfigError(f"depth: swin needs >= 2 (two stages), got {self.depth}")
+        if self.workload != "gpt" and self.img_size % self.patch_size:
+            raise ConfigError(f"img_size: {self.img_size} must be divisible by patch_size {self.patch_size}")
+        try:
+            stab.resolve(self.stabilizers, self.stabilizer_options)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    @property
+    def stabilizer_label(self) -> str:
+        return stab.label(self.stabilizers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stabilizers"] = list(self.stabilizers)
+        d["stop_on"] = list(self.stop_on)
+        d["stabilizer_options"] = {k: dict(v) for k, v in self.stabilizer_options.items()}
+        return d
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrialResult:
+    final_loss: float
+    """Validation loss at the end (inf when the trial diverged)."""
+    best_loss: float
+    """Lowest validation loss seen at any evaluation."""
+    final_train_loss: float
+    """Mean training loss of the last (up to) 10 steps run."""
+    steps_run: int
+    diverged: bool
+    first_event: DivergenceEvent | None
+    events: list[DivergenceEvent]
+    wall_time: float
+    throughput: float
+    """Tokens (gpt) or images (vit, swin) per second of training steps."""
+    throughput_unit: str
+    device: str
+    num_params: int
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["first_event"] = self.first_event.to_dict() if self.first_event else None
+        d["events"] = [e.to_dict() for e in self.events]
+        return d
+
+
+# ------------------------------------------------------------------------------------ building
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def build_model(cfg: TrialConfig, num_classes: int = 10, in_chans: int = 3, vocab_size: int = 256) -> nn.Module:
+    active = stab.resolve(cfg.stabilizers, cfg.stabilizer_options)
+    opts: dict[str, Any] = {}
+    for s in active:
+        if s.model_options:
+            opts.update({k: v for k, v in s.model_options(cfg.stabilizer_options.get(s.name, {})).items()})
+    if cfg.workload == "gpt":
+        model = GPT(GPTConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, depth=cfg.depth, width=cfg.width,
+                              heads=cfg.heads, bias=cfg.bias, dropout=cfg.dropout, **opts))
+    else:
+        common = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=in_chans,
+                      num_classes=num_classes, depth=cfg.depth, width=cfg.width, heads=cfg.heads,
+                      mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, **opts)
+        model = build_vit(**common) if cfg.workload == "vit" else build_swin(window_size=cfg.window_size, **common)
+    for s in active:
+        if s.transform:
+            model = s.transform(model)
+    return model
+
+
+def build_optimizer(cfg: TrialConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if "weyl" in cfg.stabilizers:
+        return stab.WeylAdamW(groups, **kw, **dict(cfg.stabilizer_options.get("weyl", {})))
+    return torch.optim.AdamW(groups, **kw, fused=device.type == "cuda")
+
+
+def lr_at(cfg: TrialConfig, step: int) -> float:
+    """Linear warmup over ``warmup_steps``, then constant / cosine / linear decay to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * t))
+    return cfg.lr - (cfg.lr - floor) * t
+
+
+class _Data:
+    """Training and fixed validation batches for the workload."""
+
+    def __init__(self, cfg: TrialConfig, device: torch.device):
+        if cfg.workload == "gpt":
+            td = data_mod.load_text(cfg.data, cfg.data_path, cfg.vocab_size)
+            self.vocab_size, self.num_classes, self.in_chans = td.vocab_size, 0, 0
+            self.train = data_mod.TokenBatches(td.train, cfg.batch_size, cfg.seq_len, cfg.seed, device)
+            val = data_mod.TokenBatches(td.val, cfg.batch_size, cfg.seq_len, 10_000 + cfg.seed, device)
+            self.items_per_batch, self.unit = cfg.batch_size * cfg.seq_len, "tokens/s"
+        else:
+            im = data_mod.load_images(cfg.data, cfg.img_size, cfg.data_path)
+            self.vocab_size, self.num_classes, self.in_chans = 0, im.num_classes, im.in_chans
+            self.train = data_mod.ImageBatches(im.train_x, im.train_y, cfg.batch_size, cfg.seed, device)
+            val = data_mod.ImageBatches(im.val_x, im.val_y, cfg.batch_size, 10_000 + cfg.seed, device)
+            self.items_per_batch, self.unit = cfg.batch_size, "images/s"
+        self.val_batches = [val.next() for _ in range(cfg.eval_batches)]
+
+
+# ------------------------------------------------------------------------------------- probing
+@torch.no_grad()
+def weight_probes(model: nn.Module) -> dict[str, float]:
+    """Spectral probes of W_q/W_k per layer, TEV, parameter norm."""
+    m: dict[str, float] = {}
+    conc_max, s1_max = 0.0, 0.0
+    for i, (wq, wk, heads) in enumerate(model.qk_weights()):
+        s = probes.head_singular_values(wq, wk, heads)
+        conc = (s[:, 0] ** 2 / (s ** 2).sum(-1).clamp_min(1e-30))
+        m[f"spectral_conc/layer{i}"] = float(conc.max())
+        m[f"qk_sigma1/layer{i}"] = float(s[:, 0].max())
+        conc_max, s1_max = max(conc_max, float(conc.max())), max(s1_max, float(s[:, 0].max()))
+    m["spectral_conc/max"], m["qk_sigma1/max"] = conc_max, s1_max
+    emb = model.token_embedding()
+    if emb is not None:
+        m["tev/mean"], m["tev/std"] = probes.token_embedding_variability(emb)
+    m["param_norm"] = probes.param_norm(model.parameters())
+    return m
+
+
+def attention_metrics(stats: probes.AttentionStats) -> dict[str, float]:
+    m: dict[str, float] = {}
+    for i, rec in enumerate(stats.layers):
+        m[f"attn_entropy_min/layer{i}"] = rec["entropy_min"]
+        m[f"attn_entropy_mean/layer{i}"] = rec["entropy_mean"]
+        if "max_logit" in rec:
+            m[f"max_logit/layer{i}"] = rec["max_logit"]
+    if stats.layers:
+        m["attn_entropy/min"] = min(r["entropy_min"] for r in stats.layers)
+        m["attn_entropy/mean"] = float(np.mean([r["entropy_mean"] for r in stats.layers]))
+        logits = [r["max_logit"] for r in stats.layers if "max_logit" in r]
+        if logits:
+            m["max_logit"] = max(logits)
+    return m
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, autocast) -> float:
+    was = model.training
+    model.eval()
+    with autocast():
+        losses = [float(model.loss(x, y)) for x, y in batches]
+    model.train(was)
+    return float(np.mean(losses))
+
+
+# ------------------------------------------------------------------------------------- the loop
+def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
+    """Train one trial. Calls ``reporter(step, metrics, events)`` every ``probe_interval`` steps, at
+    the last step and at a divergence; stops at the first divergence event of a stopping kind."""
+    cfg = config
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ConfigError("precision: 'bf16' autocast needs a CUDA device; use 'fp32' on CPU")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    data = _Data(cfg, device)
+    torch.manual_seed(cfg.seed)  # the model's init does not depend on how data loading used the RNG
+    model = build_model(cfg, num_classes=data.num_classes or 10, in_chans=data.in_chans or 3,
+                        vocab_size=data.vocab_size or 256).to(device)
+    model.train()
+    opt = build_optimizer(cfg, model, device)
+    num_params = sum(p.numel() for p in model.parameters())
+    layer_params = [(f"grad_norm/layer{i}", list(layer.parameters())) for i, layer in enumerate(model.layers())]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    detector = DivergenceDetector(DivergenceConfig(
+        max_loss_ratio=cfg.max_loss_ratio, spike_ratio=cfg.spike_ratio,
+        entropy_collapse=cfg.entropy_collapse, stop_on=cfg.stop_on))
+    events: list[DivergenceEvent] = []
+    first_stop: DivergenceEvent | None = None
+    recent: list[float] = []
+    best_val = math.inf
+    last_metrics: dict[str, float] = {}
+    train_time = 0.0
+    step = 0
+    steps_run = 0
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = data.train.next()
+        is_probe = step % cfg.probe_interval == 0 or step == cfg.steps - 1
+        if is_probe:
+            with model.capture_attention() as stats, autocast():
+                loss = model.loss(x, y)
+        else:
+            with autocast():
+                loss = model.loss(x, y)
+        loss_value = float(loss.detach())
+        step_events = detector.observe_loss(step, loss_value)
+        metrics: dict[str, float] = {}
+        if math.isfinite(loss_value):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                gnorm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            elif is_probe:
+                gnorm = probes.grad_norms([("all", model.parameters())])["all"]
+            if is_probe:
+                metrics.update(probes.grad_norms(layer_params))
+                metrics["grad_norm"] = gnorm
+            opt.step()
+        steps_run = step + 1
+        train_time += time.perf_counter() - t0
+        recent = (recent + [loss_value])[-10:]
+
+        if is_probe:
+            metrics.update(loss=loss_value, lr=lr)
+            metrics.update(attention_metrics(stats))
+            metrics.update(weight_probes(model))
+            if isinstance(opt, stab.WeylAdamW):
+                metrics.update(opt.last_stats)
+                metrics["weyl/fire_rate_cum"] = opt.fired_total / max(1, opt.matrix_steps_total)
+            step_events += detector.observe_entropy(step, [r["entropy_min"] for r in stats.layers])
+        stopping = [e for e in step_events if detector.is_stop(e)]
+        if stopping:
+            first_stop = stopping[0]
+        if (cfg.eval_interval and 0 < step < cfg.steps - 1 and step % cfg.eval_interval == 0
+                and not stopping):
+            metrics["val_loss"] = evaluate(model, data.val_batches, autocast)
+            best_val = min(best_val, metrics["val_loss"])
+        events += step_events
+        if metrics or step_events:
+            metrics.setdefault("loss", loss_value)
+            metrics.setdefault("lr", lr)
+            metrics["throughput"] = steps_run * data.items_per_batch / max(train_time, 1e-9)
+            last_metrics.update(metrics)
+            if reporter is not None:
+                reporter(step, metrics, step_events)
+        if first_stop is not None:
+            break
+
+    diverged = first_stop is not None
+    final_val = math.inf
+    if not diverged:
+        final_val = evaluate(model, data.val_batches, autocast)
+        best_val = min(best_val, final_val)
+        last_metrics["val_loss"] = final_val
+        if reporter is not None:
+            reporter(step, {"val_loss": final_val}, [])
+    return TrialResult(
+        final_loss=final_val,
+        best_loss=best_val,
+        final_train_loss=float(np.mean(recent)) if recent else math.nan,
+        steps_run=steps_run,
+        diverged=diverged,
+        first_event=first_stop,
+        events=events,
+        wall_time=time.perf_counter() - t_start,
+        throughput=steps_run * data.items_per_batch / max(train_time, 1e-9),
+        throughput_unit=data.unit,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        num_params=num_params,
+        final_metrics=last_metrics,
+    )
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m workloads.trial",
+        description="Run one ablate training trial and print its result as JSON.")
+    for f in dataclasses.fields(TrialConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name == "stabilizer_options":
+            p.add_argument(flag, type=json.loads, default={},
+                           help='JSON, e.g. \'{"weyl": {"tau": 0.05}, "mlra": {"rank": 4}}\'')
+        elif f.name in ("stabilizers", "stop_on"):
+            p.add_argument(flag, type=lambda s: tuple(x for x in s.replace(",", "+").split("+") if x),
+                           default=default, help=f"'+'-separated list (default: {'+'.join(default) or 'none'})")
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            typ = {int: int, float: float}.get(type(default), str)
+            if f.name in ("data_path",):
+                typ = str
+            if f.name == "vocab_size":
+                typ = int
+            p.add_argument(flag, type=typ, default=default, help=f"(default: {default})")
+    p.add_argument("--quiet", action="store_true", help="print only the final JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    quiet = args.pop("quiet")
+    try:
+        cfg = TrialConfig(**args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def progress(step: int, metrics: dict[str, float], events: list[DivergenceEvent]) -> None:
+        if quiet:
+            return
+        parts = [f"step {step:>5}"] + [f"{k} {metrics[k]:.4g}" for k in
+                                       ("loss", "val_loss", "lr", "grad_norm", "attn_entropy/min",
+                                        "spectral_conc/max", "max_logit") if k in metrics]
+        print("  ".join(parts), file=sys.stderr)
+        for e in events:
+            print(f"  event: {e.kind} at step {e.step}: {e.detail}", file=sys.stderr)
+
+    result = run(cfg, progress)
+    out = result.to_dict()
+    out.pop("final_metrics")
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
