@@ -150,6 +150,8 @@ class TrialConfig:
 
 @dataclass
 class TrialResult:
+    initial_loss: float
+    """Validation loss of the untrained model."""
     final_loss: float
     """Validation loss at the end (inf when the trial diverged)."""
     best_loss: float
@@ -296,93 +298,114 @@ def evaluate(model: nn.Module, batches, autocast) -> float:
 
 
 # ------------------------------------------------------------------------------------- the loop
-def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
-    """Train one trial. Calls ``reporter(step, metrics, events)`` every ``probe_interval`` steps, at
-    the last step and at a divergence; stops at the first divergence event of a stopping kind."""
-    cfg = config
-    t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    if cfg.precision == "bf16" and device.type != "cuda":
-        raise ConfigError("precision: 'bf16' autocast needs a CUDA device; use 'fp32' on CPU")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+class Trainer:
+    """The model, optimizer and data of one trial, and its training step (also used by benchmarks)."""
 
-    data = _Data(cfg, device)
-    torch.manual_seed(cfg.seed)  # the model's init does not depend on how data loading used the RNG
-    model = build_model(cfg, num_classes=data.num_classes or 10, in_chans=data.in_chans or 3,
-                        vocab_size=data.vocab_size or 256).to(device)
-    model.train()
-    opt = build_optimizer(cfg, model, device)
-    num_params = sum(p.numel() for p in model.parameters())
-    layer_params = [(f"grad_norm/layer{i}", list(layer.parameters())) for i, layer in enumerate(model.layers())]
+    def __init__(self, cfg: TrialConfig):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = device = resolve_device(cfg.device)
+        if cfg.precision == "bf16" and device.type != "cuda":
+            raise ConfigError("precision: 'bf16' autocast needs a CUDA device; use 'fp32' on CPU")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.data = _Data(cfg, device)
+        torch.manual_seed(cfg.seed)  # the init does not depend on how data loading used the RNG
+        self.model = build_model(cfg, num_classes=self.data.num_classes or 10, in_chans=self.data.in_chans or 3,
+                                 vocab_size=self.data.vocab_size or 256).to(device)
+        self.model.train()
+        self.opt = build_optimizer(cfg, self.model, device)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.layer_params = [(f"grad_norm/layer{i}", list(layer.parameters()))
+                             for i, layer in enumerate(self.model.layers())]
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
-    detector = DivergenceDetector(DivergenceConfig(
-        max_loss_ratio=cfg.max_loss_ratio, spike_ratio=cfg.spike_ratio,
-        entropy_collapse=cfg.entropy_collapse, stop_on=cfg.stop_on))
-    events: list[DivergenceEvent] = []
-    first_stop: DivergenceEvent | None = None
-    recent: list[float] = []
-    best_val = math.inf
-    last_metrics: dict[str, float] = {}
-    train_time = 0.0
-    step = 0
-    steps_run = 0
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.data.val_batches, self.autocast)
+
+    def step(self, step: int, probe: bool) -> tuple[float, dict[str, float], probes.AttentionStats | None]:
+        """One optimizer step at ``lr_at(step)``. Skips the update when the loss is not finite.
+        With ``probe`` the attention statistics, gradient and weight probes come back as metrics."""
+        cfg, model, opt = self.cfg, self.model, self.opt
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        x, y = data.train.next()
-        is_probe = step % cfg.probe_interval == 0 or step == cfg.steps - 1
-        if is_probe:
-            with model.capture_attention() as stats, autocast():
+        x, y = self.data.train.next()
+        stats = None
+        if probe:
+            with model.capture_attention() as stats, self.autocast():
                 loss = model.loss(x, y)
         else:
-            with autocast():
+            with self.autocast():
                 loss = model.loss(x, y)
         loss_value = float(loss.detach())
-        step_events = detector.observe_loss(step, loss_value)
         metrics: dict[str, float] = {}
-        if math.isfinite(loss_value):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                gnorm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            elif is_probe:
-                gnorm = probes.grad_norms([("all", model.parameters())])["all"]
-            if is_probe:
-                metrics.update(probes.grad_norms(layer_params))
-                metrics["grad_norm"] = gnorm
-            opt.step()
-        steps_run = step + 1
-        train_time += time.perf_counter() - t0
-        recent = (recent + [loss_value])[-10:]
-
-        if is_probe:
+        if not math.isfinite(loss_value):
+            return loss_value, metrics, stats
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        elif probe:
+            metrics["grad_norm"] = probes.grad_norms([("all", model.parameters())])["all"]
+        if probe:
+            metrics.update(probes.grad_norms(self.layer_params))
+        opt.step()
+        if probe:
             metrics.update(loss=loss_value, lr=lr)
             metrics.update(attention_metrics(stats))
             metrics.update(weight_probes(model))
             if isinstance(opt, stab.WeylAdamW):
                 metrics.update(opt.last_stats)
                 metrics["weyl/fire_rate_cum"] = opt.fired_total / max(1, opt.matrix_steps_total)
+        return loss_value, metrics, stats
+
+
+def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
+    """Train one trial. Calls ``reporter(step, metrics, events)`` every ``probe_interval`` steps, at
+    the last step and at a divergence; stops at the first divergence event of a stopping kind."""
+    cfg = config
+    t_start = time.perf_counter()
+    tr = Trainer(cfg)
+    detector = DivergenceDetector(DivergenceConfig(
+        max_loss_ratio=cfg.max_loss_ratio, spike_ratio=cfg.spike_ratio,
+        entropy_collapse=cfg.entropy_collapse, stop_on=cfg.stop_on))
+    events: list[DivergenceEvent] = []
+    first_stop: DivergenceEvent | None = None
+    recent: list[float] = []
+    last_metrics: dict[str, float] = {}
+    initial_val = tr.evaluate()
+    best_val = math.inf
+    train_time = 0.0  # training steps and probes; evaluation excluded
+    step = steps_run = 0
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        is_probe = step % cfg.probe_interval == 0 or step == cfg.steps - 1
+        loss_value, metrics, stats = tr.step(step, is_probe)
+        steps_run = step + 1
+        train_time += time.perf_counter() - t0
+        recent = (recent + [loss_value])[-10:]
+
+        step_events = detector.observe_loss(step, loss_value)
+        if stats is not None:
             step_events += detector.observe_entropy(step, [r["entropy_min"] for r in stats.layers])
         stopping = [e for e in step_events if detector.is_stop(e)]
         if stopping:
             first_stop = stopping[0]
-        if (cfg.eval_interval and 0 < step < cfg.steps - 1 and step % cfg.eval_interval == 0
-                and not stopping):
-            metrics["val_loss"] = evaluate(model, data.val_batches, autocast)
+        if step == 0:
+            metrics["val_loss"] = initial_val
+        elif (cfg.eval_interval and step < cfg.steps - 1 and step % cfg.eval_interval == 0
+              and not stopping):
+            metrics["val_loss"] = tr.evaluate()
             best_val = min(best_val, metrics["val_loss"])
         events += step_events
         if metrics or step_events:
             metrics.setdefault("loss", loss_value)
-            metrics.setdefault("lr", lr)
-            metrics["throughput"] = steps_run * data.items_per_batch / max(train_time, 1e-9)
+            metrics.setdefault("lr", lr_at(cfg, step))
+            metrics["throughput"] = steps_run * tr.data.items_per_batch / max(train_time, 1e-9)
             last_metrics.update(metrics)
             if reporter is not None:
                 reporter(step, metrics, step_events)
@@ -392,12 +415,13 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
     diverged = first_stop is not None
     final_val = math.inf
     if not diverged:
-        final_val = evaluate(model, data.val_batches, autocast)
+        final_val = tr.evaluate()
         best_val = min(best_val, final_val)
         last_metrics["val_loss"] = final_val
         if reporter is not None:
             reporter(step, {"val_loss": final_val}, [])
     return TrialResult(
+        initial_loss=initial_val,
         final_loss=final_val,
         best_loss=best_val,
         final_train_loss=float(np.mean(recent)) if recent else math.nan,
@@ -406,10 +430,10 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
         first_event=first_stop,
         events=events,
         wall_time=time.perf_counter() - t_start,
-        throughput=steps_run * data.items_per_batch / max(train_time, 1e-9),
-        throughput_unit=data.unit,
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        num_params=num_params,
+        throughput=steps_run * tr.data.items_per_batch / max(train_time, 1e-9),
+        throughput_unit=tr.data.unit,
+        device=torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else "cpu",
+        num_params=tr.num_params,
         final_metrics=last_metrics,
     )
 

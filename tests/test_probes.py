@@ -1,0 +1,84 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from workloads.probes import (attention_entropy, head_singular_values, spectral_concentration,
+                              token_embedding_variability)
+
+
+def test_entropy_uniform_rows_is_log_k():
+    k = 7
+    probs = torch.full((2, 3, 5, k), 1.0 / k)
+    torch.testing.assert_close(attention_entropy(probs), torch.full((3,), math.log(k)))
+
+
+def test_entropy_one_hot_rows_is_zero():
+    probs = torch.zeros(2, 4, 6, 6)
+    probs[..., 2] = 1.0
+    assert torch.equal(attention_entropy(probs), torch.zeros(4))
+
+
+def test_entropy_causal_uniform_rows_masked_zeros():
+    T = 5
+    probs = torch.zeros(1, 2, T, T)
+    for i in range(T):
+        probs[..., i, : i + 1] = 1.0 / (i + 1)
+    expected = np.mean([math.log(i + 1) for i in range(T)])
+    torch.testing.assert_close(attention_entropy(probs), torch.full((2,), expected, dtype=torch.float32))
+
+
+def test_entropy_per_head_against_numpy():
+    logits = torch.randn(3, 2, 4, 9)
+    probs = logits.softmax(-1)
+    p = probs.numpy().astype(np.float64)
+    ref = -(p * np.log(p)).sum(-1).mean(axis=(0, 2))
+    np.testing.assert_allclose(attention_entropy(probs).numpy(), ref, rtol=1e-5)
+
+
+def test_entropy_rejects_wrong_rank():
+    with pytest.raises(ValueError, match="batch, heads, q, k"):
+        attention_entropy(torch.rand(4, 4))
+
+
+def test_spectral_concentration_rank_one_is_one():
+    heads, hd, d = 2, 4, 16
+    w_q = torch.zeros(heads * hd, d)
+    w_k = torch.zeros(heads * hd, d)
+    w_q[0::hd] = torch.randn(heads, d)  # one non-zero row per head -> rank-1 product
+    w_k[0::hd] = torch.randn(heads, d)
+    torch.testing.assert_close(spectral_concentration(w_q, w_k, heads), torch.ones(heads))
+
+
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_spectral_concentration_equal_singular_values_is_one_over_r(r):
+    heads, hd, d = 3, 4, 12
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    w_q = torch.zeros(heads * hd, d, dtype=torch.float64)
+    w_k = torch.zeros(heads * hd, d, dtype=torch.float64)
+    for h in range(heads):
+        rows = q[h * hd: h * hd + r]  # r orthonormal rows: W_q[h]^T W_k[h] is a rank-r projection
+        w_q[h * hd: h * hd + r] = 3.0 * rows
+        w_k[h * hd: h * hd + r] = rows
+    torch.testing.assert_close(spectral_concentration(w_q, w_k, heads), torch.full((heads,), 1.0 / r))
+
+
+def test_head_singular_values_match_full_svd():
+    heads, hd, d = 4, 8, 32
+    w_q, w_k = torch.randn(heads * hd, d), torch.randn(heads * hd, d)
+    got = head_singular_values(w_q, w_k, heads)
+    for h in range(heads):
+        prod = w_q[h * hd:(h + 1) * hd].double().T @ w_k[h * hd:(h + 1) * hd].double()  # [d, d]
+        ref = torch.linalg.svdvals(prod)[:hd].float()
+        torch.testing.assert_close(got[h], ref, rtol=1e-4, atol=1e-4)
+    s2 = got.double() ** 2
+    torch.testing.assert_close(spectral_concentration(w_q, w_k, heads), (s2[:, 0] / s2.sum(-1)).float())
+
+
+def test_token_embedding_variability_known_matrix():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [-2.0, 2.0, -2.0, 2.0]])
+    per_token = np.std(w.numpy(), axis=1, ddof=1)  # [1.2910, 0, 2.3094]
+    mean, std = token_embedding_variability(w)
+    assert mean == pytest.approx(per_token.mean(), rel=1e-6)
+    assert std == pytest.approx(np.std(per_token, ddof=1), rel=1e-6)

@@ -1,0 +1,96 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from workloads.trial import ConfigError, TrialConfig, lr_at, run
+
+FAST = dict(depth=2, width=32, heads=2, seq_len=32, batch_size=8, probe_interval=5, eval_batches=2)
+
+
+@pytest.mark.slow
+def test_default_gpt_learns_the_stdlib_corpus():
+    history = []
+    cfg = TrialConfig(steps=300, lr=1e-3, warmup_steps=30, probe_interval=50)  # the default GPT
+    res = run(cfg, lambda step, m, ev: history.append((step, m)))
+    assert not res.diverged and res.steps_run == 300
+    assert res.initial_loss == pytest.approx(math.log(256), rel=0.05)  # uniform over bytes
+    assert res.final_loss < 0.6 * res.initial_loss, res  # well below: ~5.5 -> < 3.3
+    val = [m["val_loss"] for _, m in history if "val_loss" in m]
+    assert len(val) >= 3 and val[-1] < val[0]
+    probed = [m for _, m in history if "attn_entropy/min" in m]
+    assert len(probed) >= 6  # steps 0, 50, ..., 250, 299
+    for key in ("grad_norm", "spectral_conc/max", "qk_sigma1/max", "tev/mean", "max_logit",
+                "grad_norm/layer0", "param_norm", "throughput"):
+        assert key in probed[-1], key
+    assert res.throughput > 0 and res.throughput_unit == "tokens/s"
+
+
+def test_far_too_high_lr_without_warmup_diverges_early():
+    events = []
+    cfg = TrialConfig(steps=200, lr=0.5, warmup_steps=0, schedule="constant", **FAST)
+    res = run(cfg, lambda step, m, ev: events.extend(ev))
+    assert res.diverged
+    assert res.first_event is not None and res.first_event.kind in ("nonfinite", "loss_ratio", "loss_spike")
+    assert res.steps_run < 100 and res.steps_run == res.first_event.step + 1
+    assert res.first_event in events and math.isinf(res.final_loss)
+
+
+def test_same_seed_same_trajectory_on_cpu():
+    cfg = TrialConfig(steps=12, lr=3e-3, **FAST)
+    a, b = run(cfg), run(cfg)
+    assert a.final_loss == b.final_loss and a.final_train_loss == b.final_train_loss
+    c = run(cfg.replace(seed=1))
+    assert c.final_train_loss != a.final_train_loss
+
+
+@pytest.mark.parametrize("workload", ["vit", "swin"])
+def test_image_trials_on_digits_report_probes(workload):
+    seen = []
+    cfg = TrialConfig(workload=workload, steps=12, depth=2, width=32, heads=2, img_size=16,
+                      window_size=2, batch_size=16, probe_interval=4, stabilizers=("weyl", "qk_norm"))
+    res = run(cfg, lambda step, m, ev: seen.append(m))
+    assert res.steps_run == 12 and res.throughput_unit == "images/s"
+    assert res.initial_loss == pytest.approx(math.log(10), rel=0.2)
+    probe = [m for m in seen if "attn_entropy/min" in m][-1]
+    assert "weyl/fire_rate" in probe and "spectral_conc/layer1" in probe and "tev/mean" not in probe
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = TrialConfig(lr=1.0, steps=110, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 110) == pytest.approx(0.1)
+    assert lr_at(cfg.replace(schedule="constant"), 50) == 1.0
+    assert lr_at(cfg.replace(schedule="linear"), 60) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(workload="bert"), "workload"), (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"),
+    (dict(stabilizers=("weyl", "magic")), "stabilizers"), (dict(schedule="step"), "schedule"),
+    (dict(width=30, heads=4), "width"), (dict(data="digits"), "data"), (dict(steps=0), "steps"),
+    (dict(stabilizer_options={"weyl": {"taw": 1.0}}), "stabilizer_options.weyl"),
+    (dict(stop_on=("boom",)), "stop_on"), (dict(precision="fp8"), "precision"),
+])
+def test_bad_config_names_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        TrialConfig(**changes)
+
+
+def test_stabilizers_accept_a_plus_separated_string():
+    cfg = TrialConfig(stabilizers="weyl+mlra")
+    assert cfg.stabilizers == ("weyl", "mlra") and cfg.stabilizer_label == "mlra+weyl"
+    assert TrialConfig().stabilizer_label == "none"
+
+
+def test_command_line_runs_one_trial_and_prints_json():
+    cmd = [sys.executable, "-m", "workloads.trial", "--steps", "4", "--depth", "1", "--width", "32",
+           "--heads", "2", "--seq-len", "16", "--batch-size", "4", "--stabilizers", "sigma_reparam",
+           "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    res = json.loads(out.stdout)
+    assert res["steps_run"] == 4 and res["diverged"] is False and res["device"] == "cpu"
+    bad = subprocess.run([sys.executable, "-m", "workloads.trial", "--workload", "bert"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "workload" in bad.stderr and "gpt" in bad.stderr
