@@ -1,0 +1,118 @@
+"""The ``ablate`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Distributed ablations of Transformer training stability (Ray Tune + Optuna + MLflow).")
+
+WORKDIR = typer.Option("ablate_runs", "--workdir", help="Local state: MLflow SQLite store, Tune results, Ray log link.")
+TRACKING = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                      "else sqlite:///<workdir>/mlflow.db).")
+ADDRESS = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else embedded Ray).")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def sweep(spec: Path = typer.Argument(..., help="Sweep spec (YAML), e.g. search_spaces/smoke.yaml."),
+          resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
+                                                help="Continue an interrupted sweep of the same name "
+                                                     "(default: continue if one exists)."),
+          workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, address: Optional[str] = ADDRESS):
+    """Run every trial of a spec's grid on Ray Tune, recorded in MLflow."""
+    import yaml
+
+    from orchestrator.spec import SpecError, load_spec
+    from orchestrator.sweep import run_sweep
+
+    try:
+        s = load_spec(spec)
+        out = run_sweep(s, yaml.safe_load(spec.read_text()), workdir=workdir, tracking_uri=tracking_uri,
+                        resume=resume, address=address)
+    except SpecError as e:
+        _fail(str(e))
+    c = out.counts
+    typer.echo(f"\nsweep {out.name}: {out.trials} trials: {c.get('stable', 0)} stable, "
+               f"{c.get('diverged', 0)} diverged, {c.get('failed', 0)} failed in {out.wall_time:.0f}s")
+    typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}")
+    if out.tracking_uri.startswith("sqlite:"):
+        typer.echo(f"  open the UI:  mlflow ui --backend-store-uri {out.tracking_uri}   (then http://127.0.0.1:5000)")
+    else:
+        typer.echo(f"  tracking server: {out.tracking_uri}")
+
+
+@app.command()
+def trial(args: list[str] = typer.Argument(None, help="Options of python -m workloads.trial (see --help there).")):
+    """Run one trial in this process, without Ray or MLflow (same as python -m workloads.trial)."""
+    from workloads.trial import main
+
+    raise typer.Exit(main(list(args or [])))
+
+
+@app.command()
+def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, address: Optional[str] = ADDRESS):
+    """Print versions, devices, Ray cluster resources and the tracking URI; check the MLflow store."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    ok = True
+    typer.echo(f"python      {platform.python_version()} ({sys.executable})")
+    for pkg in ("ablate", "torch", "torchvision", "timm", "ray", "mlflow", "optuna", "pyarrow", "numpy"):
+        try:
+            typer.echo(f"{pkg:<11} {version(pkg)}")
+        except PackageNotFoundError:
+            typer.echo(f"{pkg:<11} MISSING")
+            ok = False
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            typer.echo(f"device      cuda:{i} {torch.cuda.get_device_name(i)}")
+    else:
+        typer.echo(f"device      cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}); no CUDA")
+
+    from orchestrator.sweep import init_ray
+    from orchestrator.tracking import Tracker, default_tracking_uri
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        import ray
+
+        init_ray(address, workdir)
+        res = ray.cluster_resources()
+        typer.echo(f"ray         {len(ray.nodes())} node(s): " + ", ".join(
+            f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU", "memory") or k.startswith("accel")))
+        ray.shutdown()
+    except Exception as e:  # noqa: BLE001 - report, don't crash
+        typer.echo(f"ray         ERROR {e}")
+        ok = False
+    uri = tracking_uri or default_tracking_uri(workdir)
+    typer.echo(f"tracking    {uri}")
+    try:
+        t = Tracker(uri, "ablate-doctor", retries=1)
+        n = len(t.find_runs(""))
+        typer.echo(f"mlflow      store reachable (experiment 'ablate-doctor', {n} runs)")
+    except Exception as e:  # noqa: BLE001
+        typer.echo(f"mlflow      ERROR store not reachable: {e}")
+        ok = False
+    typer.echo("all checks passed" if ok else "some checks FAILED")
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,232 @@
+"""Sweep specs: YAML in, a validated ``SweepSpec`` out, or a ``SpecError`` that names the field, the
+bad value and what is allowed. Everything is checked here, before Ray starts: every trial of the
+grid is built as a ``TrialConfig`` once, so a bad combination fails now, not inside a worker.
+
+    name: smoke                       # sweep name: MLflow parent run, Tune experiment folder
+    experiment: ablate-smoke          # MLflow experiment (default: ablate-<name>)
+    workload: gpt                     # gpt | vit | swin
+    steps: 60                         # steps per trial
+    fixed: {depth: 2, width: 64}      # any TrialConfig field, the same for every trial
+    axes:                             # swept fields; the grid is their cartesian product
+      lr: {log_range: [1.0e-4, 1.0e-1], num: 7}     # or a list [1e-3, 1e-2]
+      warmup_steps: [0, 50]
+      stabilizers: [none, weyl, sigma_reparam, mlra, qk_norm, weyl+qk_norm]
+    seeds: 1                          # each grid point with seeds 0..seeds-1 (or axes.seed: [...])
+    resources: {cpus: 1, gpus: 0}     # per trial; fractional gpus pack trials onto one GPU
+    concurrency: 2                    # trials at once (default: as many as resources allow)
+    max_failures: 1                   # retries of a crashed trial before it is recorded failed
+    probe_interval: 10
+    divergence: {max_loss_ratio: 1.5, spike_ratio: 2.0, entropy_collapse: 0.05,
+                 stop_on: [nonfinite, loss_ratio, loss_spike]}
+    storage_path: null                # Tune storage (shared storage on a cluster); default workdir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from workloads.divergence import KINDS
+from workloads.models import WORKLOADS
+from workloads.stabilizers import REGISTRY
+from workloads.trial import ConfigError, TrialConfig
+
+TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
+# Set by the spec's own keys, not through fixed/axes:
+RESERVED = {"workload", "steps", "threads"}
+DIVERGENCE_FIELDS = ("max_loss_ratio", "spike_ratio", "entropy_collapse", "stop_on")
+
+
+class SpecError(ValueError):
+    """A sweep spec is invalid. The message names the field, the value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("more than one GPU per trial must be a whole number")
+        return v
+
+
+class Divergence(_Strict):
+    max_loss_ratio: float = Field(1.5, gt=1)
+    spike_ratio: float = Field(2.0, gt=1)
+    entropy_collapse: float = Field(0.05, ge=0)
+    stop_on: tuple[str, ...] = ("nonfinite", "loss_ratio", "loss_spike")
+
+
+class LogRange(_Strict):
+    log_range: tuple[float, float]
+    num: int = Field(ge=2)
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
+    experiment: str | None = None
+    description: str = ""
+    workload: str
+    steps: int = Field(gt=0)
+    fixed: dict[str, Any] = {}
+    axes: dict[str, list[Any]] = {}
+    seeds: int = Field(1, ge=1)
+    resources: Resources = Resources()
+    concurrency: int | None = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0)
+    probe_interval: int | None = Field(None, ge=1)
+    divergence: Divergence = Divergence()
+    storage_path: str | None = None
+    boundary: dict[str, Any] | None = None
+    """Crash-boundary search settings (``ablate boundary``); kept as given here."""
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"ablate-{self.name}"
+
+    def base_config(self) -> dict[str, Any]:
+        base = dict(self.fixed)
+        base.update(workload=self.workload, steps=self.steps,
+                    threads=max(1, int(self.resources.cpus)))
+        if self.probe_interval is not None:
+            base["probe_interval"] = self.probe_interval
+        base.update({k: getattr(self.divergence, k) for k in DIVERGENCE_FIELDS})
+        if self.resources.gpus == 0 and "device" not in base:
+            base["device"] = "cpu"
+        return base
+
+    def trials(self) -> list[TrialConfig]:
+        """The grid: one validated TrialConfig per combination of axis values (and seed)."""
+        axes = dict(self.axes)
+        if "seed" not in axes:
+            axes["seed"] = list(range(self.seeds))
+        names = list(axes)
+        out, seen = [], set()
+        for combo in itertools.product(*(axes[n] for n in names)):
+            cfg_dict = {**self.base_config(), **dict(zip(names, combo))}
+            try:
+                cfg = TrialConfig(**cfg_dict)
+            except ConfigError as e:
+                field = str(e).split(":", 1)[0]
+                where = f"axes.{field}" if field in axes else f"fixed.{field}" if field in self.fixed else field
+                raise SpecError(f"{where}: {str(e).split(':', 1)[-1].strip()}") from None
+            key = repr(sorted(cfg.to_dict().items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(cfg)
+        return out
+
+
+def _allowed(keys) -> str:
+    return ", ".join(sorted(keys))
+
+
+def _expand_axis(name: str, value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        try:
+            rng = LogRange(**value)
+        except ValidationError as e:
+            raise SpecError(f"axes.{name}: {value!r} is not a list or "
+                            f"{{log_range: [low, high], num: N}} ({_first_msg(e)})") from None
+        lo, hi = rng.log_range
+        if not (0 < lo < hi):
+            raise SpecError(f"axes.{name}.log_range: {list(rng.log_range)} must satisfy 0 < low < high")
+        return [float(f"{v:.6g}") for v in np.geomspace(lo, hi, rng.num)]
+    if not isinstance(value, list) or not value:
+        raise SpecError(f"axes.{name}: {value!r} must be a non-empty list of values or a log_range")
+    return value
+
+
+def _normalise_stabilizers(where: str, v: Any) -> tuple[str, ...]:
+    names = v if isinstance(v, (list, tuple)) else [n for n in str(v).replace(",", "+").split("+") if n]
+    bad = [n for n in names if n not in REGISTRY]
+    if bad:
+        raise SpecError(f"{where}: unknown stabilizer(s) {bad} in {v!r}; allowed: {_allowed(REGISTRY)} "
+                        "(combine with '+', e.g. weyl+qk_norm)")
+    return () if list(names) == ["none"] else tuple(names)
+
+
+def _first_msg(e: ValidationError) -> str:
+    err = e.errors()[0]
+    return f"{err['msg']}"
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a spec is a YAML mapping, got {type(raw).__name__}")
+    top = set(SweepSpec.model_fields)
+    unknown = set(raw) - top
+    if unknown:
+        raise SpecError(f"{sorted(unknown)[0]}: unknown key; allowed: {_allowed(top)}")
+    for block, model in (("resources", Resources), ("divergence", Divergence)):
+        if isinstance(raw.get(block), dict):
+            extra = set(raw[block]) - set(model.model_fields)
+            if extra:
+                raise SpecError(f"{block}.{sorted(extra)[0]}: unknown key; allowed: {_allowed(model.model_fields)}")
+    if raw.get("workload") not in WORKLOADS:
+        raise SpecError(f"workload: {raw.get('workload')!r} is not one of {list(WORKLOADS)}")
+    raw = dict(raw)
+    fixed = dict(raw.get("fixed") or {})
+    axes_raw = dict(raw.get("axes") or {})
+    for where, keys in (("fixed", fixed), ("axes", axes_raw)):
+        for k in keys:
+            if k in RESERVED or k in DIVERGENCE_FIELDS or k not in TRIAL_FIELDS:
+                hint = (f"set it as the spec's top-level '{k}'" if k in RESERVED else
+                        f"set it under 'divergence:'" if k in DIVERGENCE_FIELDS else
+                        f"allowed: {_allowed(TRIAL_FIELDS - RESERVED - set(DIVERGENCE_FIELDS))}")
+                raise SpecError(f"{where}.{k}: unknown or reserved trial field; {hint}")
+    overlap = set(fixed) & set(axes_raw)
+    if overlap:
+        raise SpecError(f"axes.{sorted(overlap)[0]}: also set in fixed; a field is either fixed or swept")
+    axes = {k: _expand_axis(k, v) for k, v in axes_raw.items()}
+    if "stabilizers" in axes:
+        axes["stabilizers"] = [_normalise_stabilizers(f"axes.stabilizers[{i}]", v)
+                               for i, v in enumerate(axes["stabilizers"])]
+    if "stabilizers" in fixed:
+        fixed["stabilizers"] = _normalise_stabilizers("fixed.stabilizers", fixed["stabilizers"])
+    if "lr" in axes:
+        for v in axes["lr"]:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise SpecError(f"axes.lr: {v!r} is not a learning rate; allowed: finite numbers > 0")
+    if "seed" in axes and "seeds" in raw:
+        raise SpecError("seeds: give either seeds: N or axes.seed: [...], not both")
+    div = raw.get("divergence") or {}
+    if isinstance(div, dict) and "stop_on" in div:
+        bad = [k for k in div["stop_on"] if k not in KINDS]
+        if bad:
+            raise SpecError(f"divergence.stop_on: unknown kind(s) {bad}; allowed: {_allowed(KINDS)}")
+    raw["fixed"], raw["axes"] = fixed, axes
+    try:
+        spec = SweepSpec(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise SpecError(f"{loc}: {err.get('input')!r}: {err['msg']}") from None
+    spec.trials()  # every combination must build
+    return spec
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep spec (YAML). Raises ``SpecError`` naming field, value, allowed."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec: no such file {str(p)!r}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec: {p} is not valid YAML: {e}") from None
+    return parse_spec(raw, str(p))

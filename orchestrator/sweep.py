@@ -1,0 +1,209 @@
+"""Ray Tune sweeps: one ``tune.Tuner`` per spec over a plain function trainable.
+
+The trainable calls ``workloads.trial.run`` and forwards its reporter to ``tune.report``; the
+driver's :class:`orchestrator.tracking.TrackingCallback` writes everything to MLflow. A diverged
+trial is a finished trial (``diverged`` in its summary); a trial that raises is retried
+``max_failures`` times by Ray, then recorded ``failed`` with its traceback, and the sweep goes on.
+Re-running a sweep whose Tune state exists (or ``--resume``) continues it with ``Tuner.restore``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from orchestrator.spec import SpecError, SweepSpec
+from orchestrator.tracking import TrackingCallback, Tracker, default_tracking_uri
+
+log = logging.getLogger("ablate")
+
+# Tune's own per-trial JSON/CSV/TensorBoard loggers: MLflow is the record, so they are off.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: cheap resume
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def train_trial(config: dict) -> None:
+    """Tune function trainable: one ``workloads.trial.run`` with its reports sent to Tune."""
+    import ray
+    from ray import tune
+
+    from workloads.trial import TrialConfig, run
+
+    cfg = TrialConfig(**config["point"]["trial"])
+    node = ray.get_runtime_context().get_node_id()
+    host = socket.gethostname()
+    first = [True]
+
+    def reporter(step, metrics, events):
+        out = {"step": step, **metrics}
+        if events:
+            out["events"] = json.dumps([e.to_dict() for e in events])
+        if first[0]:
+            out.update(node_id=node, hostname=host)
+            first[0] = False
+        tune.report(out)
+
+    res = run(cfg, reporter)
+    summary = res.to_dict()
+    summary.pop("final_metrics", None)
+    tune.report({"step": res.steps_run, "summary": json.dumps(summary, default=str),
+                 "final_loss": res.final_loss, "diverged": int(res.diverged)})
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str
+    storage: str
+    trials: int
+    counts: dict[str, int] = field(default_factory=dict)
+    wall_time: float = 0.0
+    resumed: bool = False
+
+
+def init_ray(address: str | None = None, workdir: Path | None = None) -> None:
+    """Connect to a cluster (``address``/``RAY_ADDRESS``) or start Ray embedded on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+    if workdir is not None:  # Ray's own logs, reachable from the workdir
+        try:
+            session = Path(ray._private.worker._global_node.get_session_dir_path())
+            link = workdir / "ray_logs"
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(session / "logs")
+        except (AttributeError, OSError):
+            pass
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """Fail before anything runs when the cluster cannot host a single trial."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
+    if spec.resources.gpus > 0 and gpus == 0:
+        raise SpecError(f"resources.gpus: {spec.resources.gpus} asked per trial, but the Ray cluster has no "
+                        f"GPUs (cluster resources: {cpus:g} CPU, 0 GPU); set resources.gpus: 0 to run on CPUs")
+    if spec.resources.gpus > gpus:
+        raise SpecError(f"resources.gpus: {spec.resources.gpus} per trial > {gpus:g} GPUs in the cluster")
+    if spec.resources.cpus > cpus:
+        raise SpecError(f"resources.cpus: {spec.resources.cpus} per trial > {cpus:g} CPUs in the cluster")
+
+
+def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | Path = "ablate_runs",
+              tracking_uri: str | None = None, resume: bool | None = None, address: str | None = None,
+              progress: bool = True) -> SweepOutcome:
+    """Run (or continue) the sweep of ``spec``: every trial of its grid, recorded in MLflow.
+
+    ``resume``: None continues an existing sweep of the same name in the same storage and starts a
+    new one otherwise; True requires one to continue; False refuses to touch an existing one.
+    """
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    t0 = time.monotonic()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking_uri or default_tracking_uri(workdir)
+    os.environ["ABLATE_TRACKING_URI"] = tracking_uri
+    storage = Path(spec.storage_path).resolve() if spec.storage_path else workdir / "ray_results"
+    exp_dir = storage / spec.name
+    trials = spec.trials()
+
+    init_ray(address, workdir)
+    check_resources(spec)
+
+    spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
+    tracker = Tracker(tracking_uri, spec.experiment_name)
+    parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
+    callback = TrackingCallback(tracking_uri, spec.experiment_name, spec.name, parent, len(trials),
+                                progress=progress)
+
+    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    trainable = tune.with_resources(train_trial, resources)
+    can_restore = tune.Tuner.can_restore(str(exp_dir))
+    if resume and not can_restore:
+        raise SpecError(f"--resume: no sweep {spec.name!r} to continue under {storage}")
+    if resume is False and can_restore:
+        raise SpecError(f"name: a sweep {spec.name!r} already exists under {storage}; "
+                        "re-run with --resume to continue it, or choose another name or workdir")
+    if can_restore:
+        if progress:
+            print(f"[{spec.name}] resuming from {exp_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
+        _replace_callbacks(tuner, [callback, JsonLoggerCallback()])
+    else:
+        # A sweep of this name whose Tune state is gone cannot be matched trial by trial: its old
+        # trial runs are soft-deleted so that MLflow holds each trial of the new sweep once.
+        stale = tracker.find_runs(f"tags.`ablate.sweep` = '{spec.name}' and tags.`ablate.kind` = 'trial'")
+        if stale:
+            log.warning("sweep %s: no Tune state under %s; replacing %d earlier trial runs",
+                        spec.name, exp_dir, len(stale))
+            for r in stale:
+                tracker.delete_run(r.info.run_id)
+        labels = [_label(c, spec) for c in trials]
+        space = {"point": tune.grid_search([
+            {"trial": c.to_dict(), "label": lbl} for c, lbl in zip(trials, labels)])}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.concurrency, reuse_actors=True,
+                trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=str(storage), verbose=0, callbacks=[callback, JsonLoggerCallback()],
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
+    if progress:
+        print(f"[{spec.name}] {len(trials)} trials, {spec.resources.cpus:g} CPU / {spec.resources.gpus:g} GPU "
+              f"each; MLflow: {tracking_uri} (experiment {spec.experiment_name!r})", flush=True)
+    grid = tuner.fit()
+    counts = {"stable": 0, "diverged": 0, "failed": 0}
+    for run in tracker.find_runs(f"tags.`ablate.sweep` = '{spec.name}' and tags.`ablate.kind` = 'trial'"):
+        st = run.data.tags.get("status", "running")
+        counts[st] = counts.get(st, 0) + 1
+    tracker.set_tags(parent, {f"trials_{k}": v for k, v in counts.items()})
+    tracker.finish(parent)
+    del grid
+    return SweepOutcome(spec.name, spec.experiment_name, tracking_uri, parent, str(exp_dir), len(trials),
+                        counts, time.monotonic() - t0, resumed=can_restore)
+
+
+def _label(cfg, spec: SweepSpec) -> str:
+    parts = []
+    for k in spec.axes:
+        v = getattr(cfg, k)
+        parts.append(f"{k}={cfg.stabilizer_label if k == 'stabilizers' else v}")
+    if "seed" not in spec.axes and spec.seeds > 1:
+        parts.append(f"seed={cfg.seed}")
+    return " ".join(parts) or spec.name
+
+
+def _replace_callbacks(tuner, callbacks) -> None:
+    """A restored Tuner carries the callbacks pickled at the sweep's start; point it at ours."""
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is not None:
+        internal.get_run_config().callbacks = callbacks

@@ -1,0 +1,317 @@
+"""MLflow tracking: one experiment per spec, a parent run per sweep, a child run per trial.
+
+All writes happen in one process (the sweep driver, through :class:`TrackingCallback`, a Ray Tune
+callback), so an embedded SQLite store is never written by several processes at once, and metrics
+go in batches (``log_batch``, up to 1000 values a call), never one call per scalar.
+
+A trial attempt that restarts (Ray retry after a crash, or a resumed sweep re-running a trial that
+was cut off) replaces its earlier partial run (soft-deleted), so every trial appears exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+log = logging.getLogger("ablate")
+
+TAG_SWEEP = "ablate.sweep"
+TAG_TRIAL = "ablate.trial_id"
+TAG_KIND = "ablate.kind"  # "sweep" | "trial"
+STRING_KEYS = {"events", "summary", "node_id", "device", "hostname"}
+BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+
+def default_tracking_uri(workdir: str | Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def code_version() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    try:
+        out["ablate.version"] = version("ablate")
+    except PackageNotFoundError:
+        pass
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            out["mlflow.source.git.commit"] = sha
+            out["ablate.git_dirty"] = str(bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+class Tracker:
+    """A thin, batched writer over ``MlflowClient``: sweep runs, trial runs, metrics, tags."""
+
+    def __init__(self, tracking_uri: str, experiment: str, retries: int = 5):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.retries = retries
+        exp = self._call(self.client.get_experiment_by_name, experiment)
+        self.experiment_id = exp.experiment_id if exp else self._call(self.client.create_experiment, experiment)
+
+    def _call(self, fn, *args, **kwargs):
+        """Retry transient store errors (a restarting server, a busy SQLite file) with backoff."""
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - MLflow raises many types for transport errors
+                if attempt == self.retries or "RESOURCE_DOES_NOT_EXIST" in str(e) or "INVALID_PARAMETER" in str(e):
+                    raise
+                log.warning("MLflow call %s failed (%s); retrying in %.1fs", fn.__name__, e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    # ---- runs
+    def find_runs(self, filter_string: str, include_deleted: bool = False) -> list:
+        from mlflow.entities import ViewType
+
+        view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
+        runs, token = [], None
+        while True:
+            page = self._call(self.client.search_runs, [self.experiment_id], filter_string,
+                              run_view_type=view, max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def sweep_run(self, sweep: str, spec_raw: dict, spec_text: str) -> str:
+        """The sweep's parent run: found by tag (a resumed sweep reuses it) or created."""
+        found = self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_KIND}` = 'sweep'")
+        if found:
+            run_id = found[0].info.run_id
+            self._call(self.client.update_run, run_id, "RUNNING")
+            return run_id
+        tags = {TAG_SWEEP: sweep, TAG_KIND: "sweep", "mlflow.runName": sweep, **code_version()}
+        run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=sweep)
+        run_id = run.info.run_id
+        params = [Param(k[:250], v[:6000]) for k, v in _flatten(spec_raw).items()]
+        for i in range(0, len(params), 100):
+            self._call(self.client.log_batch, run_id, params=params[i:i + 100])
+        self._call(self.client.log_text, run_id, spec_text, "spec.yaml")
+        return run_id
+
+    def trial_run(self, sweep: str, parent_id: str, trial_id: str, name: str, config: dict,
+                  replace: bool) -> str:
+        """A trial's child run. With ``replace``, an earlier run of the same trial (a partial
+        attempt) is soft-deleted first so that the trial is recorded once."""
+        existing = self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_TRIAL}` = '{trial_id}'")
+        if existing and not replace:
+            return existing[0].info.run_id
+        for r in existing:
+            self.delete_run(r.info.run_id)
+        tags = {TAG_SWEEP: sweep, TAG_TRIAL: trial_id, TAG_KIND: "trial", "mlflow.parentRunId": parent_id,
+                "mlflow.runName": name, "status": "running"}
+        run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=name)
+        run_id = run.info.run_id
+        params = [Param(k, v[:6000]) for k, v in _flatten(config).items()]
+        for i in range(0, len(params), 100):
+            self._call(self.client.log_batch, run_id, params=params[i:i + 100])
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        for i in range(0, len(metrics), BATCH):
+            self._call(self.client.log_batch, run_id, metrics=metrics[i:i + BATCH])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self._call(self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self._call(self.client.log_text, run_id, text, path)
+
+    def delete_run(self, run_id: str) -> None:
+        self._call(self.client.delete_run, run_id)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call(self.client.set_terminated, run_id, status)
+
+
+class TrackingCallback(Callback):
+    """Ray Tune callback: mirrors every trial into MLflow, and shows progress on the terminal.
+
+    Picklable: Tune stores callbacks with the experiment so that ``Tuner.restore`` brings it back;
+    only settings are pickled and the client is re-created on first use.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_id: str,
+                 total_trials: int, flush_every: float = 2.0, progress: bool = True):
+        self.settings = dict(tracking_uri=tracking_uri, experiment=experiment, sweep=sweep,
+                             parent_id=parent_id, total_trials=total_trials, flush_every=flush_every,
+                             progress=progress)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._tracker: Tracker | None = None
+        self._runs: dict[str, str] = {}          # trial_id -> run_id of the current attempt
+        self._buf: dict[str, list[Metric]] = defaultdict(list)
+        self._events: dict[str, list[dict]] = defaultdict(list)
+        self._tagged: set[str] = set()
+        self._last_flush = time.monotonic()
+        self._last_progress = 0.0
+        self._t0 = time.monotonic()
+        self._done_here = 0
+        self.outcomes: dict[str, str] = {}       # trial_id -> stable | diverged | failed
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"settings": self.settings}
+
+    def __setstate__(self, state):
+        self.settings = state["settings"]
+        self._init_state()
+
+    # ---- helpers
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            uri = os.environ.get("ABLATE_TRACKING_URI") or self.settings["tracking_uri"]
+            self._tracker = Tracker(uri, self.settings["experiment"])
+        return self._tracker
+
+    def _run_for(self, trial, replace: bool) -> str:
+        tid = trial.trial_id
+        if tid not in self._runs or replace:
+            point = trial.config["point"]
+            self._runs[tid] = self.tracker.trial_run(
+                self.settings["sweep"], self.settings["parent_id"], tid, point["label"],
+                point["trial"], replace=replace)
+            self._buf.pop(tid, None)
+            self._events.pop(tid, None)
+            self._tagged.discard(tid)
+        return self._runs[tid]
+
+    def _flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_flush < self.settings["flush_every"]:
+            return
+        self._last_flush = now
+        for tid, metrics in list(self._buf.items()):
+            if metrics:
+                self.tracker.log_metrics(self._runs[tid], metrics)
+                self._buf[tid] = []
+
+    # ---- Tune hooks
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tid = trial.trial_id
+        run_id = self._run_for(trial, replace=result.get("training_iteration") == 1)
+        step = int(result.get("step", 0))
+        ts = int(time.time() * 1000)
+        for k, v in result.items():
+            if k in STRING_KEYS or k in ("step", "trial_id", "config") or isinstance(v, (bool, str, dict)):
+                continue
+            if isinstance(v, (int, float)) and not k.startswith(("time_", "timestamp", "training_iteration",
+                                                                    "iterations_since_restore", "pid",
+                                                                    "done", "date")):
+                self._buf[tid].append(Metric(k, float(v), ts, step))
+        if result.get("events"):
+            self._events[tid] += json.loads(result["events"])
+        if tid not in self._tagged and result.get("node_id"):
+            self.tracker.set_tags(run_id, {"node_id": result["node_id"], "device": result.get("device", ""),
+                                           "hostname": result.get("hostname", "")})
+            self._tagged.add(tid)
+        if result.get("summary"):
+            self._finish_trial(trial, json.loads(result["summary"]))
+        self._flush(force=len(self._buf[tid]) >= BATCH)
+
+    def _finish_trial(self, trial, summary: dict) -> None:
+        tid = trial.trial_id
+        run_id = self._runs[tid]
+        self._flush(force=True)
+        ev = summary.get("first_event")
+        status = "diverged" if summary.get("diverged") else "stable"
+        tags = {"status": status, "divergence_kind": ev["kind"] if ev else "",
+                "divergence_step": ev["step"] if ev else "", "steps_run": summary["steps_run"],
+                "device": summary.get("device", "")}
+        self.tracker.set_tags(run_id, tags)
+        final = {k: summary[k] for k in ("final_loss", "best_loss", "initial_loss", "final_train_loss",
+                                         "wall_time", "throughput") if k in summary}
+        self.tracker.log_metrics(run_id, [Metric(f"result/{k}", float(v), int(time.time() * 1000),
+                                                 summary["steps_run"]) for k, v in final.items()])
+        self.tracker.log_text(run_id, json.dumps(self._events.get(tid, []), indent=1), "events.json")
+        self.tracker.log_text(run_id, json.dumps(summary, indent=1, default=str), "result.json")
+        self.tracker.finish(run_id)
+        self.outcomes[tid] = status
+        self._done_here += 1
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._flush(force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        tid = trial.trial_id
+        run_id = self._run_for(trial, replace=False)
+        self._flush(force=True)
+        tb = ""
+        if trial.error_file and Path(trial.error_file).is_file():
+            tb = Path(trial.error_file).read_text()
+        last_line = tb.strip().splitlines()[-1] if tb.strip() else "unknown error"
+        self.tracker.set_tags(run_id, {"status": "failed", "error": last_line,
+                                       "num_failures": trial.num_failures})
+        self.tracker.log_text(run_id, tb or "no traceback was recorded", "traceback.txt")
+        self.tracker.log_text(run_id, json.dumps(self._events.get(tid, []), indent=1), "events.json")
+        self.tracker.finish(run_id, "FAILED")
+        self.outcomes[tid] = "failed"
+        self._done_here += 1
+
+    def on_step_end(self, iteration, trials, **info):
+        self._flush()
+        if not self.settings["progress"] or time.monotonic() - self._last_progress < 5:
+            return
+        self._last_progress = time.monotonic()
+        self.print_progress(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self._flush(force=True)
+        if self.settings["progress"]:
+            self.print_progress(trials)
+
+    def print_progress(self, trials) -> None:
+        total = self.settings["total_trials"]
+        by = defaultdict(int)
+        for t in trials:
+            by[t.status] += 1
+        finished = by["TERMINATED"] + by["ERROR"]
+        diverged = sum(1 for v in self.outcomes.values() if v == "diverged")
+        elapsed = time.monotonic() - self._t0
+        remaining = total - finished
+        eta = (elapsed / self._done_here * remaining) if self._done_here and remaining else 0.0
+        print(f"[{self.settings['sweep']}] {finished}/{total} done ({diverged} diverged, "
+              f"{by['ERROR']} failed), {by['RUNNING']} running, elapsed {_hms(elapsed)}"
+              + (f", ETA {_hms(eta)}" if remaining and self._done_here else ""), file=sys.stderr, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,106 @@
+"""Real Ray (local, 2 CPUs), real MLflow (SQLite in a temp dir), real torch."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.spec import parse_spec
+from orchestrator.sweep import run_sweep
+
+SPEC = {
+    "name": "t-smoke",
+    "workload": "gpt",
+    "steps": 40,
+    "fixed": {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "warmup_steps": 0,
+              "schedule": "constant", "eval_interval": 20, "eval_batches": 1},
+    "axes": {"lr": [1e-3, 5e-1], "stabilizers": ["none", "weyl", "qk_norm"]},
+    "probe_interval": 10,
+    "resources": {"cpus": 1, "gpus": 0},
+    "concurrency": 2,
+    "max_failures": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _trial_runs(client, exp_name, sweep):
+    exp = client.get_experiment_by_name(exp_name)
+    return client.search_runs([exp.experiment_id],
+                              f"tags.`ablate.sweep` = '{sweep}' and tags.`ablate.kind` = 'trial'",
+                              max_results=1000)
+
+
+def test_smoke_sweep_records_every_trial_in_mlflow(ray_local, tmp_path):
+    spec = parse_spec(SPEC)
+    out = run_sweep(spec, SPEC, workdir=tmp_path, progress=False)
+    assert out.trials == 6 and sum(out.counts.values()) == 6
+    client = MlflowClient(out.tracking_uri)
+    runs = _trial_runs(client, out.experiment, spec.name)
+    assert len(runs) == 6 and len({r.data.tags["ablate.trial_id"] for r in runs}) == 6
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {out.parent_run_id}
+    parent = client.get_run(out.parent_run_id)
+    assert parent.data.tags["ablate.kind"] == "sweep" and parent.info.status == "FINISHED"
+    assert parent.data.params["workload"] == "gpt" and "spec.yaml" in [a.path for a in client.list_artifacts(out.parent_run_id)]
+    statuses = [r.data.tags["status"] for r in runs]
+    assert "diverged" in statuses and "stable" in statuses and "failed" not in statuses
+    for r in runs:
+        assert r.data.params["lr"] in ("0.001", "0.5") and r.data.params["workload"] == "gpt"
+        hist = client.get_metric_history(r.info.run_id, "loss")
+        steps = [m.step for m in hist]
+        assert len(steps) == len(set(steps))  # each probe step once
+        if r.data.tags["status"] == "stable":
+            assert steps == [0, 10, 20, 30, 39]
+            for key in ("attn_entropy/min", "spectral_conc/max", "grad_norm", "val_loss", "result/final_loss"):
+                assert key in r.data.metrics, key
+            if r.data.params["stabilizers"] == '["weyl"]':
+                assert "weyl/fire_rate" in r.data.metrics
+        else:
+            assert r.data.tags["divergence_kind"] in ("nonfinite", "loss_ratio", "loss_spike")
+            events = json.loads(Path(client.download_artifacts(r.info.run_id, "events.json", str(tmp_path))).read_text())
+            assert events and events[0]["kind"] == r.data.tags["divergence_kind"]
+            assert int(r.data.tags["divergence_step"]) == events[0]["step"] < 39
+        assert r.data.tags["node_id"] and r.info.status == "FINISHED"
+
+    # Re-running the finished sweep continues it: nothing runs again, nothing is duplicated.
+    again = run_sweep(spec, SPEC, workdir=tmp_path, progress=False)
+    assert again.resumed and again.counts == out.counts
+    assert len(_trial_runs(client, out.experiment, spec.name)) == 6
+
+
+def test_a_trial_that_raises_is_retried_then_recorded_failed(ray_local, tmp_path):
+    raw = dict(SPEC, name="t-fail", steps=20,
+               axes={"lr": [1e-3], "data": ["stdlib", "text"]},
+               fixed=dict(SPEC["fixed"], data_path=str(tmp_path / "no-such-corpus")))
+    # data=stdlib ignores data_path; data=text needs it and raises FileNotFoundError in the worker
+    out = run_sweep(parse_spec(raw), raw, workdir=tmp_path, progress=False)
+    assert out.counts == {"stable": 1, "diverged": 0, "failed": 1}
+    client = MlflowClient(out.tracking_uri)
+    runs = {r.data.params["data"]: r for r in _trial_runs(client, out.experiment, "t-fail")}
+    failed = runs["text"]
+    assert failed.data.tags["status"] == "failed" and failed.info.status == "FAILED"
+    assert int(failed.data.tags["num_failures"]) == 2  # first attempt + one retry
+    assert "FileNotFoundError" in failed.data.tags["error"]
+    tb = Path(client.download_artifacts(failed.info.run_id, "traceback.txt", str(tmp_path))).read_text()
+    # Ray's record of both attempts, each with the frames down to where it raised
+    assert "Failure # 1" in tb and "Failure # 2" in tb and tb.count("no-such-corpus") >= 2
+    assert "in train_trial" in tb and 'workloads/data.py", line' in tb
+    assert runs["stdlib"].data.tags["status"] == "stable"
+
+
+def test_gpus_on_a_cluster_without_gpus_fail_before_anything_runs(ray_local, tmp_path):
+    from orchestrator.spec import SpecError
+
+    raw = dict(SPEC, name="t-gpu", resources={"cpus": 1, "gpus": 0.5})
+    with pytest.raises(SpecError, match=r"resources.gpus: 0.5 .* no GPUs"):
+        run_sweep(parse_spec(raw), raw, workdir=tmp_path, progress=False)
+    assert not (tmp_path / "ray_results" / "t-gpu").exists()
