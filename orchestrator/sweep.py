@@ -9,10 +9,8 @@ Re-running a sweep whose Tune state exists (or ``--resume``) continues it with `
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import yaml
 
 from orchestrator.spec import SpecError, SweepSpec
 from orchestrator.tracking import TrackingCallback, Tracker, default_tracking_uri
+from orchestrator.trainable import train_trial
 
 log = logging.getLogger("ablate")
 
@@ -28,34 +27,6 @@ log = logging.getLogger("ablate")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: cheap resume
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-
-
-def train_trial(config: dict) -> None:
-    """Tune function trainable: one ``workloads.trial.run`` with its reports sent to Tune."""
-    import ray
-    from ray import tune
-
-    from workloads.trial import TrialConfig, run
-
-    cfg = TrialConfig(**config["point"]["trial"])
-    node = ray.get_runtime_context().get_node_id()
-    host = socket.gethostname()
-    first = [True]
-
-    def reporter(step, metrics, events):
-        out = {"step": step, **metrics}
-        if events:
-            out["events"] = json.dumps([e.to_dict() for e in events])
-        if first[0]:
-            out.update(node_id=node, hostname=host)
-            first[0] = False
-        tune.report(out)
-
-    res = run(cfg, reporter)
-    summary = res.to_dict()
-    summary.pop("final_metrics", None)
-    tune.report({"step": res.steps_run, "summary": json.dumps(summary, default=str),
-                 "final_loss": res.final_loss, "diverged": int(res.diverged)})
 
 
 @dataclass

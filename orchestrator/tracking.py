@@ -30,7 +30,6 @@ log = logging.getLogger("ablate")
 TAG_SWEEP = "ablate.sweep"
 TAG_TRIAL = "ablate.trial_id"
 TAG_KIND = "ablate.kind"  # "sweep" | "trial"
-STRING_KEYS = {"events", "summary", "node_id", "device", "hostname"}
 BATCH = 1000  # MLflow's limit of metrics per log_batch
 
 
@@ -227,20 +226,12 @@ class TrackingCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid = trial.trial_id
         run_id = self._run_for(trial, replace=result.get("training_iteration") == 1)
-        step = int(result.get("step", 0))
         ts = int(time.time() * 1000)
-        for k, v in result.items():
-            if k in STRING_KEYS or k in ("step", "trial_id", "config") or isinstance(v, (bool, str, dict)):
-                continue
-            if isinstance(v, (int, float)) and not k.startswith(("time_", "timestamp", "training_iteration",
-                                                                    "iterations_since_restore", "pid",
-                                                                    "done", "date")):
-                self._buf[tid].append(Metric(k, float(v), ts, step))
-        if result.get("events"):
-            self._events[tid] += json.loads(result["events"])
+        for step, metrics, events in json.loads(result.get("batch") or "[]"):
+            self._buf[tid] += [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+            self._events[tid] += events
         if tid not in self._tagged and result.get("node_id"):
-            self.tracker.set_tags(run_id, {"node_id": result["node_id"], "device": result.get("device", ""),
-                                           "hostname": result.get("hostname", "")})
+            self.tracker.set_tags(run_id, {"node_id": result["node_id"], "hostname": result.get("hostname", "")})
             self._tagged.add(tid)
         if result.get("summary"):
             self._finish_trial(trial, json.loads(result["summary"]))

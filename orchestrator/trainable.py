@@ -1,0 +1,52 @@
+"""The Ray Tune trainable. Kept apart from the driver-side modules so that a worker process imports
+only Ray and ``workloads`` (not MLflow, pydantic or the CLI): workers start faster."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+
+def train_trial(config: dict, report_every_s: float = 1.0) -> None:
+    """Tune function trainable: one ``workloads.trial.run``, its reporter forwarded to ``tune.report``.
+
+    ``config["point"]`` holds ``{"trial": TrialConfig fields, "label": str}``. Each report carries
+    ``batch``, the JSON list of ``[step, metrics, events]`` of the probe steps since the last report
+    (the latest step's metrics are also top-level keys, for Tune's own view), the node id and host
+    on the first report, and on the last a ``summary`` (the ``TrialResult`` as JSON).
+    """
+    import ray
+    from ray import tune
+
+    from workloads.trial import TrialConfig, run
+
+    cfg = TrialConfig(**config["point"]["trial"])
+    node = ray.get_runtime_context().get_node_id()
+    pending: list[list] = []  # [step, metrics, events] not yet sent
+    last_sent = [0.0, True]   # time of the last report; whether the next is the first
+
+    def send(final: dict | None = None) -> None:
+        step, metrics, _ = pending[-1] if pending else (final["step"], {}, [])
+        out = {**metrics, "step": step, "batch": json.dumps(pending)}
+        if last_sent[1]:
+            out.update(node_id=node, hostname=socket.gethostname())
+            last_sent[1] = False
+        if final:
+            out.update(final)
+        tune.report(out)
+        pending.clear()
+        last_sent[0] = time.monotonic()
+
+    def reporter(step, metrics, events):
+        # Each tune.report is a round trip to the driver: probe steps are sent in batches, at most
+        # every `report_every_s` seconds, and at once when something diverged.
+        pending.append([step, metrics, [e.to_dict() for e in events]])
+        if events or time.monotonic() - last_sent[0] >= report_every_s:
+            send()
+
+    res = run(cfg, reporter)
+    summary = res.to_dict()
+    summary.pop("final_metrics", None)
+    send({"step": res.steps_run, "summary": json.dumps(summary, default=str),
+          "final_loss": res.final_loss, "diverged": int(res.diverged)})

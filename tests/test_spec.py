@@ -1,0 +1,76 @@
+import pytest
+import yaml
+
+from orchestrator.spec import SpecError, load_spec, parse_spec
+
+BASE = {"name": "s", "workload": "gpt", "steps": 10, "axes": {"lr": [1e-3, 1e-2]}}
+
+
+def spec(**changes):
+    raw = dict(BASE)
+    raw.update(changes)
+    return parse_spec(raw)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(axes={"stabilizers": ["none", "weyl+magic"]}),
+     r"axes.stabilizers\[1\]: unknown stabilizer\(s\) \['magic'\].*allowed: mlra, none, qk_norm, sigma_reparam, weyl"),
+    (dict(axes={"lr": [1e-3, -0.1]}), r"axes.lr: -0.1 is not a learning rate; allowed: finite numbers > 0"),
+    (dict(axes={"lr": {"log_range": [1e-2, 1e-4], "num": 3}}), r"axes.lr.log_range: \[0.01, 0.0001\] must satisfy 0 < low < high"),
+    (dict(axes={"lr": {"log_range": [1e-4, 1e-2]}}), r"axes.lr: .* is not a list or \{log_range: \[low, high\], num: N\} \(Field required\)"),
+    (dict(axes={"lr": []}), r"axes.lr: \[\] must be a non-empty list"),
+    (dict(learning_rate=0.1), r"learning_rate: unknown key; allowed: axes, boundary, concurrency"),
+    (dict(resources={"cpus": 1, "tpus": 4}), r"resources.tpus: unknown key; allowed: cpus, gpus"),
+    (dict(resources={"cpus": 0}), r"resources.cpus: 0: Input should be greater than 0"),
+    (dict(resources={"gpus": 1.5}), r"resources.gpus: 1.5: .*whole number"),
+    (dict(workload="bert"), r"workload: 'bert' is not one of \['gpt', 'vit', 'swin'\]"),
+    (dict(steps=0), r"steps: 0: Input should be greater than 0"),
+    (dict(fixed={"depht": 4}), r"fixed.depht: unknown or reserved trial field; allowed: .*depth"),
+    (dict(fixed={"steps": 4}), r"fixed.steps: .*top-level 'steps'"),
+    (dict(fixed={"max_loss_ratio": 3}), r"fixed.max_loss_ratio: .*divergence"),
+    (dict(fixed={"lr": 0.1}), r"axes.lr: also set in fixed"),
+    (dict(fixed={"width": 30, "heads": 4}), r"fixed.width: 30 must be divisible by heads"),
+    (dict(axes={"lr": [1e-3], "depth": [2, 0]}), r"axes.depth: 0 must be an integer >= 1"),
+    (dict(divergence={"stop_on": ["nonfinite", "boredom"]}), r"divergence.stop_on: unknown kind\(s\) \['boredom'\]"),
+    (dict(divergence={"spike_ratio": 0.5}), r"divergence.spike_ratio: 0.5: Input should be greater than 1"),
+    (dict(name="my sweep!"), r"name: 'my sweep!': String should match pattern"),
+    (dict(seeds=2, axes={"lr": [1e-3], "seed": [0, 1]}), r"seeds: give either"),
+    (dict(fixed={"data": "digits"}), r"fixed.data: 'digits' is not a source for gpt"),
+])
+def test_bad_specs_name_field_value_and_allowed(changes, message):
+    with pytest.raises(SpecError, match=message):
+        spec(**changes)
+
+
+def test_grid_expansion_log_range_seeds_and_stabilizer_combinations():
+    s = spec(axes={"lr": {"log_range": [1e-4, 1e-1], "num": 4},
+                   "stabilizers": ["none", "weyl", "weyl+qk_norm", ["sigma_reparam", "mlra"]]},
+             seeds=2, resources={"cpus": 2, "gpus": 0})
+    trials = s.trials()
+    assert len(trials) == 4 * 4 * 2
+    assert sorted({t.lr for t in trials}) == [1e-4, 1e-3, 1e-2, 1e-1]
+    assert {t.stabilizer_label for t in trials} == {"none", "weyl", "qk_norm+weyl", "mlra+sigma_reparam"}
+    assert {t.seed for t in trials} == {0, 1}
+    assert all(t.threads == 2 and t.device == "cpu" and t.steps == 10 for t in trials)
+
+
+def test_shipped_specs_are_valid():
+    from pathlib import Path
+
+    paths = sorted(Path(__file__).parent.parent.joinpath("search_spaces").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"smoke", "gpt_warmup_ablation", "vit_ablation", "swin_ablation"}
+    for p in paths:
+        s = load_spec(p)
+        assert s.trials(), p
+
+
+def test_load_spec_file_errors(tmp_path):
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    bad.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(SpecError, match="a spec is a YAML mapping"):
+        load_spec(bad)
