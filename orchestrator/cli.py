@@ -91,8 +91,8 @@ def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, addr
 
         init_ray(address, workdir)
         res = ray.cluster_resources()
-        typer.echo(f"ray         {len(ray.nodes())} node(s): " + ", ".join(
-            f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU", "memory") or k.startswith("accel")))
+        typer.echo(f"ray         {len(ray.nodes())} node(s): CPU {res.get('CPU', 0):g}, GPU {res.get('GPU', 0):g}, "
+                   f"memory {res.get('memory', 0) / 2**30:.1f} GiB")
         ray.shutdown()
     except Exception as e:  # noqa: BLE001 - report, don't crash
         typer.echo(f"ray         ERROR {e}")

@@ -25,6 +25,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from workloads.stabilizers import label as stabilizer_label
+
 log = logging.getLogger("ablate")
 
 TAG_SWEEP = "ablate.sweep"
@@ -204,9 +206,10 @@ class TrackingCallback(Callback):
         tid = trial.trial_id
         if tid not in self._runs or replace:
             point = trial.config["point"]
+            params = {**point["trial"], "stabilizer": stabilizer_label(tuple(point["trial"]["stabilizers"]))}
             self._runs[tid] = self.tracker.trial_run(
-                self.settings["sweep"], self.settings["parent_id"], tid, point["label"],
-                point["trial"], replace=replace)
+                self.settings["sweep"], self.settings["parent_id"], tid, point["label"], params,
+                replace=replace)
             self._buf.pop(tid, None)
             self._events.pop(tid, None)
             self._tagged.discard(tid)
