@@ -54,6 +54,100 @@ def sweep(spec: Path = typer.Argument(..., help="Sweep spec (YAML), e.g. search_
 
 
 @app.command()
+def boundary(spec: Path = typer.Argument(..., help="Spec with a boundary: block, e.g. search_spaces/boundary_smoke.yaml."),
+             workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, address: Optional[str] = ADDRESS):
+    """Find each cell's maximum stable learning rate (Optuna bisection on Ray Tune; resumable)."""
+    import yaml
+
+    from orchestrator.boundary import boundary_config, run_boundary
+    from orchestrator.spec import SpecError, load_spec
+
+    try:
+        s = load_spec(spec)
+        boundary_config(s)
+        out = run_boundary(s, yaml.safe_load(spec.read_text()), workdir=workdir, tracking_uri=tracking_uri,
+                           address=address)
+    except SpecError as e:
+        _fail(str(e))
+    typer.echo(f"\nboundary {out.name}: {len(out.cells)} cells in {out.wall_time:.0f}s "
+               f"(a dense grid at this resolution: {out.dense_grid_trials} trials a cell)")
+    typer.echo(f"{'cell':<40} {'max stable lr':>14} {'crash lr':>10} {'trials':>7}  notes")
+    for c in out.cells:
+        notes = [n for n in ("non_monotonic", "above_range", "below_range") if c[n]]
+        if not c["converged"] and not (c["above_range"] or c["below_range"]):
+            notes.append("not converged (budget spent)")
+        if c["stable_end_seeds"] > 1 or c["crash_end_seeds"] > 1:
+            notes.append(f"seeds crashed: {c['stable_end_crashed']}/{c['stable_end_seeds']} at stable end, "
+                         f"{c['crash_end_crashed']}/{c['crash_end_seeds']} at crash end")
+        fmt = lambda v: f"{v:.4g}" if v else "-"  # noqa: E731
+        typer.echo(f"{c['cell']:<40} {fmt(c['stable_lr']):>14} {fmt(c['crash_lr']):>10} {c['trials']:>7}  "
+                   + ", ".join(notes))
+    typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}; tables: ablate export")
+
+
+def _target(spec: Optional[Path], experiment: Optional[str], sweep: Optional[str]) -> tuple[str, Optional[str]]:
+    if spec is not None:
+        from orchestrator.spec import SpecError, load_spec
+
+        try:
+            s = load_spec(spec)
+        except SpecError as e:
+            _fail(str(e))
+        return s.experiment_name, sweep or s.name
+    if not experiment:
+        _fail("give a SPEC, or --experiment (and optionally --sweep)")
+    return experiment, sweep
+
+
+@app.command("export")
+def export_cmd(spec: Optional[Path] = typer.Argument(None, help="The sweep's spec (names its experiment and sweep)."),
+               experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
+               sweep: Optional[str] = typer.Option(None, help="Sweep name (default: all sweeps of the experiment)."),
+               out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
+               degraded_ratio: float = typer.Option(1.5, help="Degraded: final loss > this x the cell's best."),
+               degraded_is_crash: bool = typer.Option(True, help="Count degraded runs as crashes."),
+               workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
+    """Read the trials back from MLflow: Parquet/CSV of every trial, ablation tables (Markdown, LaTeX)."""
+    from orchestrator.boundary import BoundaryConfig
+    from orchestrator.export import export
+    from orchestrator.tracking import default_tracking_uri
+
+    exp, sw = _target(spec, experiment, sweep)
+    uri = tracking_uri or default_tracking_uri(workdir)
+    cfg = BoundaryConfig(lr_range=(1e-12, 1e12), degraded_ratio=degraded_ratio, degraded_is_crash=degraded_is_crash)
+    try:
+        res = export(uri, exp, sw, out or workdir / "export" / (sw or exp), cfg)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"{res.table.num_rows} trials from {uri} (experiment {exp!r}" + (f", sweep {sw!r})" if sw else ")"))
+    for f in res.files:
+        typer.echo(f"  {f}")
+    for f in res.files:
+        if f.name.startswith("max_stable_lr_warmup") and f.suffix == ".md":
+            typer.echo("\n" + f.read_text())
+
+
+@app.command()
+def report(spec: Optional[Path] = typer.Argument(None, help="The sweep's spec (names its experiment and sweep)."),
+           experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
+           sweep: Optional[str] = typer.Option(None, help="Sweep name."),
+           out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
+           workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
+    """Plots: final loss vs LR (panel per depth, curve per stabilizer) and a max-stable-LR heatmap."""
+    from orchestrator.export import report as make_report
+    from orchestrator.tracking import default_tracking_uri
+
+    exp, sw = _target(spec, experiment, sweep)
+    uri = tracking_uri or default_tracking_uri(workdir)
+    try:
+        files = make_report(uri, exp, sw, out or workdir / "export" / (sw or exp))
+    except ValueError as e:
+        _fail(str(e))
+    for f in files:
+        typer.echo(f"  {f}")
+
+
+@app.command()
 def trial(args: list[str] = typer.Argument(None, help="Options of python -m workloads.trial (see --help there).")):
     """Run one trial in this process, without Ray or MLflow (same as python -m workloads.trial)."""
     from workloads.trial import main

@@ -1,0 +1,476 @@
+"""Crash-boundary search: the maximum stable learning rate of every cell of an ablation.
+
+A *cell* is one combination of the spec's non-LR axes (stabilizer x warmup x depth [x width ...]).
+For each cell an Optuna study (ask/tell, persisted in the workdir's Optuna SQLite store) searches
+the learning rate on a log scale inside ``boundary.lr_range``:
+
+* :class:`BoundarySampler` (an Optuna sampler) proposes the next LR from the study's finished
+  trials: the top of the range first, then the bottom, then the geometric midpoint of the bracket
+  [largest stable LR, smallest crashed LR]. Bisection in log-LR is the fastest search for a
+  threshold with a binary outcome: each trial halves the bracket, where a model-based sampler such
+  as TPE would spend trials on the flat (all-stable, all-crashed) parts of the range.
+* A cell stops when the bracket is narrower than ``resolution`` (default 2^(1/4)) or its budget
+  ``max_trials_per_cell`` is spent. With ``seeds: k`` both ends of the final bracket are then run
+  with k seeds, and the boundary is reported with how many seeds of each end crashed.
+* Outcomes: ``diverged`` (a divergence event stopped the trial), ``degraded`` (finished, but its
+  final loss is more than ``degraded_ratio`` x the cell's best, at an LR above the best one; by
+  default a crash, ``degraded_is_crash: false`` to count it stable) or ``stable``. A stable LR above
+  a crashed one is flagged ``non_monotonic``, never silently ignored.
+
+Ray Tune runs the proposed trials of all cells in parallel: :class:`BoundarySearcher` is a Tune
+``Searcher`` that asks the cells' studies for trials and tells them the outcomes, inside one Tuner,
+so that the MLflow tracking and failure handling of ``ablate sweep`` apply unchanged. Why ask/tell
+with one study per cell rather than Ray's ``OptunaSearch`` over one space: cells are independent
+1-D problems, each needs its own bracket and stopping rule, and per-cell studies resume on their own.
+An interrupted search resumes from the Optuna store: re-run ``ablate boundary SPEC``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.spec import SpecError, SweepSpec
+from workloads.trial import TrialConfig
+
+log = logging.getLogger("ablate")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class BoundaryConfig(BaseModel):
+    """The spec's ``boundary:`` block."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    lr_range: tuple[float, float]
+    resolution: float = Field(2 ** 0.25, gt=1)
+    max_trials_per_cell: int = Field(12, ge=2)
+    seeds: int = Field(1, ge=1)
+    degraded_ratio: float = Field(1.5, gt=1)
+    degraded_is_crash: bool = True
+    max_in_flight_per_cell: int = Field(1, ge=1)
+
+
+def boundary_config(spec: SweepSpec) -> BoundaryConfig:
+    if not spec.boundary:
+        raise SpecError("boundary: missing; a boundary search needs boundary: {lr_range: [low, high]}")
+    try:
+        cfg = BoundaryConfig(**spec.boundary)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        allowed = ", ".join(BoundaryConfig.model_fields)
+        raise SpecError(f"boundary.{loc}: {err.get('input')!r}: {err['msg']} (keys: {allowed})") from None
+    lo, hi = cfg.lr_range
+    if not 0 < lo < hi:
+        raise SpecError(f"boundary.lr_range: {list(cfg.lr_range)} must satisfy 0 < low < high")
+    if "lr" in spec.axes:
+        raise SpecError("axes.lr: a boundary search chooses the LR itself; give boundary.lr_range instead")
+    return cfg
+
+
+# ------------------------------------------------------------------------------ the decisions
+@dataclass(frozen=True)
+class Obs:
+    lr: float
+    seed: int
+    diverged: bool
+    final_loss: float
+
+
+@dataclass
+class Bracket:
+    stable_lr: float | None      # largest stable LR below the smallest crashed one
+    crash_lr: float | None       # smallest crashed LR
+    non_monotonic: bool = False  # some stable LR lies above a crashed one
+    outcomes: dict[float, list[str]] = field(default_factory=dict)  # lr -> outcome per seed
+
+    @property
+    def width(self) -> float:
+        if self.stable_lr is None or self.crash_lr is None:
+            return math.inf
+        return self.crash_lr / self.stable_lr
+
+    @property
+    def boundary(self) -> float | None:
+        """Point estimate: the geometric middle of the bracket (one end if the other is open)."""
+        if self.stable_lr and self.crash_lr:
+            return math.sqrt(self.stable_lr * self.crash_lr)
+        return self.stable_lr or self.crash_lr
+
+
+def classify(obs: list[Obs], degraded_ratio: float, degraded_is_crash: bool) -> list[tuple[Obs, str, bool]]:
+    """(obs, outcome, crashed) for every observation; outcome in stable | degraded | diverged."""
+    finite = [o for o in obs if not o.diverged and math.isfinite(o.final_loss)]
+    best = min(finite, key=lambda o: o.final_loss) if finite else None
+    out = []
+    for o in obs:
+        if o.diverged or not math.isfinite(o.final_loss):
+            out.append((o, "diverged", True))
+        elif best is not None and o.final_loss > degraded_ratio * best.final_loss and o.lr > best.lr:
+            out.append((o, "degraded", degraded_is_crash))
+        else:
+            out.append((o, "stable", False))
+    return out
+
+
+def bracket(obs: list[Obs], cfg: BoundaryConfig, seed: int | None = 0) -> Bracket:
+    """The bracket from the observations of one seed (``None``: all seeds, majority per LR)."""
+    cls = classify(obs, cfg.degraded_ratio, cfg.degraded_is_crash)
+    outcomes: dict[float, list[str]] = {}
+    crashes: dict[float, list[bool]] = {}
+    for o, outcome, crashed in cls:
+        outcomes.setdefault(o.lr, []).append(outcome)
+        if seed is None or o.seed == seed:
+            crashes.setdefault(o.lr, []).append(crashed)
+    crashed_at = {lr: sum(c) * 2 > len(c) for lr, c in crashes.items()}
+    crash_lrs = [lr for lr, c in crashed_at.items() if c]
+    crash_lr = min(crash_lrs) if crash_lrs else None
+    stable_below = [lr for lr, c in crashed_at.items() if not c and (crash_lr is None or lr < crash_lr)]
+    non_mono = crash_lr is not None and any(not c and lr > crash_lr for lr, c in crashed_at.items())
+    return Bracket(max(stable_below) if stable_below else None, crash_lr, non_mono, outcomes)
+
+
+def next_lr(obs: list[Obs], cfg: BoundaryConfig) -> float | None:
+    """The next LR to try in the bisection phase (seed 0), or None when the bracket is done."""
+    lo, hi = cfg.lr_range
+    seen = {o.lr for o in obs if o.seed == 0}
+    b = bracket(obs, cfg)
+    if b.crash_lr is None:  # nothing crashed yet
+        return None if hi in seen else hi
+    if b.stable_lr is None:  # nothing stable below the smallest crash
+        return None if lo in seen or b.crash_lr <= lo else lo
+    if b.width <= cfg.resolution:
+        return None
+    return float(f"{math.sqrt(b.stable_lr * b.crash_lr):.6g}")
+
+
+class BoundarySampler(BaseSampler):
+    """Optuna sampler for the ``lr`` of a boundary study: bisection of the stable/crashed bracket
+    read from the study's finished trials (user attrs ``seed``, ``diverged``; value = final loss)."""
+
+    def __init__(self, cfg: BoundaryConfig):
+        self.cfg = cfg
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if param_name != "lr":
+            raise ValueError(f"BoundarySampler samples only 'lr', not {param_name!r}")
+        nxt = next_lr(study_observations(study), self.cfg)
+        if nxt is None:  # the caller checks first; fall back to the bracket's middle
+            b = bracket(study_observations(study), self.cfg)
+            nxt = b.boundary or math.sqrt(self.cfg.lr_range[0] * self.cfg.lr_range[1])
+        return nxt
+
+
+def study_observations(study: optuna.Study) -> list[Obs]:
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        loss = t.value if t.value is not None else math.inf
+        out.append(Obs(t.params["lr"], int(t.user_attrs.get("seed", 0)), bool(t.user_attrs.get("diverged")), loss))
+    return out
+
+
+# ---------------------------------------------------------------------------------- one cell
+@dataclass
+class Cell:
+    key: str                  # e.g. "stabilizers=weyl warmup_steps=0 depth=4"
+    values: dict[str, Any]    # the axis values of this cell
+    base: dict[str, Any]      # TrialConfig fields (without lr / seed)
+
+
+class CellSearch:
+    """The state machine of one cell: bisection (seed 0), then the bracket's ends with more seeds."""
+
+    def __init__(self, cell: Cell, cfg: BoundaryConfig, storage: str, prefix: str):
+        self.cell, self.cfg = cell, cfg
+        self.study = optuna.create_study(storage=storage, study_name=f"{prefix}::{cell.key}",
+                                         sampler=BoundarySampler(cfg), direction="minimize",
+                                         load_if_exists=True)
+        self.study.set_user_attr("cell", cell.values)
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            self.study.tell(t.number, state=TrialState.FAIL)  # cut off by an interruption: not counted
+        self.in_flight = 0
+
+    def observations(self) -> list[Obs]:
+        return study_observations(self.study)
+
+    def trials_used(self) -> int:
+        return len([t for t in self.study.get_trials(deepcopy=False)
+                    if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)])
+
+    def _pending_repeats(self, obs: list[Obs]) -> list[tuple[float, int]]:
+        if self.cfg.seeds <= 1:
+            return []
+        b = bracket(obs, self.cfg)
+        have = {(o.lr, o.seed) for o in obs}
+        running = {(t.params.get("lr"), t.user_attrs.get("seed"))
+                   for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        return [(lr, s) for lr in (b.stable_lr, b.crash_lr) if lr is not None
+                for s in range(1, self.cfg.seeds) if (lr, s) not in have and (lr, s) not in running]
+
+    def done(self) -> bool:
+        if self.in_flight:
+            return False
+        if self.trials_used() >= self.cfg.max_trials_per_cell:
+            return True
+        obs = self.observations()
+        return next_lr(obs, self.cfg) is None and not self._pending_repeats(obs)
+
+    def ask(self) -> tuple[optuna.trial.Trial, float, int] | None:
+        """The next trial to run, or None when the cell must wait for trials in flight (or is done)."""
+        if self.in_flight >= self.cfg.max_in_flight_per_cell or self.trials_used() >= self.cfg.max_trials_per_cell:
+            return None
+        obs = self.observations()
+        lr_next = next_lr(obs, self.cfg)
+        if lr_next is not None:
+            if self.in_flight:  # bisection is sequential: the next point depends on the running one
+                return None
+            seed = 0
+            trial = self.study.ask({"lr": FloatDistribution(*self.cfg.lr_range, log=True)})
+        else:
+            repeats = self._pending_repeats(obs)
+            if not repeats:
+                return None
+            lr_next, seed = repeats[0]
+            self.study.enqueue_trial({"lr": lr_next}, user_attrs={"seed": seed})
+            trial = self.study.ask({"lr": FloatDistribution(*self.cfg.lr_range, log=True)})
+        trial.set_user_attr("seed", seed)
+        self.in_flight += 1
+        return trial, float(trial.params["lr"]), seed
+
+    def tell(self, trial: optuna.trial.Trial, diverged: bool | None, final_loss: float | None,
+             failed: bool = False) -> None:
+        self.in_flight -= 1
+        if failed:
+            self.study.tell(trial, state=TrialState.FAIL)
+            return
+        trial.set_user_attr("diverged", bool(diverged))
+        value = final_loss if final_loss is not None and math.isfinite(final_loss) else None
+        if value is None:
+            trial.set_user_attr("final_loss", "inf")
+            self.study.tell(trial, 1e30)  # Optuna values must be finite: a crash is a huge loss
+        else:
+            self.study.tell(trial, value)
+
+    def report(self) -> dict[str, Any]:
+        obs = self.observations()
+        b = bracket(obs, self.cfg)
+        cls = classify(obs, self.cfg.degraded_ratio, self.cfg.degraded_is_crash)
+        ends = {}
+        for name, lr in (("stable", b.stable_lr), ("crash", b.crash_lr)):
+            at = [(o, crashed) for o, _, crashed in cls if lr is not None and o.lr == lr]
+            ends[name] = {"lr": lr, "seeds": len(at), "crashed": sum(c for _, c in at)}
+        lo, hi = self.cfg.lr_range
+        return {
+            "cell": self.cell.key, **self.cell.values,
+            "stable_lr": b.stable_lr, "crash_lr": b.crash_lr, "boundary_lr": b.boundary,
+            "bracket_width": b.width, "converged": b.width <= self.cfg.resolution,
+            "above_range": b.crash_lr is None and b.stable_lr is not None and b.stable_lr >= hi,
+            "below_range": b.stable_lr is None and b.crash_lr is not None and b.crash_lr <= lo,
+            "non_monotonic": b.non_monotonic,
+            "stable_end_crashed": ends["stable"]["crashed"], "stable_end_seeds": ends["stable"]["seeds"],
+            "crash_end_crashed": ends["crash"]["crashed"], "crash_end_seeds": ends["crash"]["seeds"],
+            "trials": len(obs), "failed_trials": self.trials_used() - len(obs),
+            "outcomes": {f"{lr:.6g}": v for lr, v in sorted(b.outcomes.items())},
+        }
+
+
+def cells_of(spec: SweepSpec, cfg: BoundaryConfig) -> list[Cell]:
+    """One cell per combination of the spec's axes (seed excluded: seeds are per-cell repeats)."""
+    axes = {k: v for k, v in spec.axes.items() if k != "seed"}
+    names = list(axes)
+    base = spec.base_config()
+    cells = []
+    for combo in itertools.product(*(axes[n] for n in names)) if names else [()]:
+        values = dict(zip(names, combo))
+        fields = {**base, **values}
+        TrialConfig(**{**fields, "lr": cfg.lr_range[0]})  # validated already by the spec
+        shown = {k: ("+".join(v) or "none") if k == "stabilizers" else v for k, v in values.items()}
+        key = " ".join(f"{k}={v}" for k, v in shown.items()) or "all"
+        cells.append(Cell(key, shown, fields))
+    return cells
+
+
+def dense_grid_size(cfg: BoundaryConfig) -> int:
+    """Trials per cell of a log-spaced grid over lr_range at the same resolution."""
+    lo, hi = cfg.lr_range
+    return math.ceil(math.log(hi / lo) / math.log(cfg.resolution)) + 1
+
+
+# -------------------------------------------------------------------- search without Ray (tests)
+def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str, prefix: str,
+                 evaluate: Callable[[TrialConfig], tuple[bool, float]]) -> list[dict]:
+    """Run the same cell searches sequentially in this process: ``evaluate(config) -> (diverged,
+    final_loss)``. Used by the synthetic benchmark and anywhere Ray is not wanted."""
+    searches = [CellSearch(c, cfg, storage, prefix) for c in cells]
+    for s in searches:
+        while not s.done():
+            nxt = s.ask()
+            if nxt is None:
+                break
+            trial, lr, seed = nxt
+            diverged, loss = evaluate(TrialConfig(**{**s.cell.base, "lr": lr, "seed": seed}))
+            s.tell(trial, diverged, loss)
+    return [s.report() for s in searches]
+
+
+# ------------------------------------------------------------------------ Ray Tune searcher
+try:
+    from ray.tune.search import Searcher
+except ImportError:  # pragma: no cover - ray is a dependency; keeps this module importable
+    Searcher = object  # type: ignore[misc,assignment]
+
+
+class BoundarySearcher(Searcher):
+    """A Tune ``Searcher`` over the cells' studies: ``suggest`` asks a cell that can take a trial
+    (round robin), ``on_trial_complete`` tells its study the outcome."""
+
+    def __init__(self, searches: list[CellSearch]):
+        super().__init__()
+        self.searches = searches
+        self.live: dict[str, tuple[CellSearch, Any]] = {}
+        self._rr = itertools.cycle(range(len(searches)))
+        self._lock = threading.Lock()
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def __getstate__(self):
+        # Tune pickles the searcher with its experiment state. Studies hold database connections
+        # and live trials; the search resumes from the Optuna store instead (see run_boundary).
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__([])
+
+    def suggest(self, trial_id: str):
+        with self._lock:
+            for _ in range(len(self.searches)):
+                s = self.searches[next(self._rr)]
+                nxt = s.ask()
+                if nxt is None:
+                    continue
+                trial, lr, seed = nxt
+                self.live[trial_id] = (s, trial)
+                cfg = TrialConfig(**{**s.cell.base, "lr": lr, "seed": seed})
+                label = f"{s.cell.key} lr={lr:.4g}" + (f" seed={seed}" if seed else "")
+                return {"point": {"trial": cfg.to_dict(), "label": label, "cell": s.cell.key}}
+            if not self.live and all(s.done() for s in self.searches):
+                return Searcher.FINISHED
+            return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        with self._lock:
+            s, trial = self.live.pop(trial_id, (None, None))
+            if s is None:
+                return
+            if error or not result or "summary" not in result:
+                s.tell(trial, None, None, failed=True)
+                return
+            summary = json.loads(result["summary"])
+            s.tell(trial, summary["diverged"], summary["final_loss"])
+
+
+@dataclass
+class BoundaryOutcome:
+    name: str
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str
+    cells: list[dict]
+    wall_time: float
+    dense_grid_trials: int
+
+
+def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | Path = "ablate_runs",
+                 tracking_uri: str | None = None, address: str | None = None,
+                 progress: bool = True, optuna_storage: str | None = None) -> BoundaryOutcome:
+    """Find every cell's maximum stable LR with Ray Tune running Optuna-proposed trials."""
+    import time
+
+    import yaml
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+    from ray.tune.search import ConcurrencyLimiter
+
+    from orchestrator.sweep import check_resources, init_ray
+    from orchestrator.tracking import Tracker, TrackingCallback, default_tracking_uri
+
+    t0 = time.monotonic()
+    cfg = boundary_config(spec)
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking_uri or default_tracking_uri(workdir)
+    optuna_storage = optuna_storage or f"sqlite:///{workdir / 'optuna.db'}"
+    cells = cells_of(spec, cfg)
+    searches = [CellSearch(c, cfg, optuna_storage, spec.name) for c in cells]
+
+    init_ray(address, workdir)
+    check_resources(spec)
+    spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
+    tracker = Tracker(tracking_uri, spec.experiment_name)
+    parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
+    # Runs of an interrupted search that never finished are replaced by the resumed search.
+    for r in tracker.find_runs(f"tags.`ablate.sweep` = '{spec.name}' and tags.`ablate.kind` = 'trial' "
+                               "and tags.status = 'running'"):
+        tracker.delete_run(r.info.run_id)
+    budget = len(cells) * cfg.max_trials_per_cell
+    callback = TrackingCallback(tracking_uri, spec.experiment_name, spec.name, parent, budget, progress=progress)
+    if progress:
+        print(f"[{spec.name}] boundary search over {len(cells)} cells, lr in {list(cfg.lr_range)}, "
+              f"resolution {cfg.resolution:.4g}x, at most {cfg.max_trials_per_cell} trials a cell; "
+              f"MLflow: {tracking_uri}; Optuna: {optuna_storage}", flush=True)
+    concurrency = spec.concurrency or max(1, int(_cluster_cpus() // spec.resources.cpus))
+    searcher = ConcurrencyLimiter(BoundarySearcher(searches), max_concurrent=concurrency)
+    run_name = f"{spec.name}-boundary-{int(time.time())}"
+    tuner = tune.Tuner(
+        tune.with_resources(_trainable(), {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True,
+                                    trial_name_creator=lambda t: t.trial_id,
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=str(Path(spec.storage_path).resolve() if spec.storage_path
+                                           else workdir / "ray_results"),
+            verbose=0, callbacks=[callback, JsonLoggerCallback()],
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+    )
+    tuner.fit()
+    reports = [s.report() for s in searches]
+    _log_cells(tracker, parent, reports)
+    tracker.finish(parent)
+    return BoundaryOutcome(spec.name, spec.experiment_name, tracking_uri, parent, reports,
+                           time.monotonic() - t0, dense_grid_size(cfg))
+
+
+def _trainable():
+    from orchestrator.trainable import train_trial
+
+    return train_trial
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 1.0)
+
+
+def _log_cells(tracker, parent: str, reports: list[dict]) -> None:
+    tracker.log_text(parent, json.dumps(reports, indent=1, default=str), "boundary/cells.json")
