@@ -81,6 +81,13 @@ def _typed(field: pa.Field, raw: str | None):
     return raw
 
 
+def _metric(v: float | None) -> float | None:
+    """MLflow's SQL stores write +-inf as +-max float; read them back as inf."""
+    if v is not None and abs(v) >= 1.7976931348623157e308:
+        return math.copysign(math.inf, v)
+    return v
+
+
 def fetch_runs(tracking_uri: str, experiment: str, sweep: str | None = None) -> list:
     tr = Tracker(tracking_uri, experiment)
     flt = f"tags.`{TAG_KIND}` = 'trial'" + (f" and tags.`{TAG_SWEEP}` = '{sweep}'" if sweep else "")
@@ -103,9 +110,9 @@ def runs_table(runs: list, experiment: str) -> pa.Table:
         for f in _config_fields():
             row[f.name] = _typed(f, params.get(f.name))
         for m in RESULT_METRICS:
-            row[m] = metrics.get(f"result/{m}")
+            row[m] = _metric(metrics.get(f"result/{m}"))
         for m in PROBE_METRICS:
-            row["last/" + m] = metrics.get(m)
+            row["last/" + m] = _metric(metrics.get(m))
         for name in cols:
             cols[name].append(row.get(name))
     return pa.table(cols, schema=SCHEMA)
