@@ -76,8 +76,6 @@ def boundary_config(spec: SweepSpec) -> BoundaryConfig:
     lo, hi = cfg.lr_range
     if not 0 < lo < hi:
         raise SpecError(f"boundary.lr_range: {list(cfg.lr_range)} must satisfy 0 < low < high")
-    if "lr" in spec.axes:
-        raise SpecError("axes.lr: a boundary search chooses the LR itself; give boundary.lr_range instead")
     return cfg
 
 
@@ -294,8 +292,9 @@ class CellSearch:
 
 
 def cells_of(spec: SweepSpec, cfg: BoundaryConfig) -> list[Cell]:
-    """One cell per combination of the spec's axes (seed excluded: seeds are per-cell repeats)."""
-    axes = {k: v for k, v in spec.axes.items() if k != "seed"}
+    """One cell per combination of the spec's axes. ``lr`` (the grid of ``ablate sweep``) is what
+    the search chooses, and seeds are per-cell repeats: neither makes cells."""
+    axes = {k: v for k, v in spec.axes.items() if k not in ("seed", "lr")}
     names = list(axes)
     base = spec.base_config()
     cells = []

@@ -94,5 +94,13 @@ def test_boundary_spec_errors():
         boundary_config(parse_spec({**base, "boundary": {"lr_range": [1.0, 0.1]}}))
     with pytest.raises(SpecError, match="boundary.resolution"):
         boundary_config(parse_spec({**base, "boundary": {"lr_range": [0.1, 1.0], "resolution": 1.0}}))
-    with pytest.raises(SpecError, match="axes.lr: a boundary search chooses the LR"):
-        boundary_config(parse_spec({**base, "axes": {"lr": [0.1]}, "boundary": {"lr_range": [0.1, 1.0]}}))
+    with pytest.raises(SpecError, match="boundary.seedz: .*keys: lr_range"):
+        boundary_config(parse_spec({**base, "boundary": {"lr_range": [0.1, 1.0], "seedz": 2}}))
+    # a spec's lr axis (its grid for `ablate sweep`) is ignored by the search: it makes no cells
+    from orchestrator.boundary import cells_of
+
+    spec = parse_spec({**base, "axes": {"lr": [0.1, 0.2], "stabilizers": ["none", "weyl"], "depth": [1, 2]},
+                       "boundary": {"lr_range": [0.1, 1.0]}})
+    cells = cells_of(spec, boundary_config(spec))
+    assert sorted(c.key for c in cells) == ["stabilizers=none depth=1", "stabilizers=none depth=2",
+                                            "stabilizers=weyl depth=1", "stabilizers=weyl depth=2"]

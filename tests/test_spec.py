@@ -59,9 +59,13 @@ def test_shipped_specs_are_valid():
 
     paths = sorted(Path(__file__).parent.parent.joinpath("search_spaces").glob("*.yaml"))
     assert {p.stem for p in paths} >= {"smoke", "gpt_warmup_ablation", "vit_ablation", "swin_ablation"}
+    from orchestrator.boundary import boundary_config
+
     for p in paths:
         s = load_spec(p)
         assert s.trials(), p
+        if s.boundary:
+            boundary_config(s)
 
 
 def test_load_spec_file_errors(tmp_path):
