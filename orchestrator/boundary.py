@@ -410,7 +410,7 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
 
-    from orchestrator.sweep import check_resources, init_ray
+    from orchestrator.sweep import check_resources, init_ray, storage_root
     from orchestrator.tracking import Tracker, TrackingCallback, default_tracking_uri
 
     t0 = time.monotonic()
@@ -446,8 +446,7 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
                                     trial_name_creator=lambda t: t.trial_id,
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(
-            name=run_name, storage_path=str(Path(spec.storage_path).resolve() if spec.storage_path
-                                           else workdir / "ray_results"),
+            name=run_name, storage_path=storage_root(spec, workdir),
             verbose=0, callbacks=[callback, JsonLoggerCallback()],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )

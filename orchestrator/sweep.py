@@ -68,6 +68,15 @@ def init_ray(address: str | None = None, workdir: Path | None = None) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
+def storage_root(spec: SweepSpec, workdir: Path) -> str:
+    """Tune's storage: the spec's storage_path, else $ABLATE_STORAGE_PATH (set by cluster.yaml),
+    else <workdir>/ray_results. A local path is made absolute; a URI (s3://...) is kept."""
+    root = spec.storage_path or os.environ.get("ABLATE_STORAGE_PATH")
+    if not root:
+        return str(workdir / "ray_results")
+    return root if "://" in root else str(Path(root).resolve())
+
+
 def check_resources(spec: SweepSpec) -> None:
     """Fail before anything runs when the cluster cannot host a single trial."""
     import ray
@@ -99,8 +108,8 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
     workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or default_tracking_uri(workdir)
     os.environ["ABLATE_TRACKING_URI"] = tracking_uri
-    storage = Path(spec.storage_path).resolve() if spec.storage_path else workdir / "ray_results"
-    exp_dir = storage / spec.name
+    storage = storage_root(spec, workdir)
+    exp_dir = f"{storage.rstrip('/')}/{spec.name}"
     trials = spec.trials()
 
     init_ray(address, workdir)
@@ -114,7 +123,7 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
 
     resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     trainable = tune.with_resources(train_trial, resources)
-    can_restore = tune.Tuner.can_restore(str(exp_dir))
+    can_restore = tune.Tuner.can_restore(exp_dir)
     if resume and not can_restore:
         raise SpecError(f"--resume: no sweep {spec.name!r} to continue under {storage}")
     if resume is False and can_restore:
@@ -123,7 +132,7 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
     if can_restore:
         if progress:
             print(f"[{spec.name}] resuming from {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=False)
         _replace_callbacks(tuner, [callback, JsonLoggerCallback()])
     else:
         # A sweep of this name whose Tune state is gone cannot be matched trial by trial: its old
@@ -144,7 +153,7 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
                 max_concurrent_trials=spec.concurrency, reuse_actors=True,
                 trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(storage), verbose=0, callbacks=[callback, JsonLoggerCallback()],
+                name=spec.name, storage_path=storage, verbose=0, callbacks=[callback, JsonLoggerCallback()],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
@@ -159,7 +168,7 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
     tracker.set_tags(parent, {f"trials_{k}": v for k, v in counts.items()})
     tracker.finish(parent)
     del grid
-    return SweepOutcome(spec.name, spec.experiment_name, tracking_uri, parent, str(exp_dir), len(trials),
+    return SweepOutcome(spec.name, spec.experiment_name, tracking_uri, parent, exp_dir, len(trials),
                         counts, time.monotonic() - t0, resumed=can_restore)
 
 

@@ -75,7 +75,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
 class Tracker:
     """A thin, batched writer over ``MlflowClient``: sweep runs, trial runs, metrics, tags."""
 
-    def __init__(self, tracking_uri: str, experiment: str, retries: int = 5):
+    def __init__(self, tracking_uri: str, experiment: str, retries: int = 8):
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         self.retries = retries
@@ -83,7 +83,9 @@ class Tracker:
         self.experiment_id = exp.experiment_id if exp else self._call(self.client.create_experiment, experiment)
 
     def _call(self, fn, *args, **kwargs):
-        """Retry transient store errors (a restarting server, a busy SQLite file) with backoff."""
+        """Retry transient store errors (a restarting server, a busy SQLite file) with backoff:
+        0.5 s doubling to 10 s, about a minute in all; then the error propagates and the sweep
+        stops with it (metrics are never dropped silently)."""
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
@@ -234,7 +236,8 @@ class TrackingCallback(Callback):
             self._buf[tid] += [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
             self._events[tid] += events
         if tid not in self._tagged and result.get("node_id"):
-            self.tracker.set_tags(run_id, {"node_id": result["node_id"], "hostname": result.get("hostname", "")})
+            self.tracker.set_tags(run_id, {k: result.get(k, "") for k in ("node_id", "hostname", "gpu_ids",
+                                                                          "started_at")})
             self._tagged.add(tid)
         if result.get("summary"):
             self._finish_trial(trial, json.loads(result["summary"]))
@@ -248,7 +251,7 @@ class TrackingCallback(Callback):
         status = "diverged" if summary.get("diverged") else "stable"
         tags = {"status": status, "divergence_kind": ev["kind"] if ev else "",
                 "divergence_step": ev["step"] if ev else "", "steps_run": summary["steps_run"],
-                "device": summary.get("device", "")}
+                "device": summary.get("device", ""), "ended_at": summary.get("ended_at", "")}
         self.tracker.set_tags(run_id, tags)
         final = {k: summary[k] for k in ("final_loss", "best_loss", "initial_loss", "final_train_loss",
                                          "wall_time", "throughput") if k in summary}

@@ -21,6 +21,7 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
 
     from workloads.trial import TrialConfig, run
 
+    started_at = time.time()
     cfg = TrialConfig(**config["point"]["trial"])
     node = ray.get_runtime_context().get_node_id()
     pending: list[list] = []  # [step, metrics, events] not yet sent
@@ -30,7 +31,8 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
         step, metrics, _ = pending[-1] if pending else (final["step"], {}, [])
         out = {**metrics, "step": step, "batch": json.dumps(pending)}
         if last_sent[1]:
-            out.update(node_id=node, hostname=socket.gethostname())
+            out.update(node_id=node, hostname=socket.gethostname(), started_at=started_at,
+                       gpu_ids=",".join(str(g) for g in ray.get_gpu_ids()))
             last_sent[1] = False
         if final:
             out.update(final)
@@ -48,5 +50,6 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
     res = run(cfg, reporter)
     summary = res.to_dict()
     summary.pop("final_metrics", None)
+    summary["ended_at"] = time.time()
     send({"step": res.steps_run, "summary": json.dumps(summary, default=str),
           "final_loss": res.final_loss, "diverged": int(res.diverged)})

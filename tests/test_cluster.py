@@ -1,0 +1,151 @@
+"""Multi-node behaviour proven locally: a head and worker nodes started by ray.cluster_utils with
+fake GPUs, a real `mlflow server` on loopback, sweeps submitted through the orchestrator."""
+
+import copy
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.localcluster import LocalCluster, MlflowServer
+from orchestrator.spec import parse_spec
+from orchestrator.sweep import run_sweep
+
+TINY = {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "eval_batches": 1,
+        "device": "cpu"}
+
+
+def spec(name, n=8, steps=150, gpus=0.5, max_failures=2):
+    return {"name": name, "workload": "gpt", "steps": steps, "fixed": TINY,
+            "axes": {"lr": [float(f"{1e-3 * 1.2 ** i:.5g}") for i in range(n)]}, "probe_interval": 25,
+            "resources": {"cpus": 1, "gpus": gpus}, "max_failures": max_failures}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def cluster():
+    import ray
+
+    c = LocalCluster(workers=2, cpus_per_worker=2, gpus_per_worker=1)
+    yield c
+    c.shutdown()
+    assert not ray.is_initialized()
+
+
+def _runs(uri, name):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(f"ablate-{name}")
+    return client, client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", max_results=1000)
+
+
+def test_fractional_gpu_trials_spread_over_nodes_and_reach_mlflow_over_http(cluster, server, tmp_path):
+    raw = spec("t-cluster")
+    out = run_sweep(parse_spec(raw), raw, workdir=tmp_path, tracking_uri=server.uri, address=cluster.address,
+                    progress=False)
+    assert out.tracking_uri.startswith("http://127.0.0.1") and out.counts["stable"] == 8
+    client, runs = _runs(server.uri, "t-cluster")
+    assert len(runs) == 8 and all(r.data.tags["status"] == "stable" for r in runs)
+    nodes = {r.data.tags["node_id"] for r in runs}
+    assert len(nodes) == 2 and cluster.cluster.head_node.node_id not in nodes  # head runs no trials
+    # fractional packing: two trials at once on the same (fake) GPU of one node
+    spans = [(r.data.tags["node_id"], r.data.tags["gpu_ids"], float(r.data.tags["started_at"]),
+              float(r.data.tags["ended_at"])) for r in runs]
+    assert all(g != "" for _, g, _, _ in spans)
+    overlaps = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:]
+                if a[0] == b[0] and a[1] == b[1] and a[2] < b[3] and b[2] < a[3]]
+    assert overlaps, spans
+    # metrics and artifacts went through the server
+    r0 = runs[0]
+    assert [m.step for m in client.get_metric_history(r0.info.run_id, "loss")] == [0, 25, 50, 75, 100, 125, 149]
+    assert "events.json" in [a.path for a in client.list_artifacts(r0.info.run_id)]
+
+
+def test_killed_worker_node_trials_are_retried_elsewhere(cluster, server, tmp_path):
+    raw = spec("t-nodekill", n=6, steps=400)
+    victim = cluster.workers[1]
+
+    def kill_when_busy():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                _, runs = _runs(server.uri, "t-nodekill")
+            except Exception:
+                runs = []
+            mine = [r for r in runs if r.data.tags.get("node_id") == victim.node_id
+                    and r.data.tags.get("status") == "running"]
+            if mine:
+                cluster.remove_worker(victim)
+                return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    out = run_sweep(parse_spec(raw), raw, workdir=tmp_path, tracking_uri=server.uri, address=cluster.address,
+                    progress=False)
+    killer.join()
+    assert len(cluster.workers) == 1, "the worker node was not killed mid-sweep"
+    _, runs = _runs(server.uri, "t-nodekill")
+    ids = [r.data.tags["ablate.trial_id"] for r in runs]
+    assert len(runs) == 6 and len(set(ids)) == 6 and out.counts == {"stable": 6, "diverged": 0, "failed": 0}
+    survivor = cluster.workers[0].node_id
+    assert sum(r.data.tags["node_id"] == survivor for r in runs) >= 4
+
+
+def test_mlflow_server_outage_loses_no_metrics(cluster, server, tmp_path):
+    raw = spec("t-outage", n=6, steps=300)
+
+    finished_at_outage = []
+
+    def outage():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                _, runs = _runs(server.uri, "t-outage")
+                done = [r for r in runs if r.data.tags.get("status") == "stable"]
+                if done:
+                    finished_at_outage.append(len(done))
+                    break
+            except Exception:
+                pass
+            time.sleep(0.5)
+        server.stop()
+        time.sleep(5)
+        server.start()
+
+    t = threading.Thread(target=outage)
+    t.start()
+    out = run_sweep(parse_spec(raw), raw, workdir=tmp_path, tracking_uri=server.uri, address=cluster.address,
+                    progress=False)
+    t.join()
+    assert out.counts["stable"] == 6
+    assert finished_at_outage and finished_at_outage[0] < 6, "the outage must land mid-sweep"
+    client, runs = _runs(server.uri, "t-outage")
+    assert len(runs) == 6
+    for r in runs:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+        assert steps == [0, 25, 50, 75, 100, 125, 150, 175, 200, 225, 250, 275, 299], (r.info.run_name, steps)
+        assert "result/final_loss" in r.data.metrics
+
+
+def test_cluster_yaml_passes_rays_own_validator():
+    import yaml
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "cluster.yaml").read_text())
+    cfg = prepare_config(copy.deepcopy(raw))  # what `ray up` does: merge the provider's defaults
+    validate_config(cfg)
+    assert cfg["head_node_type"] == "head" and {"gpu_a10g", "gpu_a100x8"} <= set(cfg["available_node_types"])
+    assert any("mlflow server" in c for c in cfg["head_start_ray_commands"])
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["gpu_a10g"]["min_wokers"] = 0
+    with pytest.raises(ValidationError, match="min_wokers"):
+        validate_config(prepare_config(bad))
