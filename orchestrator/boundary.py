@@ -432,7 +432,8 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
                                "and tags.status = 'running'"):
         tracker.delete_run(r.info.run_id)
     budget = len(cells) * cfg.max_trials_per_cell
-    callback = TrackingCallback(tracking_uri, spec.experiment_name, spec.name, parent, budget, progress=progress)
+    callback = TrackingCallback(tracking_uri, spec.experiment_name, spec.name, parent, budget, progress=progress,
+                                total_is_budget=True)
     if progress:
         print(f"[{spec.name}] boundary search over {len(cells)} cells, lr in {list(cfg.lr_range)}, "
               f"resolution {cfg.resolution:.4g}x, at most {cfg.max_trials_per_cell} trials a cell; "

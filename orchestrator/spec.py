@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from workloads.divergence import KINDS
+from workloads.divergence import KINDS, DivergenceConfig
 from workloads.models import WORKLOADS
 from workloads.stabilizers import REGISTRY
 from workloads.trial import ConfigError, TrialConfig
@@ -64,11 +64,14 @@ class Resources(_Strict):
         return v
 
 
+_DIV = DivergenceConfig()
+
+
 class Divergence(_Strict):
-    max_loss_ratio: float = Field(1.5, gt=1)
-    spike_ratio: float = Field(2.0, gt=1)
-    entropy_collapse: float = Field(0.05, ge=0)
-    stop_on: tuple[str, ...] = ("nonfinite", "loss_ratio", "loss_spike")
+    max_loss_ratio: float = Field(_DIV.max_loss_ratio, gt=1)
+    spike_ratio: float = Field(_DIV.spike_ratio, gt=1)
+    entropy_collapse: float = Field(_DIV.entropy_collapse, ge=0)
+    stop_on: tuple[str, ...] = _DIV.stop_on
 
 
 class LogRange(_Strict):

@@ -121,9 +121,7 @@ class Tracker:
         tags = {TAG_SWEEP: sweep, TAG_KIND: "sweep", "mlflow.runName": sweep, **code_version()}
         run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=sweep)
         run_id = run.info.run_id
-        params = [Param(k[:250], v[:6000]) for k, v in _flatten(spec_raw).items()]
-        for i in range(0, len(params), 100):
-            self._call(self.client.log_batch, run_id, params=params[i:i + 100])
+        self.log_params(run_id, spec_raw)
         self._call(self.client.log_text, run_id, spec_text, "spec.yaml")
         return run_id
 
@@ -140,10 +138,14 @@ class Tracker:
                 "mlflow.runName": name, "status": "running"}
         run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=name)
         run_id = run.info.run_id
-        params = [Param(k, v[:6000]) for k, v in _flatten(config).items()]
+        self.log_params(run_id, config)
+        return run_id
+
+    def log_params(self, run_id: str, values: dict) -> None:
+        """Nested dicts flattened to dotted keys; MLflow takes at most 100 params a batch."""
+        params = [Param(k[:250], v[:6000]) for k, v in _flatten(values).items()]
         for i in range(0, len(params), 100):
             self._call(self.client.log_batch, run_id, params=params[i:i + 100])
-        return run_id
 
     def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
         for i in range(0, len(metrics), BATCH):
@@ -170,10 +172,11 @@ class TrackingCallback(Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_id: str,
-                 total_trials: int, flush_every: float = 2.0, progress: bool = True):
+                 total_trials: int, flush_every: float = 2.0, progress: bool = True,
+                 total_is_budget: bool = False):
         self.settings = dict(tracking_uri=tracking_uri, experiment=experiment, sweep=sweep,
                              parent_id=parent_id, total_trials=total_trials, flush_every=flush_every,
-                             progress=progress)
+                             progress=progress, total_is_budget=total_is_budget)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -302,6 +305,11 @@ class TrackingCallback(Callback):
         finished = by["TERMINATED"] + by["ERROR"]
         diverged = sum(1 for v in self.outcomes.values() if v == "diverged")
         elapsed = time.monotonic() - self._t0
+        if self.settings.get("total_is_budget"):  # a search: the total is an upper bound, no ETA
+            print(f"[{self.settings['sweep']}] {finished} trials done (budget {total}; {diverged} diverged, "
+                  f"{by['ERROR']} failed), {by['RUNNING']} running, elapsed {_hms(elapsed)}",
+                  file=sys.stderr, flush=True)
+            return
         remaining = total - finished
         eta = (elapsed / self._done_here * remaining) if self._done_here and remaining else 0.0
         print(f"[{self.settings['sweep']}] {finished}/{total} done ({diverged} diverged, "

@@ -49,7 +49,8 @@ class DivergenceConfig:
         if bad:
             raise ValueError(f"stop_on: unknown kind(s) {bad}; allowed: {list(KINDS)}")
         if self.max_loss_ratio <= 1 or self.spike_ratio <= 1:
-            raise ValueError("max_loss_ratio and spike_ratio must be > 1")
+            raise ValueError(f"max_loss_ratio ({self.max_loss_ratio}) and spike_ratio ({self.spike_ratio}) "
+                             "must be > 1")
         if not 0 <= self.ema_beta < 1:
             raise ValueError("ema_beta must be in [0, 1)")
 

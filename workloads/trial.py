@@ -22,12 +22,14 @@ from torch import nn
 from workloads import data as data_mod
 from workloads import probes
 from workloads import stabilizers as stab
-from workloads.divergence import KINDS, DivergenceConfig, DivergenceDetector, DivergenceEvent
+from workloads.divergence import DivergenceConfig, DivergenceDetector, DivergenceEvent
 from workloads.models import WORKLOADS, GPT, GPTConfig, build_swin, build_vit
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_DATA = {"gpt": "stdlib", "vit": "digits", "swin": "digits"}
+
+_DIVERGENCE = DivergenceConfig()  # the divergence defaults, defined once (workloads.divergence)
 
 Reporter = Callable[[int, dict[str, float], list[DivergenceEvent]], None]
 
@@ -73,10 +75,10 @@ class TrialConfig:
     probe_interval: int = 25
     eval_interval: int = 100
     eval_batches: int = 4
-    max_loss_ratio: float = 1.5
-    spike_ratio: float = 2.0
-    entropy_collapse: float = 0.05
-    stop_on: tuple[str, ...] = ("nonfinite", "loss_ratio", "loss_spike")
+    max_loss_ratio: float = _DIVERGENCE.max_loss_ratio
+    spike_ratio: float = _DIVERGENCE.spike_ratio
+    entropy_collapse: float = _DIVERGENCE.entropy_collapse
+    stop_on: tuple[str, ...] = _DIVERGENCE.stop_on
     data: str = "auto"
     data_path: str | None = None
     vocab_size: int | None = None
@@ -119,11 +121,10 @@ class TrialConfig:
             raise ConfigError(f"precision: {self.precision!r} is not one of {list(PRECISIONS)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: {self.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
-        bad = [k for k in self.stop_on if k not in KINDS]
-        if bad:
-            raise ConfigError(f"stop_on: unknown kind(s) {bad}; allowed: {list(KINDS)}")
-        if self.max_loss_ratio <= 1 or self.spike_ratio <= 1:
-            raise ConfigError("max_loss_ratio and spike_ratio must be > 1")
+        try:
+            self.divergence()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.workload == "swin" and self.depth < 2:
             raise ConfigError(f"depth: swin needs >= 2 (two stages), got {self.depth}")
         if self.workload != "gpt" and self.img_size % self.patch_size:
@@ -132,6 +133,10 @@ class TrialConfig:
             stab.resolve(self.stabilizers, self.stabilizer_options)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def divergence(self) -> DivergenceConfig:
+        return DivergenceConfig(max_loss_ratio=self.max_loss_ratio, spike_ratio=self.spike_ratio,
+                                entropy_collapse=self.entropy_collapse, stop_on=self.stop_on)
 
     @property
     def stabilizer_label(self) -> str:
@@ -370,9 +375,7 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
     cfg = config
     t_start = time.perf_counter()
     tr = Trainer(cfg)
-    detector = DivergenceDetector(DivergenceConfig(
-        max_loss_ratio=cfg.max_loss_ratio, spike_ratio=cfg.spike_ratio,
-        entropy_collapse=cfg.entropy_collapse, stop_on=cfg.stop_on))
+    detector = DivergenceDetector(cfg.divergence())
     events: list[DivergenceEvent] = []
     first_stop: DivergenceEvent | None = None
     recent: list[float] = []
