@@ -149,7 +149,3 @@ class MLRA(CausalSelfAttention):
         super().__init__(dim, num_heads, bias=bias, qk_norm=qk_norm, dropout=dropout,
                          qkv=LowRankQKV(dim, num_heads, rank, bias=bias, init_std=init_std))
         self.rank = rank
-
-
-def attention_param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
