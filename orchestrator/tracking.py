@@ -15,7 +15,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -190,7 +189,6 @@ class TrackingCallback(Callback):
         self._t0 = time.monotonic()
         self._done_here = 0
         self.outcomes: dict[str, str] = {}       # trial_id -> stable | diverged | failed
-        self._lock = threading.Lock()
 
     def __getstate__(self):
         return {"settings": self.settings}
