@@ -38,6 +38,15 @@ def default_tracking_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """Beside an embedded SQLite store, artifacts go to ``<store folder>/mlartifacts`` (MLflow's own
+    default would be ``./mlruns`` under whatever folder the driver was started from). A server
+    (http) chooses its own artifact root."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def code_version() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -79,7 +88,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         self.retries = retries
         exp = self._call(self.client.get_experiment_by_name, experiment)
-        self.experiment_id = exp.experiment_id if exp else self._call(self.client.create_experiment, experiment)
+        self.experiment_id = exp.experiment_id if exp else self._call(
+            self.client.create_experiment, experiment, artifact_location=local_artifact_root(tracking_uri))
 
     def _call(self, fn, *args, **kwargs):
         """Retry transient store errors (a restarting server, a busy SQLite file) with backoff:
