@@ -28,6 +28,12 @@ from workloads.stabilizers import label as stabilizer_label
 
 log = logging.getLogger("ablate")
 
+# MLflow's HTTP client retries a refused connection 7 times with doubling backoff (minutes per
+# call); Tracker._call below owns the retry policy, so the client's own is kept short.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
 TAG_SWEEP = "ablate.sweep"
 TAG_TRIAL = "ablate.trial_id"
 TAG_KIND = "ablate.kind"  # "sweep" | "trial"
