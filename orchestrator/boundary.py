@@ -405,71 +405,47 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     """Find every cell's maximum stable LR with Ray Tune running Optuna-proposed trials."""
     import time
 
-    import yaml
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
 
-    from orchestrator.sweep import check_resources, init_ray, storage_root
-    from orchestrator.tracking import Tracker, TrackingCallback, default_tracking_uri
+    from orchestrator.sweep import open_session, run_config, trainable_for
+    from orchestrator.tracking import TrackingCallback
 
     t0 = time.monotonic()
     cfg = boundary_config(spec)
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking_uri or default_tracking_uri(workdir)
-    optuna_storage = optuna_storage or f"sqlite:///{workdir / 'optuna.db'}"
     cells = cells_of(spec, cfg)
+    ses = open_session(spec, spec_raw, workdir, tracking_uri, address)
+    optuna_storage = optuna_storage or f"sqlite:///{ses.workdir / 'optuna.db'}"
     searches = [CellSearch(c, cfg, optuna_storage, spec.name) for c in cells]
-
-    init_ray(address, workdir)
-    check_resources(spec)
-    spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
-    tracker = Tracker(tracking_uri, spec.experiment_name)
-    parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
     # Runs of an interrupted search that never finished are replaced by the resumed search.
-    for r in tracker.find_runs(f"tags.`ablate.sweep` = '{spec.name}' and tags.`ablate.kind` = 'trial' "
-                               "and tags.status = 'running'"):
-        tracker.delete_run(r.info.run_id)
+    for r in ses.tracker.trial_runs(spec.name, "tags.status = 'running'"):
+        ses.tracker.delete_run(r.info.run_id)
     budget = len(cells) * cfg.max_trials_per_cell
-    callback = TrackingCallback(tracking_uri, spec.experiment_name, spec.name, parent, budget, progress=progress,
-                                total_is_budget=True)
+    callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, budget,
+                                progress=progress, total_is_budget=True)
     if progress:
         print(f"[{spec.name}] boundary search over {len(cells)} cells, lr in {list(cfg.lr_range)}, "
               f"resolution {cfg.resolution:.4g}x, at most {cfg.max_trials_per_cell} trials a cell; "
-              f"MLflow: {tracking_uri}; Optuna: {optuna_storage}", flush=True)
+              f"MLflow: {ses.tracking_uri}; Optuna: {optuna_storage}", flush=True)
     concurrency = spec.concurrency or max(1, int(_cluster_cpus() // spec.resources.cpus))
     searcher = ConcurrencyLimiter(BoundarySearcher(searches), max_concurrent=concurrency)
-    run_name = f"{spec.name}-boundary-{int(time.time())}"
     tuner = tune.Tuner(
-        tune.with_resources(_trainable(), {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}),
+        trainable_for(spec),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True,
                                     trial_name_creator=lambda t: t.trial_id,
                                     trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(
-            name=run_name, storage_path=storage_root(spec, workdir),
-            verbose=0, callbacks=[callback, JsonLoggerCallback()],
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+        # a fresh Tune experiment per invocation: the search's state is the Optuna store's
+        run_config=run_config(spec, f"{spec.name}-boundary-{int(time.time())}", ses.storage, callback),
     )
     tuner.fit()
     reports = [s.report() for s in searches]
-    _log_cells(tracker, parent, reports)
-    tracker.finish(parent)
-    return BoundaryOutcome(spec.name, spec.experiment_name, tracking_uri, parent, reports,
+    ses.tracker.log_text(ses.parent, json.dumps(reports, indent=1, default=str), "boundary/cells.json")
+    ses.tracker.finish(ses.parent)
+    return BoundaryOutcome(spec.name, spec.experiment_name, ses.tracking_uri, ses.parent, reports,
                            time.monotonic() - t0, dense_grid_size(cfg))
-
-
-def _trainable():
-    from orchestrator.trainable import train_trial
-
-    return train_trial
 
 
 def _cluster_cpus() -> float:
     import ray
 
     return ray.cluster_resources().get("CPU", 1.0)
-
-
-def _log_cells(tracker, parent: str, reports: list[dict]) -> None:
-    tracker.log_text(parent, json.dumps(reports, indent=1, default=str), "boundary/cells.json")

@@ -92,6 +92,45 @@ def check_resources(spec: SweepSpec) -> None:
         raise SpecError(f"resources.cpus: {spec.resources.cpus} per trial > {cpus:g} CPUs in the cluster")
 
 
+@dataclass
+class Session:
+    """What a sweep or a boundary search sets up before Tune runs: Ray, the MLflow parent run."""
+
+    workdir: Path
+    tracking_uri: str
+    storage: str
+    tracker: Tracker
+    parent: str
+
+
+def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tracking_uri: str | None,
+                 address: str | None) -> Session:
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking_uri or default_tracking_uri(workdir)
+    os.environ["ABLATE_TRACKING_URI"] = tracking_uri
+    init_ray(address, workdir)
+    check_resources(spec)
+    spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
+    tracker = Tracker(tracking_uri, spec.experiment_name)
+    parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
+    return Session(workdir, tracking_uri, storage_root(spec, workdir), tracker, parent)
+
+
+def run_config(spec: SweepSpec, name: str, storage: str, callback: TrackingCallback):
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[callback, JsonLoggerCallback()],
+                          failure_config=tune.FailureConfig(max_failures=spec.max_failures))
+
+
+def trainable_for(spec: SweepSpec):
+    from ray import tune
+
+    return tune.with_resources(train_trial, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
+
+
 def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | Path = "ablate_runs",
               tracking_uri: str | None = None, resume: bool | None = None, address: str | None = None,
               progress: bool = True) -> SweepOutcome:
@@ -101,74 +140,54 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
     new one otherwise; True requires one to continue; False refuses to touch an existing one.
     """
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
 
     t0 = time.monotonic()
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking_uri or default_tracking_uri(workdir)
-    os.environ["ABLATE_TRACKING_URI"] = tracking_uri
-    storage = storage_root(spec, workdir)
-    exp_dir = f"{storage.rstrip('/')}/{spec.name}"
     trials = spec.trials()
-
-    init_ray(address, workdir)
-    check_resources(spec)
-
-    spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
-    tracker = Tracker(tracking_uri, spec.experiment_name)
-    parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
-    callback = TrackingCallback(tracking_uri, spec.experiment_name, spec.name, parent, len(trials),
+    ses = open_session(spec, spec_raw, workdir, tracking_uri, address)
+    exp_dir = f"{ses.storage.rstrip('/')}/{spec.name}"
+    callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, len(trials),
                                 progress=progress)
-
-    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
-    trainable = tune.with_resources(train_trial, resources)
+    trainable = trainable_for(spec)
     can_restore = tune.Tuner.can_restore(exp_dir)
     if resume and not can_restore:
-        raise SpecError(f"--resume: no sweep {spec.name!r} to continue under {storage}")
+        raise SpecError(f"--resume: no sweep {spec.name!r} to continue under {ses.storage}")
     if resume is False and can_restore:
-        raise SpecError(f"name: a sweep {spec.name!r} already exists under {storage}; "
+        raise SpecError(f"name: a sweep {spec.name!r} already exists under {ses.storage}; "
                         "re-run with --resume to continue it, or choose another name or workdir")
     if can_restore:
         if progress:
             print(f"[{spec.name}] resuming from {exp_dir}", flush=True)
         tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=False)
-        _replace_callbacks(tuner, [callback, JsonLoggerCallback()])
+        _replace_callbacks(tuner, run_config(spec, spec.name, ses.storage, callback).callbacks)
     else:
         # A sweep of this name whose Tune state is gone cannot be matched trial by trial: its old
         # trial runs are soft-deleted so that MLflow holds each trial of the new sweep once.
-        stale = tracker.find_runs(f"tags.`ablate.sweep` = '{spec.name}' and tags.`ablate.kind` = 'trial'")
+        stale = ses.tracker.trial_runs(spec.name)
         if stale:
             log.warning("sweep %s: no Tune state under %s; replacing %d earlier trial runs",
                         spec.name, exp_dir, len(stale))
             for r in stale:
-                tracker.delete_run(r.info.run_id)
-        labels = [_label(c, spec) for c in trials]
-        space = {"point": tune.grid_search([
-            {"trial": c.to_dict(), "label": lbl} for c, lbl in zip(trials, labels)])}
+                ses.tracker.delete_run(r.info.run_id)
+        space = {"point": tune.grid_search([{"trial": c.to_dict(), "label": _label(c, spec)} for c in trials])}
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=spec.concurrency, reuse_actors=True,
                 trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(
-                name=spec.name, storage_path=storage, verbose=0, callbacks=[callback, JsonLoggerCallback()],
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            run_config=run_config(spec, spec.name, ses.storage, callback),
         )
     if progress:
         print(f"[{spec.name}] {len(trials)} trials, {spec.resources.cpus:g} CPU / {spec.resources.gpus:g} GPU "
-              f"each; MLflow: {tracking_uri} (experiment {spec.experiment_name!r})", flush=True)
-    grid = tuner.fit()
+              f"each; MLflow: {ses.tracking_uri} (experiment {spec.experiment_name!r})", flush=True)
+    tuner.fit()
     counts = {"stable": 0, "diverged": 0, "failed": 0}
-    for run in tracker.find_runs(f"tags.`ablate.sweep` = '{spec.name}' and tags.`ablate.kind` = 'trial'"):
+    for run in ses.tracker.trial_runs(spec.name):
         st = run.data.tags.get("status", "running")
         counts[st] = counts.get(st, 0) + 1
-    tracker.set_tags(parent, {f"trials_{k}": v for k, v in counts.items()})
-    tracker.finish(parent)
-    del grid
-    return SweepOutcome(spec.name, spec.experiment_name, tracking_uri, parent, exp_dir, len(trials),
+    ses.tracker.set_tags(ses.parent, {f"trials_{k}": v for k, v in counts.items()})
+    ses.tracker.finish(ses.parent)
+    return SweepOutcome(spec.name, spec.experiment_name, ses.tracking_uri, ses.parent, exp_dir, len(trials),
                         counts, time.monotonic() - t0, resumed=can_restore)
 
 

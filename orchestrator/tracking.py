@@ -126,6 +126,11 @@ class Tracker:
             if not token:
                 return runs
 
+    def trial_runs(self, sweep: str, extra: str = "") -> list:
+        """The active trial runs of a sweep (``extra``: more filter, e.g. "tags.status = 'running'")."""
+        return self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_KIND}` = 'trial'"
+                              + (f" and {extra}" if extra else ""))
+
     def sweep_run(self, sweep: str, spec_raw: dict, spec_text: str) -> str:
         """The sweep's parent run: found by tag (a resumed sweep reuses it) or created."""
         found = self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_KIND}` = 'sweep'")
@@ -144,7 +149,7 @@ class Tracker:
                   replace: bool) -> str:
         """A trial's child run. With ``replace``, an earlier run of the same trial (a partial
         attempt) is soft-deleted first so that the trial is recorded once."""
-        existing = self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_TRIAL}` = '{trial_id}'")
+        existing = self.trial_runs(sweep, f"tags.`{TAG_TRIAL}` = '{trial_id}'")
         if existing and not replace:
             return existing[0].info.run_id
         for r in existing:
