@@ -40,7 +40,7 @@ from typing import Any
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.samplers import BaseSampler
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.spec import SpecError, SweepSpec

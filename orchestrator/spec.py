@@ -189,7 +189,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
         for k in keys:
             if k in RESERVED or k in DIVERGENCE_FIELDS or k not in TRIAL_FIELDS:
                 hint = (f"set it as the spec's top-level '{k}'" if k in RESERVED else
-                        f"set it under 'divergence:'" if k in DIVERGENCE_FIELDS else
+                        "set it under 'divergence:'" if k in DIVERGENCE_FIELDS else
                         f"allowed: {_allowed(TRIAL_FIELDS - RESERVED - set(DIVERGENCE_FIELDS))}")
                 raise SpecError(f"{where}.{k}: unknown or reserved trial field; {hint}")
     overlap = set(fixed) & set(axes_raw)

@@ -13,7 +13,7 @@ from orchestrator.boundary import dense_grid_size, boundary_config
 from orchestrator.export import SCHEMA, export
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import run_sweep
-from workloads.trial import TrialConfig, run
+from workloads.trial import run
 
 TINY = {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "warmup_steps": 0,
         "schedule": "constant", "eval_interval": 0, "eval_batches": 2}
