@@ -89,9 +89,8 @@ def _metric(v: float | None) -> float | None:
 
 
 def fetch_runs(tracking_uri: str, experiment: str, sweep: str | None = None) -> list:
-    tr = Tracker(tracking_uri, experiment)
-    flt = f"tags.`{TAG_KIND}` = 'trial'" + (f" and tags.`{TAG_SWEEP}` = '{sweep}'" if sweep else "")
-    return tr.find_runs(flt)  # paged search_runs
+    tr = Tracker(tracking_uri, experiment)  # paged search_runs
+    return tr.trial_runs(sweep) if sweep else tr.find_runs(f"tags.`{TAG_KIND}` = 'trial'")
 
 
 def runs_table(runs: list, experiment: str) -> pa.Table:
@@ -294,10 +293,10 @@ def _write(out: Path, stem: str, header, body, caption) -> list[Path]:
 
 def _log_artifacts(tracking_uri: str, experiment: str, sweep: str, files: list[Path], folder: str) -> None:
     tr = Tracker(tracking_uri, experiment)
-    parents = tr.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_KIND}` = 'sweep'")
+    parents = tr.sweep_runs(sweep)
     if parents:
         for f in files:
-            tr._call(tr.client.log_artifact, parents[0].info.run_id, str(f), folder)
+            tr.log_artifact(parents[0].info.run_id, str(f), folder)
 
 
 # -------------------------------------------------------------------------------------- plots

@@ -131,9 +131,13 @@ class Tracker:
         return self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_KIND}` = 'trial'"
                               + (f" and {extra}" if extra else ""))
 
+    def sweep_runs(self, sweep: str) -> list:
+        """The sweep's parent run (a list: empty before the sweep first ran)."""
+        return self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_KIND}` = 'sweep'")
+
     def sweep_run(self, sweep: str, spec_raw: dict, spec_text: str) -> str:
         """The sweep's parent run: found by tag (a resumed sweep reuses it) or created."""
-        found = self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_KIND}` = 'sweep'")
+        found = self.sweep_runs(sweep)
         if found:
             run_id = found[0].info.run_id
             self._call(self.client.update_run, run_id, "RUNNING")
@@ -176,6 +180,9 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self._call(self.client.log_text, run_id, text, path)
+
+    def log_artifact(self, run_id: str, path: str, folder: str) -> None:
+        self._call(self.client.log_artifact, run_id, path, folder)
 
     def delete_run(self, run_id: str) -> None:
         self._call(self.client.delete_run, run_id)
@@ -279,9 +286,13 @@ class TrackingCallback(Callback):
                                          "wall_time", "throughput") if k in summary}
         self.tracker.log_metrics(run_id, [Metric(f"result/{k}", float(v), int(time.time() * 1000),
                                                  summary["steps_run"]) for k, v in final.items()])
-        self.tracker.log_text(run_id, json.dumps(self._events.get(tid, []), indent=1), "events.json")
         self.tracker.log_text(run_id, json.dumps(summary, indent=1, default=str), "result.json")
-        self.tracker.finish(run_id)
+        self._close(tid, run_id, status, "FINISHED")
+
+    def _close(self, tid: str, run_id: str, status: str, run_status: str) -> None:
+        """Last writes of a trial's run, whatever its outcome: its events, its terminal state."""
+        self.tracker.log_text(run_id, json.dumps(self._events.get(tid, []), indent=1), "events.json")
+        self.tracker.finish(run_id, run_status)
         self.outcomes[tid] = status
         self._done_here += 1
 
@@ -299,10 +310,7 @@ class TrackingCallback(Callback):
         self.tracker.set_tags(run_id, {"status": "failed", "error": last_line,
                                        "num_failures": trial.num_failures})
         self.tracker.log_text(run_id, tb or "no traceback was recorded", "traceback.txt")
-        self.tracker.log_text(run_id, json.dumps(self._events.get(tid, []), indent=1), "events.json")
-        self.tracker.finish(run_id, "FAILED")
-        self.outcomes[tid] = "failed"
-        self._done_here += 1
+        self._close(tid, run_id, "failed", "FAILED")
 
     def on_step_end(self, iteration, trials, **info):
         self._flush()

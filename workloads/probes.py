@@ -61,8 +61,13 @@ def head_singular_values(w_q: Tensor, w_k: Tensor, num_heads: int) -> Tensor:
 @torch.no_grad()
 def spectral_concentration(w_q: Tensor, w_k: Tensor, num_heads: int) -> Tensor:
     """``s[0]**2 / sum(s**2)`` of ``W_q[h]^T W_k[h]`` per head, in (0, 1]. Returns ``[heads]``."""
-    s2 = head_singular_values(w_q, w_k, num_heads).double() ** 2
-    return (s2[:, 0] / s2.sum(-1).clamp_min(1e-300)).float()
+    return concentration(head_singular_values(w_q, w_k, num_heads))
+
+
+def concentration(s: Tensor) -> Tensor:
+    """``s[..., 0]**2 / sum(s**2)`` for singular values ``s`` sorted descending along the last dim."""
+    s2 = s.double() ** 2
+    return (s2[..., 0] / s2.sum(-1).clamp_min(1e-300)).float()
 
 
 @torch.no_grad()

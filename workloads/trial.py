@@ -264,10 +264,10 @@ def weight_probes(model: nn.Module) -> dict[str, float]:
     conc_max, s1_max = 0.0, 0.0
     for i, (wq, wk, heads) in enumerate(model.qk_weights()):
         s = probes.head_singular_values(wq, wk, heads)
-        conc = (s[:, 0] ** 2 / (s ** 2).sum(-1).clamp_min(1e-30))
-        m[f"spectral_conc/layer{i}"] = float(conc.max())
+        m[f"spectral_conc/layer{i}"] = float(probes.concentration(s).max())
         m[f"qk_sigma1/layer{i}"] = float(s[:, 0].max())
-        conc_max, s1_max = max(conc_max, float(conc.max())), max(s1_max, float(s[:, 0].max()))
+        conc_max = max(conc_max, m[f"spectral_conc/layer{i}"])
+        s1_max = max(s1_max, m[f"qk_sigma1/layer{i}"])
     m["spectral_conc/max"], m["qk_sigma1/max"] = conc_max, s1_max
     emb = model.token_embedding()
     if emb is not None:
