@@ -206,6 +206,7 @@ class CellSearch:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             self.study.tell(t.number, state=TrialState.FAIL)  # cut off by an interruption: not counted
         self.in_flight = 0
+        self._finished = False  # once done, a cell stays done: only its own tells change it
 
     def observations(self) -> list[Obs]:
         return study_observations(self.study)
@@ -225,16 +226,18 @@ class CellSearch:
                 for s in range(1, self.cfg.seeds) if (lr, s) not in have and (lr, s) not in running]
 
     def done(self) -> bool:
-        if self.in_flight:
-            return False
-        if self.trials_used() >= self.cfg.max_trials_per_cell:
-            return True
+        if self._finished or self.in_flight:
+            return self._finished
         obs = self.observations()
-        return next_lr(obs, self.cfg) is None and not self._pending_repeats(obs)
+        self._finished = (self.trials_used() >= self.cfg.max_trials_per_cell
+                          or (next_lr(obs, self.cfg) is None and not self._pending_repeats(obs)))
+        return self._finished
 
     def ask(self) -> tuple[optuna.trial.Trial, float, int] | None:
-        """The next trial to run, or None when the cell must wait for trials in flight (or is done)."""
-        if self.in_flight >= self.cfg.max_in_flight_per_cell or self.trials_used() >= self.cfg.max_trials_per_cell:
+        """The next trial to run, or None when the cell must wait for trials in flight (or is done).
+        Tune polls this often: a finished cell answers without reading its study."""
+        if (self.in_flight >= self.cfg.max_in_flight_per_cell or self.done()
+                or self.trials_used() >= self.cfg.max_trials_per_cell):  # budget, trials in flight counted
             return None
         obs = self.observations()
         lr_next = next_lr(obs, self.cfg)
