@@ -10,12 +10,13 @@ the learning rate on a log scale inside ``boundary.lr_range``:
   threshold with a binary outcome: each trial halves the bracket, where a model-based sampler such
   as TPE would spend trials on the flat (all-stable, all-crashed) parts of the range.
 * A cell stops when the bracket is narrower than ``resolution`` (default 2^(1/4)) or its budget
-  ``max_trials_per_cell`` is spent. With ``seeds: k`` both ends of the final bracket are then run
-  with k seeds, and the boundary is reported with how many seeds of each end crashed.
-* Outcomes: ``diverged`` (a divergence event stopped the trial), ``degraded`` (finished, but its
-  final loss is more than ``degraded_ratio`` x the cell's best, at an LR above the best one; by
-  default a crash, ``degraded_is_crash: false`` to count it stable) or ``stable``. A stable LR above
-  a crashed one is flagged ``non_monotonic``, never silently ignored.
+  ``max_trials_per_cell`` is spent. Before it stops, the search re-probes once above the bracket's
+  crash end (at ``resolution``^2 x it): when that run is stable, the crash below it was not the
+  boundary, the bracket moves up and bisection goes on; the cell is flagged ``non_monotonic``.
+  With ``seeds: k`` both ends of the final bracket are then run with k seeds.
+* Outcomes are the classes of ``workloads.outcome`` (diverged, collapsed, degraded, stable), decided
+  by each run's final state; the spec's ``crash:`` says which count as a crash. The bracket is
+  ``workloads.outcome.bracket``, the same function export uses: seeds vote per LR, a tie is a crash.
 
 Ray Tune runs the proposed trials of all cells in parallel: :class:`BoundarySearcher` is a Tune
 ``Searcher`` that asks the cells' studies for trials and tells them the outcomes, inside one Tuner,
@@ -44,6 +45,7 @@ from optuna.trial import TrialState
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.spec import SpecError, SweepSpec
+from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Bracket, Point, bracket
 from workloads.trial import TrialConfig
 
 log = logging.getLogger("ablate")
@@ -58,16 +60,23 @@ class BoundaryConfig(BaseModel):
     resolution: float = Field(2 ** 0.25, gt=1)
     max_trials_per_cell: int = Field(12, ge=2)
     seeds: int = Field(1, ge=1)
-    degraded_ratio: float = Field(1.5, gt=1)
-    degraded_is_crash: bool = True
     max_in_flight_per_cell: int = Field(1, ge=1)
+    crash: tuple[str, ...] = DEFAULT_CRASH
+    """From the spec's top-level ``crash:`` (not part of the boundary block)."""
+    kappa: float = DEFAULT_KAPPA
+    """From the spec's top-level ``degraded_kappa:``."""
 
 
 def boundary_config(spec: SweepSpec) -> BoundaryConfig:
     if not spec.boundary:
         raise SpecError("boundary: missing; a boundary search needs boundary: {lr_range: [low, high]}")
+    for old in ("degraded_ratio", "degraded_is_crash", "crash", "kappa"):
+        if old in spec.boundary:
+            raise SpecError(f"boundary.{old}: not a boundary setting; which outcome classes count as a crash "
+                            "is the spec's top-level crash: [diverged, collapsed, degraded] and "
+                            "degraded_kappa: (see workloads/outcome.py)")
     try:
-        cfg = BoundaryConfig(**spec.boundary)
+        cfg = BoundaryConfig(**spec.boundary, crash=spec.crash, kappa=spec.degraded_kappa)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
@@ -80,84 +89,31 @@ def boundary_config(spec: SweepSpec) -> BoundaryConfig:
 
 
 # ------------------------------------------------------------------------------ the decisions
-@dataclass(frozen=True)
-class Obs:
-    lr: float
-    seed: int
-    diverged: bool
-    final_loss: float
+def cell_bracket(points: list[Point], cfg: BoundaryConfig, seed: int | None = None) -> Bracket:
+    return bracket(points, cfg.crash, cfg.kappa, seed=seed)
 
 
-@dataclass
-class Bracket:
-    stable_lr: float | None      # largest stable LR below the smallest crashed one
-    crash_lr: float | None       # smallest crashed LR
-    non_monotonic: bool = False  # some stable LR lies above a crashed one
-    outcomes: dict[float, list[str]] = field(default_factory=dict)  # lr -> outcome per seed
-
-    @property
-    def width(self) -> float:
-        if self.stable_lr is None or self.crash_lr is None:
-            return math.inf
-        return self.crash_lr / self.stable_lr
-
-    @property
-    def boundary(self) -> float | None:
-        """Point estimate: the geometric middle of the bracket (one end if the other is open)."""
-        if self.stable_lr and self.crash_lr:
-            return math.sqrt(self.stable_lr * self.crash_lr)
-        return self.stable_lr or self.crash_lr
-
-
-def classify(obs: list[Obs], degraded_ratio: float, degraded_is_crash: bool) -> list[tuple[Obs, str, bool]]:
-    """(obs, outcome, crashed) for every observation; outcome in stable | degraded | diverged."""
-    finite = [o for o in obs if not o.diverged and math.isfinite(o.final_loss)]
-    best = min(finite, key=lambda o: o.final_loss) if finite else None
-    out = []
-    for o in obs:
-        if o.diverged or not math.isfinite(o.final_loss):
-            out.append((o, "diverged", True))
-        elif best is not None and o.final_loss > degraded_ratio * best.final_loss and o.lr > best.lr:
-            out.append((o, "degraded", degraded_is_crash))
-        else:
-            out.append((o, "stable", False))
-    return out
-
-
-def bracket(obs: list[Obs], cfg: BoundaryConfig, seed: int | None = 0) -> Bracket:
-    """The bracket from the observations of one seed (``None``: all seeds, majority per LR)."""
-    cls = classify(obs, cfg.degraded_ratio, cfg.degraded_is_crash)
-    outcomes: dict[float, list[str]] = {}
-    crashes: dict[float, list[bool]] = {}
-    for o, outcome, crashed in cls:
-        outcomes.setdefault(o.lr, []).append(outcome)
-        if seed is None or o.seed == seed:
-            crashes.setdefault(o.lr, []).append(crashed)
-    crashed_at = {lr: sum(c) * 2 > len(c) for lr, c in crashes.items()}
-    crash_lrs = [lr for lr, c in crashed_at.items() if c]
-    crash_lr = min(crash_lrs) if crash_lrs else None
-    stable_below = [lr for lr, c in crashed_at.items() if not c and (crash_lr is None or lr < crash_lr)]
-    non_mono = crash_lr is not None and any(not c and lr > crash_lr for lr, c in crashed_at.items())
-    return Bracket(max(stable_below) if stable_below else None, crash_lr, non_mono, outcomes)
-
-
-def next_lr(obs: list[Obs], cfg: BoundaryConfig) -> float | None:
+def next_lr(points: list[Point], cfg: BoundaryConfig) -> float | None:
     """The next LR to try in the bisection phase (seed 0), or None when the bracket is done."""
     lo, hi = cfg.lr_range
-    seen = {o.lr for o in obs if o.seed == 0}
-    b = bracket(obs, cfg)
-    if b.crash_lr is None:  # nothing crashed yet
+    seen = {p.lr for p in points if p.seed == 0}
+    b = cell_bracket(points, cfg, seed=0)
+    if b.crash_lr is None:  # nothing crashed above the largest stable LR
         return None if hi in seen else hi
-    if b.stable_lr is None:  # nothing stable below the smallest crash
+    if b.stable_lr is None:  # nothing stable: everything run so far crashed
         return None if lo in seen or b.crash_lr <= lo else lo
-    if b.width <= cfg.resolution:
-        return None
-    return float(f"{math.sqrt(b.stable_lr * b.crash_lr):.6g}")
+    if b.width > cfg.resolution:
+        return float(f"{math.sqrt(b.stable_lr * b.crash_lr):.6g}")
+    # Converged. One crash may be a fluke of a non-monotonic cell: probe once above it.
+    probe = float(f"{b.crash_lr * cfg.resolution ** 2:.6g}")
+    if probe < hi and not any(b.crash_lr < lr <= probe for lr in seen):
+        return probe
+    return None
 
 
 class BoundarySampler(BaseSampler):
     """Optuna sampler for the ``lr`` of a boundary study: bisection of the stable/crashed bracket
-    read from the study's finished trials (user attrs ``seed``, ``diverged``; value = final loss)."""
+    read from the study's finished trials (see :func:`study_observations`)."""
 
     def __init__(self, cfg: BoundaryConfig):
         self.cfg = cfg
@@ -173,16 +129,23 @@ class BoundarySampler(BaseSampler):
             raise ValueError(f"BoundarySampler samples only 'lr', not {param_name!r}")
         nxt = next_lr(study_observations(study), self.cfg)
         if nxt is None:  # the caller checks first; fall back to the bracket's middle
-            b = bracket(study_observations(study), self.cfg)
+            b = cell_bracket(study_observations(study), self.cfg)
             nxt = b.boundary or math.sqrt(self.cfg.lr_range[0] * self.cfg.lr_range[1])
         return nxt
 
 
-def study_observations(study: optuna.Study) -> list[Obs]:
+INF_VALUE = 1e30  # Optuna values must be finite: a non-finite final loss is told as this
+
+
+def study_observations(study: optuna.Study) -> list[Point]:
+    """The study's finished trials as points: value = final loss (``INF_VALUE`` for non-finite),
+    user attrs ``seed``, ``initial_loss``, ``baseline``, ``stop_reason``."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        loss = t.value if t.value is not None else math.inf
-        out.append(Obs(t.params["lr"], int(t.user_attrs.get("seed", 0)), bool(t.user_attrs.get("diverged")), loss))
+        loss = t.value if t.value is not None and t.value < INF_VALUE else math.inf
+        a = t.user_attrs
+        out.append(Point(t.params["lr"], int(a.get("seed", 0)), loss, a.get("initial_loss"), a.get("baseline"),
+                         a.get("stop_reason")))
     return out
 
 
@@ -208,17 +171,17 @@ class CellSearch:
         self.in_flight = 0
         self._finished = False  # once done, a cell stays done: only its own tells change it
 
-    def observations(self) -> list[Obs]:
+    def observations(self) -> list[Point]:
         return study_observations(self.study)
 
     def trials_used(self) -> int:
         return len([t for t in self.study.get_trials(deepcopy=False)
                     if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)])
 
-    def _pending_repeats(self, obs: list[Obs]) -> list[tuple[float, int]]:
+    def _pending_repeats(self, obs: list[Point]) -> list[tuple[float, int]]:
         if self.cfg.seeds <= 1:
             return []
-        b = bracket(obs, self.cfg)
+        b = cell_bracket(obs, self.cfg)
         have = {(o.lr, o.seed) for o in obs}
         running = {(t.params.get("lr"), t.user_attrs.get("seed"))
                    for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
@@ -257,28 +220,30 @@ class CellSearch:
         self.in_flight += 1
         return trial, float(trial.params["lr"]), seed
 
-    def tell(self, trial: optuna.trial.Trial, diverged: bool | None, final_loss: float | None,
-             failed: bool = False) -> None:
+    def tell(self, trial: optuna.trial.Trial, result: dict | None, failed: bool = False) -> None:
+        """``result``: the trial's summary (``final_loss``, ``initial_loss``, ``baseline_loss``,
+        ``stop_reason``; non-finite losses as inf, "inf" or None)."""
         self.in_flight -= 1
-        if failed:
+        if failed or result is None:
             self.study.tell(trial, state=TrialState.FAIL)
             return
-        trial.set_user_attr("diverged", bool(diverged))
-        value = final_loss if final_loss is not None and math.isfinite(final_loss) else None
-        if value is None:
+        final = _num(result.get("final_loss"))
+        for attr, key in (("initial_loss", "initial_loss"), ("baseline", "baseline_loss")):
+            v = _num(result.get(key))
+            if math.isfinite(v):
+                trial.set_user_attr(attr, v)
+        trial.set_user_attr("stop_reason", result.get("stop_reason"))
+        if not math.isfinite(final):
             trial.set_user_attr("final_loss", "inf")
-            self.study.tell(trial, 1e30)  # Optuna values must be finite: a crash is a huge loss
-        else:
-            self.study.tell(trial, value)
+        self.study.tell(trial, final if math.isfinite(final) else INF_VALUE)
 
     def report(self) -> dict[str, Any]:
         obs = self.observations()
-        b = bracket(obs, self.cfg)
-        cls = classify(obs, self.cfg.degraded_ratio, self.cfg.degraded_is_crash)
+        b = cell_bracket(obs, self.cfg)
         ends = {}
         for name, lr in (("stable", b.stable_lr), ("crash", b.crash_lr)):
-            at = [(o, crashed) for o, _, crashed in cls if lr is not None and o.lr == lr]
-            ends[name] = {"lr": lr, "seeds": len(at), "crashed": sum(c for _, c in at)}
+            crashed, runs = b.crashed.get(lr, (0, 0))
+            ends[name] = {"lr": lr, "seeds": runs, "crashed": crashed}
         lo, hi = self.cfg.lr_range
         return {
             "cell": self.cell.key, **self.cell.values,
@@ -290,7 +255,8 @@ class CellSearch:
             "stable_end_crashed": ends["stable"]["crashed"], "stable_end_seeds": ends["stable"]["seeds"],
             "crash_end_crashed": ends["crash"]["crashed"], "crash_end_seeds": ends["crash"]["seeds"],
             "trials": len(obs), "failed_trials": self.trials_used() - len(obs),
-            "outcomes": {f"{lr:.6g}": v for lr, v in sorted(b.outcomes.items())},
+            "outcomes": {f"{lr:.6g}": v for lr, v in sorted(b.classes.items())},
+            "crash_criterion": list(self.cfg.crash),
         }
 
 
@@ -319,9 +285,10 @@ def dense_grid_size(cfg: BoundaryConfig) -> int:
 
 # -------------------------------------------------------------------- search without Ray (tests)
 def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str, prefix: str,
-                 evaluate: Callable[[TrialConfig], tuple[bool, float]]) -> list[dict]:
-    """Run the same cell searches sequentially in this process: ``evaluate(config) -> (diverged,
-    final_loss)``. Used by the synthetic benchmark and anywhere Ray is not wanted."""
+                 evaluate: Callable[[TrialConfig], dict]) -> list[dict]:
+    """Run the same cell searches sequentially in this process: ``evaluate(config)`` returns the
+    trial's result as a dict with ``final_loss``, ``initial_loss``, ``baseline_loss`` and
+    ``stop_reason`` (``TrialResult.to_dict()`` does). Used by the synthetic benchmark and tests."""
     searches = [CellSearch(c, cfg, storage, prefix) for c in cells]
     for s in searches:
         while not s.done():
@@ -329,9 +296,17 @@ def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str, prefix: s
             if nxt is None:
                 break
             trial, lr, seed = nxt
-            diverged, loss = evaluate(TrialConfig(**{**s.cell.base, "lr": lr, "seed": seed}))
-            s.tell(trial, diverged, loss)
+            s.tell(trial, evaluate(TrialConfig(**{**s.cell.base, "lr": lr, "seed": seed})))
     return [s.report() for s in searches]
+
+
+def _num(v: Any) -> float:
+    """A loss from a summary: a number, or inf / "inf" / "nan" / None for a non-finite one."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return math.inf
+    return v if math.isfinite(v) else math.inf
 
 
 # ------------------------------------------------------------------------ Ray Tune searcher
@@ -385,10 +360,9 @@ class BoundarySearcher(Searcher):
             if s is None:
                 return
             if error or not result or "summary" not in result:
-                s.tell(trial, None, None, failed=True)
+                s.tell(trial, None, failed=True)
                 return
-            summary = json.loads(result["summary"])
-            s.tell(trial, summary["diverged"], summary["final_loss"])
+            s.tell(trial, json.loads(result["summary"]))
 
 
 @dataclass
@@ -425,7 +399,8 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
         ses.tracker.delete_run(r.info.run_id)
     budget = len(cells) * cfg.max_trials_per_cell
     callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, budget,
-                                progress=progress, total_is_budget=True)
+                                progress=progress, total_is_budget=True, crash=spec.crash,
+                                crash_criterion=spec.crash_criterion)
     if progress:
         print(f"[{spec.name}] boundary search over {len(cells)} cells, lr in {list(cfg.lr_range)}, "
               f"resolution {cfg.resolution:.4g}x, at most {cfg.max_trials_per_cell} trials a cell; "

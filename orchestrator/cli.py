@@ -44,7 +44,8 @@ def sweep(spec: Path = typer.Argument(..., help="Sweep spec (YAML), e.g. search_
         _fail(str(e))
     c = out.counts
     typer.echo(f"\nsweep {out.name}: {out.trials} trials: {c.get('stable', 0)} stable, "
-               f"{c.get('diverged', 0)} diverged, {c.get('failed', 0)} failed in {out.wall_time:.0f}s")
+               f"{c.get('collapsed', 0)} collapsed, {c.get('diverged', 0)} diverged, {c.get('failed', 0)} failed "
+               f"in {out.wall_time:.0f}s ({s.crash_criterion}; degraded runs are classed by ablate export)")
     typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}")
     if out.tracking_uri.startswith("sqlite:"):
         typer.echo(f"  open the UI:  mlflow ui --backend-store-uri {out.tracking_uri}   (then http://127.0.0.1:5000)")
@@ -84,18 +85,53 @@ def boundary(spec: Path = typer.Argument(..., help="Spec with a boundary: block,
     typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}; tables: ablate export")
 
 
-def _target(spec: Optional[Path], experiment: Optional[str], sweep: Optional[str]) -> tuple[str, Optional[str]]:
-    if spec is not None:
-        from orchestrator.spec import SpecError, load_spec
+def _target(spec: Optional[Path], experiment: Optional[str], sweep: Optional[str],
+            crash: Optional[str], kappa: Optional[float]) -> tuple[str, Optional[str], tuple[str, ...], float]:
+    """Experiment, sweep and crash criterion: from the spec, overridden by the options."""
+    from orchestrator.spec import SpecError, load_spec
+    from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, validate_crash
 
+    crash_t, kappa_v = DEFAULT_CRASH, DEFAULT_KAPPA
+    if spec is not None:
         try:
             s = load_spec(spec)
         except SpecError as e:
             _fail(str(e))
-        return s.experiment_name, sweep or s.name
-    if not experiment:
+        experiment, sweep = s.experiment_name, sweep or s.name
+        crash_t, kappa_v = s.crash, s.degraded_kappa
+    elif not experiment:
         _fail("give a SPEC, or --experiment (and optionally --sweep)")
-    return experiment, sweep
+    if crash is not None:
+        try:
+            crash_t = validate_crash(c.strip() for c in crash.split(",") if c.strip())
+        except ValueError as e:
+            _fail(f"--{e}")
+    if kappa is not None:
+        if kappa <= 0:
+            _fail(f"--kappa: {kappa} must be > 0")
+        kappa_v = kappa
+    return experiment, sweep, crash_t, kappa_v
+
+
+CRASH = typer.Option(None, "--crash", help="Outcome classes that count as a crash, comma-separated: any of "
+                                           "diverged, collapsed, degraded (default: the spec's crash:, else "
+                                           "diverged,collapsed).")
+KAPPA = typer.Option(None, "--kappa", help="Degraded: (L - L*) / (l_0 - L*) > kappa (default: the spec's "
+                                           "degraded_kappa, else 0.5).")
+SENS = typer.Option(None, "--sensitivity-range", help="LR range of the LR-sensitivity integral, 'low,high' "
+                                                     "(default: the smallest and largest LR of the table).")
+
+
+def _range(text: Optional[str]) -> Optional[tuple[float, float]]:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        _fail(f"--sensitivity-range: {text!r}; expected 'low,high', e.g. 1e-3,1")
+    if not 0 < lo < hi:
+        _fail(f"--sensitivity-range: {text!r} must satisfy 0 < low < high")
+    return lo, hi
 
 
 @app.command("export")
@@ -103,19 +139,18 @@ def export_cmd(spec: Optional[Path] = typer.Argument(None, help="The sweep's spe
                experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
                sweep: Optional[str] = typer.Option(None, help="Sweep name (default: all sweeps of the experiment)."),
                out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
-               degraded_ratio: float = typer.Option(1.5, help="Degraded: final loss > this x the cell's best."),
-               degraded_is_crash: bool = typer.Option(True, help="Count degraded runs as crashes."),
+               crash: Optional[str] = CRASH, kappa: Optional[float] = KAPPA,
+               sensitivity_range: Optional[str] = SENS,
                workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
     """Read the trials back from MLflow: Parquet/CSV of every trial, ablation tables (Markdown, LaTeX)."""
-    from orchestrator.boundary import BoundaryConfig
     from orchestrator.export import export
     from orchestrator.tracking import default_tracking_uri
 
-    exp, sw = _target(spec, experiment, sweep)
+    exp, sw, crash_t, kappa_v = _target(spec, experiment, sweep, crash, kappa)
     uri = tracking_uri or default_tracking_uri(workdir)
-    cfg = BoundaryConfig(lr_range=(1e-12, 1e12), degraded_ratio=degraded_ratio, degraded_is_crash=degraded_is_crash)
     try:
-        res = export(uri, exp, sw, out or workdir / "export" / (sw or exp), cfg)
+        res = export(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v,
+                     _range(sensitivity_range))
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"{res.table.num_rows} trials from {uri} (experiment {exp!r}" + (f", sweep {sw!r})" if sw else ")"))
@@ -131,15 +166,18 @@ def report(spec: Optional[Path] = typer.Argument(None, help="The sweep's spec (n
            experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
            sweep: Optional[str] = typer.Option(None, help="Sweep name."),
            out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
+           crash: Optional[str] = CRASH, kappa: Optional[float] = KAPPA,
+           sensitivity_range: Optional[str] = SENS,
            workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
-    """Plots: final loss vs LR (panel per depth, curve per stabilizer) and a max-stable-LR heatmap."""
+    """Plots (PNG and PDF): final loss vs LR (classes marked, l_0 and the baseline drawn) and the max stable LR."""
     from orchestrator.export import report as make_report
     from orchestrator.tracking import default_tracking_uri
 
-    exp, sw = _target(spec, experiment, sweep)
+    exp, sw, crash_t, kappa_v = _target(spec, experiment, sweep, crash, kappa)
     uri = tracking_uri or default_tracking_uri(workdir)
     try:
-        files = make_report(uri, exp, sw, out or workdir / "export" / (sw or exp))
+        files = make_report(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v,
+                            _range(sensitivity_range))
     except ValueError as e:
         _fail(str(e))
     for f in files:

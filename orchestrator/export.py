@@ -4,12 +4,14 @@
 config, its outcome and final metrics. From it:
 
 (a) ``max_stable_lr``: per cell (stabilizer x depth x warmup [x any other swept field]) the largest
-    stable LR below the smallest crashed one, with the bracket and how many seeds crashed at each
-    end; one table per warmup setting, stabilizers as rows, depths as columns. Outcomes use the
-    boundary search's rules (diverged; degraded = final loss > ``degraded_ratio`` x the cell's best
-    at an LR above the best one).
-(b) ``lr_sensitivity``: Wortsman et al. (2023), Sec. 3.2: E_lr[min(L(lr), L0) - min_lr L(lr)] over
-    the LRs run in the cell, L0 the initial loss (a crashed run counts as L0).
+    stable LR and the smallest crashed LR above it (``workloads.outcome.bracket``, the boundary
+    search's own function: seeds vote per LR, a tie is a crash), with how many seeds crashed at each
+    end; one table per warmup setting, stabilizers as rows, depths as columns. A run's class comes
+    from its final state (``workloads.outcome``); the crash criterion is in every caption.
+(b) ``lr_sensitivity``: Wortsman et al. (2023), Sec. 3.2: E_{lr ~ log-uniform[a, b]}[min(L(lr), L0)
+    - L*], integrated with trapezoid weights in log-LR over the same range [a, b] for every cell
+    (default: the smallest and largest LR of the whole table); a cell whose LRs do not cover the
+    range gets no value and is flagged.
 (c) ``best_loss``: the best final validation loss per cell and the LR that reached it.
 
 Each table is written as Markdown and LaTeX (booktabs), the trials as Parquet and CSV; all are
@@ -32,8 +34,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from orchestrator.boundary import BoundaryConfig, Obs, bracket, classify
 from orchestrator.tracking import TAG_KIND, TAG_SWEEP, TAG_TRIAL, Tracker
+from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Point, bracket, classify, criterion_label, lr_sensitivity
 from workloads.stabilizers import label as stabilizer_label
 from workloads.trial import TrialConfig
 
@@ -50,7 +52,8 @@ def _config_fields() -> list[pa.Field]:
     return out
 
 
-RESULT_METRICS = ("initial_loss", "final_loss", "best_loss", "final_train_loss", "wall_time", "throughput")
+RESULT_METRICS = ("initial_loss", "final_loss", "best_loss", "final_train_loss", "baseline_loss", "wall_time",
+                  "throughput")
 PROBE_METRICS = ("loss", "val_loss", "grad_norm", "param_norm", "attn_entropy/min", "attn_entropy/mean",
                  "spectral_conc/max", "qk_sigma1/max", "max_logit", "tev/mean", "tev/std",
                  "weyl/fire_rate_cum")
@@ -58,6 +61,8 @@ PROBE_METRICS = ("loss", "val_loss", "grad_norm", "param_norm", "attn_entropy/mi
 SCHEMA = pa.schema(
     [pa.field("experiment", pa.string()), pa.field("sweep", pa.string()), pa.field("run_id", pa.string()),
      pa.field("trial_id", pa.string()), pa.field("label", pa.string()), pa.field("status", pa.string()),
+     pa.field("outcome", pa.string()), pa.field("crashed", pa.bool_()), pa.field("crash_criterion", pa.string()),
+     pa.field("stop_reason", pa.string()),
      pa.field("divergence_kind", pa.string()), pa.field("divergence_step", pa.int64()),
      pa.field("steps_run", pa.int64()), pa.field("node_id", pa.string()), pa.field("device_name", pa.string()),
      pa.field("stabilizer", pa.string())]
@@ -65,8 +70,13 @@ SCHEMA = pa.schema(
     + [pa.field(m, pa.float64()) for m in RESULT_METRICS]
     + [pa.field("last/" + m, pa.float64()) for m in PROBE_METRICS]
 )
-"""One row per trial. Config columns keep TrialConfig's names and types (tuples and mappings as
-JSON strings); ``final_loss`` is +inf for a diverged trial; ``last/*`` are the last probed values."""
+"""One row per trial. ``status`` is the trial's own class as recorded (stable / collapsed / diverged,
+or failed / running); ``outcome`` is its class within its cell (``degraded`` included) and
+``crashed`` whether that class counts as a crash under ``crash_criterion``; ``stop_reason`` is the
+early-stopping rule that ended it, if any. Config columns keep TrialConfig's names and types
+(tuples and mappings as JSON strings); ``final_loss`` is +inf when the loss became non-finite;
+``initial_loss`` is l_0 and ``baseline_loss`` the data's marginal baseline; ``last/*`` are the last
+probed values."""
 
 
 def _typed(field: pa.Field, raw: str | None):
@@ -100,7 +110,8 @@ def runs_table(runs: list, experiment: str) -> pa.Table:
         row = {
             "experiment": experiment, "sweep": tags.get(TAG_SWEEP), "run_id": r.info.run_id,
             "trial_id": tags.get(TAG_TRIAL), "label": tags.get("mlflow.runName"),
-            "status": tags.get("status"), "divergence_kind": tags.get("divergence_kind") or None,
+            "status": tags.get("status"), "stop_reason": tags.get("stop_reason") or None,
+            "divergence_kind": tags.get("divergence_kind") or None,
             "divergence_step": int(tags["divergence_step"]) if tags.get("divergence_step") else None,
             "steps_run": int(tags["steps_run"]) if tags.get("steps_run") else None,
             "node_id": tags.get("node_id"), "device_name": tags.get("device"),
@@ -115,6 +126,44 @@ def runs_table(runs: list, experiment: str) -> pa.Table:
         for name in cols:
             cols[name].append(row.get(name))
     return pa.table(cols, schema=SCHEMA)
+
+
+FINISHED = ("stable", "collapsed", "diverged")
+"""Trial classes of finished runs (``status``); failed and running runs are not results."""
+
+
+def cell_fields_of(table: pa.Table) -> list[str]:
+    """The fields that make a cell: the stabilizer and every config field that varies, but the LR
+    and the seed (and fields that change nothing, such as threads)."""
+    return ["stabilizer"] + _varying(table, {"lr", "seed", "threads", "data_path"})
+
+
+def _point(r: dict) -> Point:
+    final = r["final_loss"]
+    if final is None:  # no finite final loss was recorded: the loss became non-finite
+        final = math.inf
+    return Point(r["lr"], r["seed"] or 0, final, r["initial_loss"], r["baseline_loss"], r["stop_reason"])
+
+
+def with_outcomes(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA) -> pa.Table:
+    """Fill ``outcome``, ``crashed`` and ``crash_criterion``: each finished run classed within its
+    cell (``workloads.outcome.classify``)."""
+    rows = table.to_pylist()
+    fields = cell_fields_of(table)
+    cells: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r["status"] in FINISHED:
+            cells[tuple(r[f] for f in fields)].append(i)
+    outcome: list[str | None] = [None] * len(rows)
+    for idx in cells.values():
+        for i, c in zip(idx, classify([_point(rows[i]) for i in idx], kappa)):
+            outcome[i] = c
+    crit = criterion_label(crash, kappa)
+    table = table.set_column(table.schema.get_field_index("outcome"), "outcome", pa.array(outcome, pa.string()))
+    table = table.set_column(table.schema.get_field_index("crashed"), "crashed",
+                             pa.array([None if o is None else o in crash for o in outcome], pa.bool_()))
+    return table.set_column(table.schema.get_field_index("crash_criterion"), "crash_criterion",
+                            pa.array([crit] * len(rows), pa.string()))
 
 
 # --------------------------------------------------------------------------------- the tables
@@ -137,43 +186,39 @@ def _varying(table: pa.Table, exclude: set[str]) -> list[str]:
     return fields
 
 
-def ablation_tables(table: pa.Table, cfg: BoundaryConfig | None = None) -> Tables:
-    cfg = cfg or BoundaryConfig(lr_range=(1e-12, 1e12))
-    rows = [r for r in table.to_pylist() if r["status"] in ("stable", "diverged")]
-    cell_fields = ["stabilizer"] + _varying(table, {"lr", "seed", "threads", "data_path"})
+def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA,
+                    sensitivity_range: tuple[float, float] | None = None) -> Tables:
+    rows = [r for r in table.to_pylist() if r["status"] in FINISHED]
+    cell_fields = cell_fields_of(table)
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         cells[tuple(r[f] for f in cell_fields)].append(r)
+    all_lrs = [r["lr"] for r in rows]
+    srange = sensitivity_range or ((min(all_lrs), max(all_lrs)) if all_lrs else (1.0, 1.0))
 
     msl, sens, best = defaultdict(list), [], []
     for key, rs in sorted(cells.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         ident = dict(zip(cell_fields, key))
-        obs = [Obs(r["lr"], r["seed"], r["status"] == "diverged",
-                   r["final_loss"] if r["final_loss"] is not None else math.inf) for r in rs]
-        b = bracket(obs, cfg, seed=None)
-        cls = classify(obs, cfg.degraded_ratio, cfg.degraded_is_crash)
-        at = lambda lr: [c for o, _, c in cls if lr is not None and o.lr == lr]  # noqa: E731
-        se, ce = at(b.stable_lr), at(b.crash_lr)
-        lrs_run = sorted({o.lr for o in obs})
+        pts = [_point(r) for r in rs]
+        b = bracket(pts, crash, kappa)
+        se, ce = b.crashed.get(b.stable_lr, (0, 0)), b.crashed.get(b.crash_lr, (0, 0))
+        lrs_run = sorted({p.lr for p in pts})
         msl[ident.get("warmup_steps", 0)].append({
             **ident, "max_stable_lr": b.stable_lr, "crash_lr": b.crash_lr,
-            "stable_end": f"{sum(se)}/{len(se)}" if se else "", "crash_end": f"{sum(ce)}/{len(ce)}" if ce else "",
-            "non_monotonic": b.non_monotonic, "lrs": len(lrs_run), "trials": len(obs),
+            "stable_end": f"{se[0]}/{se[1]}" if se[1] else "", "crash_end": f"{ce[0]}/{ce[1]}" if ce[1] else "",
+            "non_monotonic": b.non_monotonic, "lrs": len(lrs_run), "trials": len(pts),
             "above_range": b.crash_lr is None, "below_range": b.stable_lr is None})
-        # (b) LR sensitivity over the LRs run, seeds averaged per LR
-        init = np.nanmean([r["initial_loss"] for r in rs if r["initial_loss"] is not None]) if rs else math.nan
-        per_lr = defaultdict(list)
-        for o in obs:
-            per_lr[o.lr].append(min(o.final_loss, init))
-        capped = {lr: float(np.mean(v)) for lr, v in per_lr.items()}
-        best_val = min(capped.values())
-        sens.append({**ident, "lr_sensitivity": float(np.mean([v - best_val for v in capped.values()])),
+        value, covers = lr_sensitivity(pts, srange)
+        l0s = [p.initial_loss for p in pts if p.initial_loss is not None]
+        sens.append({**ident, "lr_sensitivity": value, "covers_range": covers,
+                     "range_min": srange[0], "range_max": srange[1],
                      "lr_min": lrs_run[0], "lr_max": lrs_run[-1], "lrs": len(lrs_run),
-                     "initial_loss": float(init)})
-        finite = [o for o in obs if math.isfinite(o.final_loss) and not o.diverged]
-        top = min(finite, key=lambda o: o.final_loss) if finite else None
+                     "initial_loss": float(np.mean(l0s)) if l0s else None})
+        classes = classify(pts, kappa)
+        learned = [p for p, c in zip(pts, classes) if c not in ("diverged", "collapsed")]
+        top = min(learned, key=lambda p: p.final_loss) if learned else None
         best.append({**ident, "best_final_loss": top.final_loss if top else None,
-                     "at_lr": top.lr if top else None, "stable_runs": len(finite), "runs": len(obs)})
+                     "at_lr": top.lr if top else None, "learned_runs": len(learned), "runs": len(pts)})
     return Tables(dict(msl), sens, best, cell_fields)
 
 
@@ -194,8 +239,11 @@ def pivot_max_stable(rows: list[dict], cell_fields: list[str]) -> tuple[list[str
     """Stabilizer (and other fields) as rows, depth as columns; cell text 'lr [stable, crash]'."""
     row_fields = [f for f in cell_fields if f not in ("depth", "warmup_steps")]
     depths = sorted({r.get("depth") for r in rows}, key=lambda d: (d is None, d))
-    header = row_fields + [f"depth {d}" if d is not None else "max stable lr" for d in depths]
+    one = len(depths) == 1
+    header = row_fields + [f"depth {d}" if d is not None else "max stable lr [bracket]" for d in depths]
+    header += ["trials"] if one else []
     grid: dict[tuple, dict] = defaultdict(dict)
+    trials: dict[tuple, int] = {}
     for r in rows:
         text = _fmt(r["max_stable_lr"]) if not r["above_range"] else f"≥ {_fmt(r['max_stable_lr'])}"
         if r["below_range"]:
@@ -207,8 +255,12 @@ def pivot_max_stable(rows: list[dict], cell_fields: list[str]) -> tuple[list[str
             text += f" (crashed {r['stable_end'] or '-'}, {r['crash_end'] or '-'})"
         if r["non_monotonic"]:
             text += " *"
+        if not one:
+            text += f" ({r['trials']})"
         grid[tuple(r[f] for f in row_fields)][r.get("depth")] = text
-    body = [[_fmt(k) for k in key] + [grid[key].get(d, "") for d in depths] for key in grid]
+        trials[tuple(r[f] for f in row_fields)] = r["trials"]
+    body = [[_fmt(k) for k in key] + [grid[key].get(d, "") for d in depths] + ([str(trials[key])] if one else [])
+            for key in grid]
     return header, body
 
 
@@ -253,31 +305,39 @@ class ExportResult:
 
 
 def export(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str | Path,
-           cfg: BoundaryConfig | None = None, log_to_mlflow: bool = True) -> ExportResult:
+           crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA, sensitivity_range: tuple[float, float] | None = None,
+           log_to_mlflow: bool = True) -> ExportResult:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = fetch_runs(tracking_uri, experiment, sweep)
     if not runs:
         raise ValueError(f"no trial runs in MLflow experiment {experiment!r}" + (f" for sweep {sweep!r}" if sweep else "")
                          + f" at {tracking_uri}")
-    table = runs_table(runs, experiment)
+    table = with_outcomes(runs_table(runs, experiment), crash, kappa)
     files = [out / "trials.parquet", out / "trials.csv"]
     pq.write_table(table, files[0])
     pacsv.write_csv(table, files[1])
-    tabs = ablation_tables(table, cfg)
+    tabs = ablation_tables(table, crash, kappa, sensitivity_range)
     name = sweep or experiment
+    crit = criterion_label(crash, kappa)
     for warmup, rows in sorted(tabs.max_stable_lr.items(), key=lambda kv: str(kv[0])):
         h, b = pivot_max_stable(rows, tabs.cell_fields)
-        cap = (f"Max stable learning rate, {name}, warmup {warmup} steps: largest stable LR [bracket]; "
-               "(crashed seeds at the stable, crash end); * = a stable LR above a crashed one")
-        stem = f"max_stable_lr_warmup{warmup}"
-        files += _write(out, stem, h, b, cap)
-    cols = tabs.cell_fields + ["lr_sensitivity", "lr_min", "lr_max", "lrs", "initial_loss"]
+        cap = (f"Max stable learning rate, {name}, warmup {warmup} steps: the largest stable LR [and the smallest "
+               f"crashed LR above it]; {crit}; a cell's seeds vote per LR, a tie is a crash; "
+               "(crashed seeds at the stable, crash end) where an end ran with several seeds; "
+               "* = a crashed LR below the stable one (non-monotonic)")
+        files += _write(out, f"max_stable_lr_warmup{warmup}", h, b, cap)
+    cols = tabs.cell_fields + ["lr_sensitivity", "covers_range", "lrs", "initial_loss"]
+    lo, hi = (tabs.lr_sensitivity[0]["range_min"], tabs.lr_sensitivity[0]["range_max"]) if tabs.lr_sensitivity else (0, 0)
     files += _write(out, "lr_sensitivity", *flat_table(tabs.lr_sensitivity, cols),
-                    f"LR sensitivity (Wortsman et al. 2023), {name}: E_lr[min(L, L0) - min L] over the LRs run")
-    cols = tabs.cell_fields + ["best_final_loss", "at_lr", "stable_runs", "runs"]
-    files += _write(out, "best_loss", *flat_table(tabs.best_loss, cols), f"Best final validation loss per cell, {name}")
-    (out / "max_stable_lr.json").write_text(json.dumps(tabs.max_stable_lr, indent=1, default=str))
+                    f"LR sensitivity (Wortsman et al. 2023), {name}: E[min(L, L0) - L*] over lr log-uniform in "
+                    f"[{_fmt(lo)}, {_fmt(hi)}] (trapezoid in log-LR; L0 = loss before training, a non-finite "
+                    "loss counts as L0); no value where a cell's LRs do not cover the range")
+    cols = tabs.cell_fields + ["best_final_loss", "at_lr", "learned_runs", "runs"]
+    files += _write(out, "best_loss", *flat_table(tabs.best_loss, cols),
+                    f"Best final validation loss per cell, {name} (runs that neither diverged nor collapsed)")
+    (out / "max_stable_lr.json").write_text(json.dumps(
+        {"crash": list(crash), "kappa": kappa, "criterion": crit, "tables": tabs.max_stable_lr}, indent=1, default=str))
     files.append(out / "max_stable_lr.json")
     if log_to_mlflow and sweep:
         _log_artifacts(tracking_uri, experiment, sweep, files, "tables")
@@ -300,75 +360,161 @@ def _log_artifacts(tracking_uri: str, experiment: str, sweep: str, files: list[P
 
 
 # -------------------------------------------------------------------------------------- plots
+MARKERS = {"stable": dict(marker="o"), "degraded": dict(marker="o", mfc="none"),
+           "collapsed": dict(marker="v", ls="none"), "diverged": dict(marker="x", ls="none", mew=2)}
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])  # vector, for papers
+    return paths
+
+
+def _loss_panels(plt, rows: list[dict], warmup, depths: list, stabs: list[str], colors: dict, crit: str):
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, len(depths), figsize=(4.4 * len(depths), 3.8), squeeze=False, sharey=True)
+    for ax, d in zip(axes[0], depths):
+        sub = [r for r in rows if r["warmup_steps"] == warmup and r["depth"] == d]
+        l0s = [r["initial_loss"] for r in sub if r["initial_loss"]]
+        bases = [r["baseline_loss"] for r in sub if r["baseline_loss"]]
+        l0 = float(np.mean(l0s)) if l0s else None
+        top = (l0 or max([r["final_loss"] for r in sub if r["final_loss"] and math.isfinite(r["final_loss"])] or [1]))
+        for s in stabs:
+            mine = [r for r in sub if r["stabilizer"] == s]
+            if not mine:
+                continue
+            by_lr = defaultdict(list)
+            for r in mine:
+                if r["final_loss"] is not None and math.isfinite(r["final_loss"]) and r["outcome"] != "diverged":
+                    by_lr[r["lr"]].append(r["final_loss"])
+            xs = sorted(by_lr)
+            ax.plot(xs, [np.mean(by_lr[x]) for x in xs], "-", color=colors[s], lw=1.2)
+            for cls, style in MARKERS.items():
+                pts = [(r["lr"], min(r["final_loss"], 1.08 * top) if cls == "diverged" or r["final_loss"] is None
+                        or not math.isfinite(r["final_loss"]) else r["final_loss"])
+                       for r in mine if r["outcome"] == cls]
+                if cls == "diverged":
+                    pts = [(x, 1.08 * top) for x, _ in pts]  # drawn on the top edge: off the scale
+                if pts:
+                    ax.plot(*zip(*pts), color=colors[s], ms=6, **{"ls": "none", **style})
+        if l0 is not None:
+            ax.axhline(l0, color="0.3", lw=0.8, ls="--")
+        if bases:
+            ax.axhline(float(np.mean(bases)), color="0.3", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylim(top=1.12 * top)
+        ax.set_title(f"depth {d}, warmup {warmup}" if d is not None else f"warmup {warmup}")
+    axes[0][0].set_ylabel("final validation loss")
+    handles = [Line2D([], [], color=colors[s], lw=1.2, label=s) for s in stabs]
+    handles += [Line2D([], [], color="k", ls="none", ms=6, label=c if c != "diverged" else "diverged (off scale)",
+                       **{k: v for k, v in MARKERS[c].items() if k != "ls"}) for c in MARKERS]
+    handles += [Line2D([], [], color="0.3", ls="--", lw=0.8, label="l_0 (before training)"),
+                Line2D([], [], color="0.3", ls=":", lw=0.8, label="marginal baseline")]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.suptitle(crit, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _boundary_points(plt, cells: dict, stabs: list[str], warmup, crit: str):
+    """One-dimensional cells: the max stable LR per stabilizer with its bracket as an error bar."""
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(stabs), 3.6))
+    for i, s in enumerate(stabs):
+        c = cells.get(s)
+        if not c:
+            continue
+        lo, hi = c["max_stable_lr"], c["crash_lr"]
+        if lo is not None and hi is not None:
+            ax.errorbar([i], [lo], yerr=[[0], [hi - lo]], fmt="o", color="C0", capsize=4)
+        elif lo is not None:  # stable at the top of the range
+            ax.plot([i], [lo], "^", color="C2", ms=8)
+            ax.annotate("stable at top", (i, lo), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+        elif hi is not None:  # crashed at the bottom of the range
+            ax.plot([i], [hi], "v", color="C3", ms=8)
+            ax.annotate("crashed at bottom", (i, hi), textcoords="offset points", xytext=(0, -14), ha="center",
+                        fontsize=7)
+        if c["non_monotonic"]:
+            ax.annotate("*", (i, lo or hi), textcoords="offset points", xytext=(6, 0), fontsize=10)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(stabs)), stabs, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(stabs) - 0.4)
+    ax.set_ylabel("max stable LR (bar: up to the\nsmallest crashed LR)")
+    ax.set_title(f"crash boundary, warmup {warmup}", fontsize=9)
+    fig.text(0.01, 0.01, crit, fontsize=6)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def _boundary_heatmap(plt, cells: dict, stabs: list[str], depths: list, warmup, crit: str):
+    """Two axes (stabilizer x depth): a heatmap of the max stable LR on a log colour scale."""
+    from matplotlib.colors import LogNorm
+
+    grid = np.full((len(stabs), len(depths)), np.nan)
+    for i, s in enumerate(stabs):
+        for j, d in enumerate(depths):
+            c = cells.get((s, d))
+            if c and c["max_stable_lr"]:
+                grid[i, j] = c["max_stable_lr"]
+    fig, ax = plt.subplots(figsize=(3.4 + 1.3 * len(depths), 1.4 + 0.5 * len(stabs)))
+    finite = grid[np.isfinite(grid)]
+    norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size and finite.min() < finite.max() else None
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", norm=norm)
+    ax.set_xticks(range(len(depths)), [f"depth {d}" for d in depths])
+    ax.set_yticks(range(len(stabs)), stabs)
+    for i in range(len(stabs)):
+        for j in range(len(depths)):
+            c = cells.get((stabs[i], depths[j]))
+            if not c:
+                continue
+            txt = ("≥ " if c["above_range"] else "") + _fmt(c["max_stable_lr"]) if c["max_stable_lr"] else \
+                f"< {_fmt(c['crash_lr'])}"
+            rgba = im.cmap(im.norm(grid[i, j])) if np.isfinite(grid[i, j]) else (1, 1, 1, 1)
+            lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+            ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="k" if lum > 0.5 else "w")
+    fig.colorbar(im, ax=ax, label="max stable LR")
+    ax.set_title(f"max stable LR, warmup {warmup}", fontsize=9)
+    fig.text(0.01, 0.01, crit, fontsize=6)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
 def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str | Path,
-           cfg: BoundaryConfig | None = None, log_to_mlflow: bool = True) -> list[Path]:
+           crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA, sensitivity_range: tuple[float, float] | None = None,
+           log_to_mlflow: bool = True) -> list[Path]:
+    """Loss-vs-LR panels (classes marked, l_0 and the baseline drawn) and the crash boundary (points
+    with bracket error bars; a heatmap when depth varies too), as PNG and PDF."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ex = export(tracking_uri, experiment, sweep, out_dir, cfg, log_to_mlflow=False)
+    ex = export(tracking_uri, experiment, sweep, out_dir, crash, kappa, sensitivity_range, log_to_mlflow=False)
     out = Path(out_dir)
-    rows = [r for r in ex.table.to_pylist() if r["status"] in ("stable", "diverged")]
+    rows = [r for r in ex.table.to_pylist() if r["status"] in FINISHED]
+    vary_depth = "depth" in ex.tables.cell_fields
+    for r in rows:
+        if not vary_depth:
+            r["depth"] = None
     warmups = sorted({r["warmup_steps"] for r in rows})
-    depths = sorted({r["depth"] for r in rows})
+    depths = sorted({r["depth"] for r in rows}, key=lambda d: (d is None, d))
     stabs = sorted({r["stabilizer"] for r in rows})
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(stabs)}
-    files = []
+    crit = criterion_label(crash, kappa)
+    files: list[Path] = []
     for w in warmups:
-        fig, axes = plt.subplots(1, len(depths), figsize=(4.2 * len(depths), 3.6), squeeze=False, sharey=True)
-        for ax, d in zip(axes[0], depths):
-            sub = [r for r in rows if r["warmup_steps"] == w and r["depth"] == d]
-            top = max([r["initial_loss"] for r in sub if r["initial_loss"]] or [1.0])
-            for s in stabs:
-                pts = sorted((r["lr"], r["final_loss"], r["status"]) for r in sub if r["stabilizer"] == s)
-                if not pts:
-                    continue
-                by_lr = defaultdict(list)
-                for lr, loss, st in pts:
-                    by_lr[lr].append(loss if st == "stable" and math.isfinite(loss) else math.nan)
-                xs = sorted(by_lr)
-                ys = [np.nanmean(by_lr[x]) if not all(math.isnan(v) for v in by_lr[x]) else math.nan for x in xs]
-                ax.plot(xs, ys, "o-", color=colors[s], label=s, ms=4)
-                crashed = [lr for lr, loss, st in pts if st == "diverged"]
-                ax.plot(crashed, [top] * len(crashed), "x", color=colors[s], ms=8, mew=2)
-            ax.set_xscale("log")
-            ax.set_xlabel("learning rate")
-            ax.set_title(f"depth {d}, warmup {w}")
-            ax.axhline(top, color="grey", lw=0.5, ls=":")
-        axes[0][0].set_ylabel("final validation loss (x = diverged)")
-        axes[0][-1].legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"loss_vs_lr_warmup{w}.png"
-        fig.savefig(path, dpi=120)
+        fig = _loss_panels(plt, rows, w, depths, stabs, colors, crit)
+        files += _save(fig, out, f"loss_vs_lr_warmup{w}")
         plt.close(fig)
-        files.append(path)
-
-        # depth is a cell field only when it varies; otherwise every cell has the one depth
-        cells = {(r["stabilizer"], r.get("depth", depths[0])): r for r in ex.tables.max_stable_lr.get(w, [])}
-        grid = np.full((len(stabs), len(depths)), np.nan)
-        for i, s in enumerate(stabs):
-            for j, d in enumerate(depths):
-                c = cells.get((s, d))
-                if c and c["max_stable_lr"]:
-                    grid[i, j] = math.log10(c["max_stable_lr"])
-        fig, ax = plt.subplots(figsize=(3.2 + 1.3 * len(depths), 1.2 + 0.5 * len(stabs)))
-        im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(depths)), [f"depth {d}" for d in depths])
-        ax.set_yticks(range(len(stabs)), stabs)
-        for i in range(len(stabs)):
-            for j in range(len(depths)):
-                c = cells.get((stabs[i], depths[j]))
-                if c:
-                    txt = _fmt(c["max_stable_lr"]) + ("+" if c["above_range"] else "")
-                    ax.text(j, i, txt, ha="center", va="center", color="w", fontsize=8)
-        fig.colorbar(im, ax=ax, label="log10 max stable LR")
-        ax.set_title(f"max stable LR, warmup {w}")
-        fig.tight_layout()
-        path = out / f"max_stable_lr_warmup{w}.png"
-        fig.savefig(path, dpi=120)
+        msl = ex.tables.max_stable_lr.get(w, [])
+        if vary_depth:
+            fig = _boundary_heatmap(plt, {(c["stabilizer"], c["depth"]): c for c in msl}, stabs, depths, w, crit)
+        else:
+            fig = _boundary_points(plt, {c["stabilizer"]: c for c in msl}, stabs, w, crit)
+        files += _save(fig, out, f"max_stable_lr_warmup{w}")
         plt.close(fig)
-        files.append(path)
     if log_to_mlflow and sweep:
         _log_artifacts(tracking_uri, experiment, sweep, ex.files + files, "report")
     return files

@@ -16,8 +16,12 @@ grid is built as a ``TrialConfig`` once, so a bad combination fails now, not ins
     concurrency: 2                    # trials at once (default: as many as resources allow)
     max_failures: 1                   # retries of a crashed trial before it is recorded failed
     probe_interval: 10
-    divergence: {max_loss_ratio: 1.5, spike_ratio: 2.0, entropy_collapse: 0.05,
-                 stop_on: [nonfinite, loss_ratio, loss_spike]}
+    crash: [diverged, collapsed]      # which outcome classes count as a crash (workloads.outcome):
+                                      # any of diverged, collapsed, degraded
+    degraded_kappa: 0.5               # degraded: (L - L*) / (l_0 - L*) > kappa, L* the cell's best
+    divergence: {max_loss_ratio: 1.5, spike_ratio: 2.0, entropy_collapse: 0.05,   # events (recorded)
+                 stop_grace: 0.25, stop_window: 20, stop_margin: 3.0,             # early stopping
+                 stop_on: [nonfinite, above_initial]}
     storage_path: null                # Tune storage (shared storage on a cluster); default workdir
 """
 
@@ -33,15 +37,17 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from workloads.divergence import KINDS, DivergenceConfig
+from workloads.divergence import DivergenceConfig
 from workloads.models import WORKLOADS
+from workloads.outcome import CLASSES, DEFAULT_CRASH, DEFAULT_KAPPA, criterion_label, validate_crash
 from workloads.stabilizers import REGISTRY
 from workloads.trial import ConfigError, TrialConfig
 
 TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
 # Set by the spec's own keys, not through fixed/axes:
 RESERVED = {"workload", "steps", "threads"}
-DIVERGENCE_FIELDS = ("max_loss_ratio", "spike_ratio", "entropy_collapse", "stop_on")
+DIVERGENCE_FIELDS = ("max_loss_ratio", "spike_ratio", "entropy_collapse", "stop_grace", "stop_window",
+                     "stop_margin", "stop_on")
 
 
 class SpecError(ValueError):
@@ -71,6 +77,9 @@ class Divergence(_Strict):
     max_loss_ratio: float = Field(_DIV.max_loss_ratio, gt=1)
     spike_ratio: float = Field(_DIV.spike_ratio, gt=1)
     entropy_collapse: float = Field(_DIV.entropy_collapse, ge=0)
+    stop_grace: float = Field(_DIV.stop_grace, ge=0, le=1)
+    stop_window: int = Field(_DIV.stop_window, ge=1)
+    stop_margin: float = Field(_DIV.stop_margin, ge=1)
     stop_on: tuple[str, ...] = _DIV.stop_on
 
 
@@ -93,9 +102,16 @@ class SweepSpec(_Strict):
     max_failures: int = Field(1, ge=0)
     probe_interval: int | None = Field(None, ge=1)
     divergence: Divergence = Divergence()
+    crash: tuple[str, ...] = DEFAULT_CRASH
+    """Outcome classes that count as a crash (``workloads.outcome``)."""
+    degraded_kappa: float = Field(DEFAULT_KAPPA, gt=0)
     storage_path: str | None = None
     boundary: dict[str, Any] | None = None
     """Crash-boundary search settings (``ablate boundary``); kept as given here."""
+
+    @property
+    def crash_criterion(self) -> str:
+        return criterion_label(self.crash, self.degraded_kappa)
 
     @property
     def experiment_name(self) -> str:
@@ -209,9 +225,17 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
         raise SpecError("seeds: give either seeds: N or axes.seed: [...], not both")
     div = raw.get("divergence") or {}
     if isinstance(div, dict) and "stop_on" in div:
-        bad = [k for k in div["stop_on"] if k not in KINDS]
-        if bad:
-            raise SpecError(f"divergence.stop_on: unknown kind(s) {bad}; allowed: {_allowed(KINDS)}")
+        try:
+            DivergenceConfig(stop_on=tuple(div["stop_on"]))
+        except ValueError as e:
+            raise SpecError(f"divergence.{e}") from None
+    if "crash" in raw:
+        crash = raw["crash"]
+        try:
+            raw["crash"] = validate_crash([crash] if isinstance(crash, str) else crash or [])
+        except (ValueError, TypeError):
+            raise SpecError(f"crash: {crash!r}; allowed: a list of {[c for c in CLASSES if c != 'stable']}, "
+                            f"e.g. {list(DEFAULT_CRASH)}") from None
     raw["fixed"], raw["axes"] = fixed, axes
     try:
         spec = SweepSpec(**raw)

@@ -114,6 +114,7 @@ def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tr
     spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
     tracker = Tracker(tracking_uri, spec.experiment_name)
     parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
+    tracker.set_tags(parent, {"crash_criterion": spec.crash_criterion})
     return Session(workdir, tracking_uri, storage_root(spec, workdir), tracker, parent)
 
 
@@ -146,7 +147,7 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
     ses = open_session(spec, spec_raw, workdir, tracking_uri, address)
     exp_dir = f"{ses.storage.rstrip('/')}/{spec.name}"
     callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, len(trials),
-                                progress=progress)
+                                progress=progress, crash=spec.crash, crash_criterion=spec.crash_criterion)
     trainable = trainable_for(spec)
     can_restore = tune.Tuner.can_restore(exp_dir)
     if resume and not can_restore:
@@ -181,7 +182,7 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
         print(f"[{spec.name}] {len(trials)} trials, {spec.resources.cpus:g} CPU / {spec.resources.gpus:g} GPU "
               f"each; MLflow: {ses.tracking_uri} (experiment {spec.experiment_name!r})", flush=True)
     tuner.fit()
-    counts = {"stable": 0, "diverged": 0, "failed": 0}
+    counts = {"stable": 0, "collapsed": 0, "diverged": 0, "failed": 0}
     for run in ses.tracker.trial_runs(spec.name):
         st = run.data.tags.get("status", "running")
         counts[st] = counts.get(st, 0) + 1

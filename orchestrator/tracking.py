@@ -200,10 +200,11 @@ class TrackingCallback(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_id: str,
                  total_trials: int, flush_every: float = 2.0, progress: bool = True,
-                 total_is_budget: bool = False):
+                 total_is_budget: bool = False, crash: tuple[str, ...] = (), crash_criterion: str = ""):
         self.settings = dict(tracking_uri=tracking_uri, experiment=experiment, sweep=sweep,
                              parent_id=parent_id, total_trials=total_trials, flush_every=flush_every,
-                             progress=progress, total_is_budget=total_is_budget)
+                             progress=progress, total_is_budget=total_is_budget,
+                             crash=crash_criterion, crash_classes=list(crash))
         self._init_state()
 
     def _init_state(self) -> None:
@@ -216,7 +217,7 @@ class TrackingCallback(Callback):
         self._last_progress = 0.0
         self._t0 = time.monotonic()
         self._done_here = 0
-        self.outcomes: dict[str, str] = {}       # trial_id -> stable | diverged | failed
+        self.outcomes: dict[str, str] = {}       # trial_id -> stable | collapsed | diverged | failed
 
     def __getstate__(self):
         return {"settings": self.settings}
@@ -277,13 +278,19 @@ class TrackingCallback(Callback):
         run_id = self._runs[tid]
         self._flush(force=True)
         ev = summary.get("first_event")
-        status = "diverged" if summary.get("diverged") else "stable"
-        tags = {"status": status, "divergence_kind": ev["kind"] if ev else "",
+        # The trial's class from its final state (workloads.outcome.trial_class); ``degraded`` is
+        # decided against the cell's other runs at export.
+        status = summary.get("outcome") or ("diverged" if summary.get("diverged") else "stable")
+        tags = {"status": status, "stop_reason": summary.get("stop_reason") or "",
+                "divergence_kind": ev["kind"] if ev else "",
                 "divergence_step": ev["step"] if ev else "", "steps_run": summary["steps_run"],
                 "device": summary.get("device", ""), "ended_at": summary.get("ended_at", "")}
+        if self.settings.get("crash"):
+            tags["crash_criterion"] = self.settings["crash"]
+            tags["crashed"] = status in self.settings["crash_classes"]
         self.tracker.set_tags(run_id, tags)
         final = {k: summary[k] for k in ("final_loss", "best_loss", "initial_loss", "final_train_loss",
-                                         "wall_time", "throughput") if k in summary}
+                                         "baseline_loss", "wall_time", "throughput") if k in summary}
         self.tracker.log_metrics(run_id, [Metric(f"result/{k}", float(v), int(time.time() * 1000),
                                                  summary["steps_run"]) for k, v in final.items()])
         self.tracker.log_text(run_id, json.dumps(summary, indent=1, default=str), "result.json")
@@ -330,16 +337,16 @@ class TrackingCallback(Callback):
         for t in trials:
             by[t.status] += 1
         finished = by["TERMINATED"] + by["ERROR"]
-        diverged = sum(1 for v in self.outcomes.values() if v == "diverged")
+        diverged = sum(1 for v in self.outcomes.values() if v in ("diverged", "collapsed"))
         elapsed = time.monotonic() - self._t0
         if self.settings.get("total_is_budget"):  # a search: the total is an upper bound, no ETA
-            print(f"[{self.settings['sweep']}] {finished} trials done (budget {total}; {diverged} diverged, "
+            print(f"[{self.settings['sweep']}] {finished} trials done (budget {total}; {diverged} diverged/collapsed, "
                   f"{by['ERROR']} failed), {by['RUNNING']} running, elapsed {_hms(elapsed)}",
                   file=sys.stderr, flush=True)
             return
         remaining = total - finished
         eta = (elapsed / self._done_here * remaining) if self._done_here and remaining else 0.0
-        print(f"[{self.settings['sweep']}] {finished}/{total} done ({diverged} diverged, "
+        print(f"[{self.settings['sweep']}] {finished}/{total} done ({diverged} diverged/collapsed, "
               f"{by['ERROR']} failed), {by['RUNNING']} running, elapsed {_hms(elapsed)}"
               + (f", ETA {_hms(eta)}" if remaining and self._done_here else ""), file=sys.stderr, flush=True)
 

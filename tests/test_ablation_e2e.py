@@ -18,8 +18,11 @@ from workloads.trial import run
 TINY = {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "warmup_steps": 0,
         "schedule": "constant", "eval_interval": 0, "eval_batches": 2}
 
+# the smoke size: big enough that a good LR learns past the unigram baseline in 150 steps
+SMOKE = {"depth": 2, "width": 64, "heads": 2, "seq_len": 64, "batch_size": 16, "warmup_steps": 0,
+         "schedule": "constant", "eval_interval": 0, "eval_batches": 2}
 BOUNDARY = {
-    "name": "t-boundary", "workload": "gpt", "steps": 60, "fixed": TINY,
+    "name": "t-boundary", "workload": "gpt", "steps": 150, "fixed": SMOKE,
     "axes": {"stabilizers": ["none", "mlra"]}, "probe_interval": 20,
     "resources": {"cpus": 1, "gpus": 0}, "concurrency": 2,
     "boundary": {"lr_range": [1e-3, 3.0], "resolution": 2 ** 0.25, "max_trials_per_cell": 14},
@@ -57,11 +60,13 @@ def test_ablate_boundary_brackets_every_cell_with_few_trials(ray_local, tmp_path
         # the boundary lies inside [stable, crashed] of trials that were actually run
         mine = [r for r in runs if r.data.params["stabilizer"] == cell["stabilizers"]]
         stable = [float(r.data.params["lr"]) for r in mine if r.data.tags["status"] == "stable"]
-        crashed = [float(r.data.params["lr"]) for r in mine if r.data.tags["status"] == "diverged"]
+        crashed = [float(r.data.params["lr"]) for r in mine if r.data.tags["status"] in ("diverged", "collapsed")]
         assert cell["stable_lr"] in stable
-        assert cell["crash_lr"] in crashed or cell["crash_lr"] in stable  # crash may be 'degraded'
+        assert cell["crash_lr"] in crashed
         assert cell["stable_lr"] <= cell["boundary_lr"] <= cell["crash_lr"]
+        assert not any(lr > cell["stable_lr"] for lr in stable)  # the largest stable LR run
         assert len(mine) == cell["trials"] <= dense / 4
+        assert cell["crash_criterion"] == ["diverged", "collapsed"]
     # the CLI prints the same map
     res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "boundary", str(spec_path),
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
@@ -91,27 +96,29 @@ def test_export_reproduces_the_trials_own_results_in_every_format(ray_local, tmp
     assert csv.num_rows == 6
     for row in table.to_pylist():
         r = own[(row["stabilizer"], row["lr"])]
-        assert row["status"] == ("diverged" if r.diverged else "stable")
+        assert row["status"] == r.outcome and row["stop_reason"] == r.stop_reason
         assert row["final_loss"] == pytest.approx(r.final_loss, rel=1e-6) or (
             math.isinf(row["final_loss"]) and math.isinf(r.final_loss))
         assert row["initial_loss"] == pytest.approx(r.initial_loss, rel=1e-6)
+        assert row["baseline_loss"] == pytest.approx(r.baseline_loss, rel=1e-9)
         assert row["steps_run"] == r.steps_run and row["workload"] == "gpt" and row["depth"] == 1
-        if r.diverged:
+        assert row["crashed"] == (row["outcome"] in ("diverged", "collapsed"))
+        assert row["crash_criterion"].startswith("crash = diverged")
+        if r.first_event:
             assert row["divergence_kind"] == r.first_event.kind and row["divergence_step"] == r.first_event.step
 
     # (a) max stable LR per stabilizer, from the trials' own results
     rows = {r["stabilizer"]: r for r in res.tables.max_stable_lr[0]}
     for stab in ("none", "qk_norm"):
-        results = {lr: own[(stab, lr)] for lr in (1e-3, 2e-2, 2.0)}
-        crashed = sorted(lr for lr, r in results.items() if r.diverged)
-        stable = sorted(lr for lr, r in results.items() if not r.diverged and (not crashed or lr < crashed[0]))
-        if not any(r.diverged for r in results.values()):
-            continue
-        assert rows[stab]["max_stable_lr"] == stable[-1] and rows[stab]["crash_lr"] == crashed[0]
+        crashed = {lr: own[(stab, lr)].outcome in ("diverged", "collapsed") for lr in (1e-3, 2e-2, 2.0)}
+        stable = [lr for lr, c in crashed.items() if not c]
+        above = [lr for lr, c in crashed.items() if c and (not stable or lr > max(stable))]
+        assert rows[stab]["max_stable_lr"] == (max(stable) if stable else None)
+        assert rows[stab]["crash_lr"] == (min(above) if above else None)
     # (c) best loss per cell
     best = {r["stabilizer"]: r for r in res.tables.best_loss}
     for stab in ("none", "qk_norm"):
-        finite = [r.final_loss for (s, _), r in own.items() if s == stab and not r.diverged]
+        finite = [r.final_loss for (s, _), r in own.items() if s == stab and r.outcome == "stable"]
         assert best[stab]["best_final_loss"] == pytest.approx(min(finite), rel=1e-6)
     # the numbers appear in the Markdown and LaTeX tables too
     md = (tmp_path / "export" / "best_loss.md").read_text()
@@ -136,6 +143,8 @@ def test_report_writes_plots(ray_local, tmp_path):
 
     files = report(out.tracking_uri, out.experiment, spec.name, tmp_path / "rep")
     names = sorted(f.name for f in files)
-    assert names == ["loss_vs_lr_warmup0.png", "max_stable_lr_warmup0.png"]
+    assert names == ["loss_vs_lr_warmup0.pdf", "loss_vs_lr_warmup0.png", "max_stable_lr_warmup0.pdf",
+                     "max_stable_lr_warmup0.png"]
     for f in files:
-        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
+        head = b"\x89PNG\r\n\x1a\n" if f.suffix == ".png" else b"%PDF"
+        assert f.read_bytes()[:len(head)] == head and f.stat().st_size > 5000

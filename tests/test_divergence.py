@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from workloads.divergence import DivergenceConfig, DivergenceDetector
+from workloads.divergence import DivergenceConfig, DivergenceDetector, replay
 
 
 def feed(det, losses):
@@ -13,31 +13,55 @@ def feed(det, losses):
 
 
 def test_stable_curve_raises_nothing():
-    det = DivergenceDetector()
+    det = DivergenceDetector(initial_loss=5.5, total_steps=200)
     assert feed(det, [5.5 - 0.01 * i for i in range(200)]) == []
 
 
-def test_nonfinite_loss_is_an_event():
-    det = DivergenceDetector()
+def test_nonfinite_loss_is_a_stopping_event():
+    det = DivergenceDetector(initial_loss=5.0, total_steps=100)
     ev = feed(det, [5.0, 4.9, float("nan")])
     assert [e.kind for e in ev] == ["nonfinite"] and ev[0].step == 2 and det.is_stop(ev[0])
     assert ev[0].to_dict()["value"] == "nan"
 
 
-def test_loss_ratio_against_initial_loss():
-    det = DivergenceDetector(DivergenceConfig(max_loss_ratio=1.5, warmup_checks=3))
-    ev = feed(det, [4.0, 4.0, 4.0, 5.9, 6.1])
-    assert [(e.kind, e.step) for e in ev] == [("loss_ratio", 4)]  # 5.9 < 1.5 x 4.0 < 6.1
-
-
-def test_spike_against_running_average():
-    det = DivergenceDetector(DivergenceConfig(spike_ratio=2.0, max_loss_ratio=100, warmup_checks=5))
-    losses = [5.0] * 5 + [2.0] * 40 + [4.5]
+def test_an_early_spike_is_recorded_once_and_never_stops():
+    # the CPU smoke GPT at lr 0.1: 5.4 -> 10 at step 3, then it learns (ends at 3.08)
+    losses = [5.4, 7.0, 9.0, 10.0, 9.5, 8.0] + [6.0 - 0.015 * i for i in range(194)]
+    det = DivergenceDetector(initial_loss=5.44, total_steps=200)
     ev = feed(det, losses)
-    assert len(ev) == 1 and ev[0].kind == "loss_spike" and ev[0].step == 45
+    assert [(e.kind, e.step) for e in ev] == [("loss_ratio", 2)]  # 9 > 1.5 x 5.44, recorded once
+    assert not any(det.is_stop(e) for e in ev)
+    assert replay(losses, 5.44, 200) is None
 
 
-def test_entropy_collapse_once_per_layer_and_not_a_stop_by_default():
+def test_loss_ratio_is_recorded_once_per_excursion():
+    det = DivergenceDetector(DivergenceConfig(max_loss_ratio=1.5), initial_loss=4.0, total_steps=1000)
+    ev = feed(det, [4.0, 7.0, 7.5, 3.0, 6.5, 3.0])
+    assert [(e.kind, e.step) for e in ev] == [("loss_ratio", 1), ("loss_ratio", 4)]
+
+
+def test_spike_against_running_average_after_warmup_checks():
+    det = DivergenceDetector(DivergenceConfig(spike_ratio=2.0, max_loss_ratio=100, warmup_checks=5),
+                             initial_loss=5.0, total_steps=1000)
+    ev = feed(det, [5.0] * 5 + [2.0] * 40 + [4.5, 4.6])
+    assert [(e.kind, e.step) for e in ev] == [("loss_spike", 45)]
+    assert not det.is_stop(ev[0])
+
+
+def test_held_above_l0_stops_only_after_the_grace_period():
+    cfg = DivergenceConfig(stop_grace=0.25, stop_window=10, stop_margin=3.0)
+    blowup = [5.0] * 5 + [20.0] * 195  # 4 x l_0 from step 5 on
+    ev = replay(blowup, 5.0, 200, cfg)
+    assert ev is not None and ev.kind == "above_initial" and ev.step == 49  # grace: 25 % of 200 steps
+    # held at 2 x l_0 (a level that full runs recovered from): never stopped
+    assert replay([5.0] * 5 + [10.0] * 195, 5.0, 200, cfg) is None
+    # a short excursion far above 3 x l_0 after the grace period, under half the window: not stopped
+    assert replay([4.0] * 100 + [300.0] * 4 + [3.0] * 96, 5.0, 200, cfg) is None
+    # the grace period is at least one window
+    assert DivergenceDetector(cfg, initial_loss=5.0, total_steps=8).grace_steps == 10
+
+
+def test_entropy_collapse_once_per_layer_and_not_a_stop():
     det = DivergenceDetector(DivergenceConfig(entropy_collapse=0.1))
     ev = det.observe_entropy(10, [1.0, 0.05, 0.01])
     assert [(e.kind, e.step) for e in ev] == [("entropy_collapse", 10)] * 2
@@ -49,6 +73,12 @@ def test_entropy_collapse_once_per_layer_and_not_a_stop_by_default():
 def test_bad_config_names_allowed_values():
     with pytest.raises(ValueError, match="allowed"):
         DivergenceConfig(stop_on=("boom",))
+    with pytest.raises(ValueError, match="loss_spike .*recorded as events but cannot stop"):
+        DivergenceConfig(stop_on=("nonfinite", "loss_spike"))
     with pytest.raises(ValueError):
         DivergenceConfig(max_loss_ratio=0.5)
+    with pytest.raises(ValueError, match="stop_grace"):
+        DivergenceConfig(stop_grace=1.5)
+    with pytest.raises(ValueError, match="stop_margin"):
+        DivergenceConfig(stop_margin=0.9)
     assert math.isfinite(DivergenceConfig().max_loss_ratio)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from workloads.outcome import trial_class
 from workloads.trial import ConfigError, TrialConfig, lr_at, run
 
 FAST = dict(depth=2, width=32, heads=2, seq_len=32, batch_size=8, probe_interval=5, eval_batches=2)
@@ -28,14 +29,44 @@ def test_default_gpt_learns_the_stdlib_corpus():
     assert res.throughput > 0 and res.throughput_unit == "tokens/s"
 
 
-def test_far_too_high_lr_without_warmup_diverges_early():
+SMOKE = dict(depth=2, width=64, heads=2, seq_len=64, batch_size=16, steps=200, schedule="constant",
+             eval_interval=50, eval_batches=4, probe_interval=20, threads=1)
+VIT = dict(workload="vit", depth=2, width=64, heads=2, img_size=16, patch_size=4, batch_size=32, steps=200,
+           schedule="constant", eval_interval=0, eval_batches=4, probe_interval=50, threads=1)
+
+
+@pytest.mark.slow
+def test_smoke_trial_at_lr_0_1_spikes_recovers_and_is_classed_by_its_end():
+    """The smoke sweep's GPT at lr 0.1: its loss passes 1.5 x l_0 in the first steps, yet the run
+    ends far below l_0; the old rule stopped it at step 3 and called it diverged."""
     events = []
-    cfg = TrialConfig(steps=200, lr=0.5, warmup_steps=0, schedule="constant", **FAST)
-    res = run(cfg, lambda step, m, ev: events.extend(ev))
-    assert res.diverged
-    assert res.first_event is not None and res.first_event.kind in ("nonfinite", "loss_ratio", "loss_spike")
-    assert res.steps_run < 100 and res.steps_run == res.first_event.step + 1
-    assert res.first_event in events and math.isinf(res.final_loss)
+    res = run(TrialConfig(lr=0.1, **SMOKE), lambda step, m, ev: events.extend(ev))
+    assert res.steps_run == 200 and res.stop_reason is None and res.first_event is None
+    assert any(e.kind == "loss_ratio" and e.step < 10 for e in events)  # the spike, recorded
+    assert max(res.train_losses[:10]) > 1.5 * res.initial_loss
+    assert res.final_loss < 0.75 * res.initial_loss
+    assert res.outcome == trial_class(res.final_loss, res.initial_loss, res.baseline_loss) != "diverged"
+    assert res.baseline_loss == pytest.approx(3.26, abs=0.05)
+
+
+def test_a_nonfinite_loss_stops_the_trial_at_once_and_it_is_diverged():
+    res = run(TrialConfig(lr=1.0, stabilizers=("mlra",), **VIT))  # NaN at step 6 in calibration
+    assert res.stop_reason == "nonfinite" and res.steps_run < 50 and res.steps_run == res.first_event.step + 1
+    assert res.outcome == "diverged" and res.diverged and math.isinf(res.final_loss)
+
+
+def test_a_loss_held_far_above_l0_is_stopped_after_the_grace_period_and_diverged():
+    res = run(TrialConfig(lr=1.0, **VIT))
+    assert res.stop_reason == "above_initial" and res.steps_run == 50  # grace: 25 % of 200 steps
+    assert res.outcome == "diverged" and res.first_event.value >= 3 * res.initial_loss
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_at_the_unigram_baseline_is_collapsed():
+    res = run(TrialConfig(lr=0.3, stabilizers=("mlra",), **{**SMOKE, "eval_interval": 0}))
+    assert res.steps_run == 200 and res.stop_reason is None
+    assert res.baseline_loss <= res.final_loss < res.initial_loss
+    assert res.outcome == "collapsed"
 
 
 def test_same_seed_same_trajectory_on_cpu():

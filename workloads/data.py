@@ -13,11 +13,16 @@ Images (classification):
                     sub-folders if present, else a deterministic 90/10 split).
   ``cifar10``       an already-downloaded CIFAR-10 at ``data_path`` (``download=False``).
   ``synthetic``     Gaussian class-conditional images; only for tests, asked for explicitly.
+
+Marginal baselines (:func:`text_baseline`, :func:`image_baseline`): the loss of a model that ignores
+its inputs. A run whose final validation loss is at or above it learned nothing (outcome class
+``collapsed``, see ``workloads.outcome``). Computed once per data set and cached in the process.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sysconfig
 import zlib
@@ -100,6 +105,40 @@ def load_text(source: str, data_path: str | None = None, vocab_size: int | None 
     if source == "bin":
         return bin_corpus(_need_path(source, data_path), vocab_size)
     raise ValueError(f"data: unknown text source {source!r}; allowed: {list(TEXT_SOURCES)}")
+
+
+_BASELINES: dict[str, float] = {}
+BASELINE_MAX_TOKENS = 50_000_000
+
+
+def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int,
+                          max_tokens: int = BASELINE_MAX_TOKENS) -> float:
+    """Cross-entropy (nats per token) of ``val`` under the unigram distribution of ``train``, with
+    add-one smoothing so that a token unseen in training has a finite cost. Splits longer than
+    ``max_tokens`` are read through evenly spaced contiguous chunks (nanoGPT shards can hold
+    billions of tokens): an estimate then, exact otherwise."""
+    def counts(tokens: np.ndarray) -> np.ndarray:
+        n = tokens.size
+        if n <= max_tokens:
+            return np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+        chunk, k = 1_000_000, max(1, max_tokens // 1_000_000)
+        out = np.zeros(vocab_size, dtype=np.int64)
+        for start in np.linspace(0, n - chunk, k).astype(np.int64):
+            out += np.bincount(np.asarray(tokens[start:start + chunk], dtype=np.int64),
+                               minlength=vocab_size)[:vocab_size]
+        return out
+
+    tc, vc = counts(train).astype(np.float64), counts(val).astype(np.float64)
+    logp = np.log(tc + 1.0) - math.log(tc.sum() + vocab_size)
+    return float(-(vc * logp).sum() / vc.sum())
+
+
+def text_baseline(td: TokenData) -> float:
+    """The unigram cross-entropy of the validation split (cached per corpus)."""
+    key = f"text:{td.description}:{td.vocab_size}"
+    if key not in _BASELINES:
+        _BASELINES[key] = unigram_cross_entropy(td.train, td.val, td.vocab_size)
+    return _BASELINES[key]
 
 
 class TokenBatches:
@@ -228,6 +267,22 @@ def load_images(source: str, img_size: int, data_path: str | None = None) -> Ima
     if source == "cifar10":
         return cifar10_images(_need_path(source, data_path), img_size)
     raise ValueError(f"data: unknown image source {source!r}; allowed: {list(IMAGE_SOURCES)}")
+
+
+def class_prior_cross_entropy(train_y: torch.Tensor, val_y: torch.Tensor, num_classes: int) -> float:
+    """Cross-entropy (nats) of the validation labels under the training split's class frequencies
+    (add-one smoothed): the loss of a classifier that ignores the image."""
+    tc = torch.bincount(train_y.cpu(), minlength=num_classes).double()
+    vc = torch.bincount(val_y.cpu(), minlength=num_classes).double()
+    logp = torch.log(tc + 1) - math.log(float(tc.sum()) + num_classes)
+    return float(-(vc * logp).sum() / vc.sum())
+
+
+def image_baseline(im: ImageData) -> float:
+    key = f"image:{im.description}:{im.num_classes}"
+    if key not in _BASELINES:
+        _BASELINES[key] = class_prior_cross_entropy(im.train_y, im.val_y, im.num_classes)
+    return _BASELINES[key]
 
 
 class ImageBatches:

@@ -24,6 +24,7 @@ from workloads import probes
 from workloads import stabilizers as stab
 from workloads.divergence import DivergenceConfig, DivergenceDetector, DivergenceEvent
 from workloads.models import WORKLOADS, GPT, GPTConfig, build_swin, build_vit
+from workloads.outcome import trial_class
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
@@ -78,6 +79,9 @@ class TrialConfig:
     max_loss_ratio: float = _DIVERGENCE.max_loss_ratio
     spike_ratio: float = _DIVERGENCE.spike_ratio
     entropy_collapse: float = _DIVERGENCE.entropy_collapse
+    stop_grace: float = _DIVERGENCE.stop_grace
+    stop_window: int = _DIVERGENCE.stop_window
+    stop_margin: float = _DIVERGENCE.stop_margin
     stop_on: tuple[str, ...] = _DIVERGENCE.stop_on
     data: str = "auto"
     data_path: str | None = None
@@ -136,7 +140,9 @@ class TrialConfig:
 
     def divergence(self) -> DivergenceConfig:
         return DivergenceConfig(max_loss_ratio=self.max_loss_ratio, spike_ratio=self.spike_ratio,
-                                entropy_collapse=self.entropy_collapse, stop_on=self.stop_on)
+                                entropy_collapse=self.entropy_collapse, stop_grace=self.stop_grace,
+                                stop_window=self.stop_window, stop_margin=self.stop_margin,
+                                stop_on=self.stop_on)
 
     @property
     def stabilizer_label(self) -> str:
@@ -156,16 +162,24 @@ class TrialConfig:
 @dataclass
 class TrialResult:
     initial_loss: float
-    """Validation loss of the untrained model."""
+    """l_0: validation loss of the untrained model."""
     final_loss: float
-    """Validation loss at the end (inf when the trial diverged)."""
+    """Validation loss at the end of the run (or where early stopping ended it); inf when the loss
+    became non-finite."""
     best_loss: float
     """Lowest validation loss seen at any evaluation."""
     final_train_loss: float
     """Mean training loss of the last (up to) 10 steps run."""
     steps_run: int
-    diverged: bool
+    outcome: str
+    """``stable`` / ``collapsed`` / ``diverged`` (``workloads.outcome.trial_class``; ``degraded`` is
+    decided against the other runs of a cell, not here)."""
+    baseline_loss: float
+    """The data's marginal baseline: unigram (text) or class-prior (images) cross-entropy."""
+    stop_reason: str | None
+    """The early-stopping rule that ended the run (``nonfinite`` / ``above_initial``), or None."""
     first_event: DivergenceEvent | None
+    """The event that stopped the run, if any."""
     events: list[DivergenceEvent]
     wall_time: float
     throughput: float
@@ -174,11 +188,18 @@ class TrialResult:
     device: str
     num_params: int
     final_metrics: dict[str, float] = field(default_factory=dict)
+    train_losses: list[float] = field(default_factory=list)
+    """The training loss of every step run (for calibration and forensics)."""
+
+    @property
+    def diverged(self) -> bool:
+        return self.outcome == "diverged"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["first_event"] = self.first_event.to_dict() if self.first_event else None
         d["events"] = [e.to_dict() for e in self.events]
+        d["diverged"] = self.diverged
         return d
 
 
@@ -244,12 +265,14 @@ class _Data:
         if cfg.workload == "gpt":
             td = data_mod.load_text(cfg.data, cfg.data_path, cfg.vocab_size)
             self.vocab_size, self.num_classes, self.in_chans = td.vocab_size, 0, 0
+            self.baseline = data_mod.text_baseline(td)
             self.train = data_mod.TokenBatches(td.train, cfg.batch_size, cfg.seq_len, cfg.seed, device)
             val = data_mod.TokenBatches(td.val, cfg.batch_size, cfg.seq_len, 10_000 + cfg.seed, device)
             self.items_per_batch, self.unit = cfg.batch_size * cfg.seq_len, "tokens/s"
         else:
             im = data_mod.load_images(cfg.data, cfg.img_size, cfg.data_path)
             self.vocab_size, self.num_classes, self.in_chans = 0, im.num_classes, im.in_chans
+            self.baseline = data_mod.image_baseline(im)
             self.train = data_mod.ImageBatches(im.train_x, im.train_y, cfg.batch_size, cfg.seed, device)
             val = data_mod.ImageBatches(im.val_x, im.val_y, cfg.batch_size, 10_000 + cfg.seed, device)
             self.items_per_batch, self.unit = cfg.batch_size, "images/s"
@@ -371,16 +394,18 @@ class Trainer:
 
 def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
     """Train one trial. Calls ``reporter(step, metrics, events)`` every ``probe_interval`` steps, at
-    the last step and at a divergence; stops at the first divergence event of a stopping kind."""
+    the last step and at an event. Stops early only on a stopping event (``workloads.divergence``:
+    a non-finite loss, or a loss held above l_0 past the grace period); the outcome class comes from
+    the run's final state (``workloads.outcome.trial_class``)."""
     cfg = config
     t_start = time.perf_counter()
     tr = Trainer(cfg)
-    detector = DivergenceDetector(cfg.divergence())
+    initial_val = tr.evaluate()
+    detector = DivergenceDetector(cfg.divergence(), initial_loss=initial_val, total_steps=cfg.steps)
     events: list[DivergenceEvent] = []
     first_stop: DivergenceEvent | None = None
-    recent: list[float] = []
+    losses: list[float] = []
     last_metrics: dict[str, float] = {}
-    initial_val = tr.evaluate()
     best_val = math.inf
     train_time = 0.0  # training steps and probes; evaluation excluded
     step = steps_run = 0
@@ -390,7 +415,7 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
         loss_value, metrics, stats = tr.step(step, is_probe)
         steps_run = step + 1
         train_time += time.perf_counter() - t0
-        recent = (recent + [loss_value])[-10:]
+        losses.append(loss_value)
 
         step_events = detector.observe_loss(step, loss_value)
         if stats is not None:
@@ -415,21 +440,28 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
         if first_stop is not None:
             break
 
-    diverged = first_stop is not None
+    stop_reason = first_stop.kind if first_stop is not None else None
     final_val = math.inf
-    if not diverged:
+    if stop_reason != "nonfinite":  # the weights are finite: the run's end is measured
         final_val = tr.evaluate()
-        best_val = min(best_val, final_val)
-        last_metrics["val_loss"] = final_val
-        if reporter is not None:
-            reporter(step, {"val_loss": final_val}, [])
+        if not math.isfinite(final_val):
+            stop_reason = stop_reason or "nonfinite"
+            final_val = math.inf
+        else:
+            best_val = min(best_val, final_val)
+            last_metrics["val_loss"] = final_val
+            if reporter is not None:
+                reporter(step, {"val_loss": final_val}, [])
+    recent = losses[-10:]
     return TrialResult(
         initial_loss=initial_val,
         final_loss=final_val,
         best_loss=best_val,
         final_train_loss=float(np.mean(recent)) if recent else math.nan,
         steps_run=steps_run,
-        diverged=diverged,
+        outcome=trial_class(final_val, initial_val, tr.data.baseline, stop_reason),
+        baseline_loss=tr.data.baseline,
+        stop_reason=stop_reason,
         first_event=first_stop,
         events=events,
         wall_time=time.perf_counter() - t_start,
@@ -438,6 +470,7 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
         device=torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else "cpu",
         num_params=tr.num_params,
         final_metrics=last_metrics,
+        train_losses=losses,
     )
 
 
@@ -490,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(cfg, progress)
     out = result.to_dict()
     out.pop("final_metrics")
+    out.pop("train_losses")
     print(json.dumps(out, indent=2, default=str))
     return 0
 
