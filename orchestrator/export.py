@@ -173,6 +173,7 @@ class Tables:
     lr_sensitivity: list[dict]
     best_loss: list[dict]
     cell_fields: list[str]
+    final_loss: list[dict] = dataclasses.field(default_factory=list)  # one row per cell: lr -> (loss, class)
 
 
 def _varying(table: pa.Table, exclude: set[str]) -> list[str]:
@@ -196,7 +197,7 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
     all_lrs = [r["lr"] for r in rows]
     srange = sensitivity_range or ((min(all_lrs), max(all_lrs)) if all_lrs else (1.0, 1.0))
 
-    msl, sens, best = defaultdict(list), [], []
+    msl, sens, best, finals = defaultdict(list), [], [], []
     for key, rs in sorted(cells.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         ident = dict(zip(cell_fields, key))
         pts = [_point(r) for r in rs]
@@ -219,7 +220,42 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
         top = min(learned, key=lambda p: p.final_loss) if learned else None
         best.append({**ident, "best_final_loss": top.final_loss if top else None,
                      "at_lr": top.lr if top else None, "learned_runs": len(learned), "runs": len(pts)})
-    return Tables(dict(msl), sens, best, cell_fields)
+        by_lr: dict[float, list[tuple[float, str]]] = defaultdict(list)
+        for p, c in zip(pts, classes):
+            by_lr[p.lr].append((p.final_loss, c))
+        finals.append({**ident, "by_lr": dict(by_lr)})
+    return Tables(dict(msl), sens, best, cell_fields, finals)
+
+
+MAX_GRID_LRS = 12
+
+
+def final_loss_grid(tabs: Tables) -> tuple[list[str], list[list[str]]] | None:
+    """Final validation loss per cell (rows) and LR (columns), each with its class unless stable;
+    the mean over seeds with the majority class. None when the cells ran no common LR grid (a
+    boundary search's LRs are its own) or more than ``MAX_GRID_LRS`` LRs."""
+    grids = [frozenset(r["by_lr"]) for r in tabs.final_loss]
+    if not grids or len(set(grids)) != 1 or len(grids[0]) > MAX_GRID_LRS:
+        return None
+    lrs = sorted(grids[0])
+    header = tabs.cell_fields + [f"lr {_fmt(lr)}" for lr in lrs]
+    body = []
+    for r in tabs.final_loss:
+        cells = []
+        for lr in lrs:
+            runs = r["by_lr"][lr]
+            counts = defaultdict(int)
+            for _, c in runs:
+                counts[c] += 1
+            cls = max(counts, key=lambda c: (counts[c], CLASS_ORDER.index(c)))
+            losses = [x for x, c in runs if c == cls]
+            text = _fmt(float(np.mean(losses)))
+            cells.append(text if cls == "stable" else f"{text} ({cls})")
+        body.append([_fmt(r[f]) for f in tabs.cell_fields] + cells)
+    return header, body
+
+
+CLASS_ORDER = ("stable", "degraded", "collapsed", "diverged")
 
 
 # ------------------------------------------------------------------------------- formatting
@@ -333,6 +369,11 @@ def export(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
                     f"LR sensitivity (Wortsman et al. 2023), {name}: E[min(L, L0) - L*] over lr log-uniform in "
                     f"[{_fmt(lo)}, {_fmt(hi)}] (trapezoid in log-LR; L0 = loss before training, a non-finite "
                     "loss counts as L0); no value where a cell's LRs do not cover the range")
+    grid = final_loss_grid(tabs)
+    if grid:
+        files += _write(out, "final_loss", *grid,
+                        f"Final validation loss, {name}, per cell and learning rate (mean over seeds of the "
+                        f"majority class, named unless stable; inf = the loss became non-finite); {crit}")
     cols = tabs.cell_fields + ["best_final_loss", "at_lr", "learned_runs", "runs"]
     files += _write(out, "best_loss", *flat_table(tabs.best_loss, cols),
                     f"Best final validation loss per cell, {name} (runs that neither diverged nor collapsed)")
@@ -374,7 +415,7 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
 def _loss_panels(plt, rows: list[dict], warmup, depths: list, stabs: list[str], colors: dict, crit: str):
     from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, len(depths), figsize=(4.4 * len(depths), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(depths), figsize=(3.6 * len(depths) + 2.4, 4.0), squeeze=False, sharey=True)
     for ax, d in zip(axes[0], depths):
         sub = [r for r in rows if r["warmup_steps"] == warmup and r["depth"] == d]
         l0s = [r["initial_loss"] for r in sub if r["initial_loss"]]
@@ -414,14 +455,14 @@ def _loss_panels(plt, rows: list[dict], warmup, depths: list, stabs: list[str], 
     handles += [Line2D([], [], color="0.3", ls="--", lw=0.8, label="l_0 (before training)"),
                 Line2D([], [], color="0.3", ls=":", lw=0.8, label="marginal baseline")]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    fig.suptitle(crit, fontsize=8)
-    fig.tight_layout()
+    fig.text(0.01, 0.01, crit, fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
 
 def _boundary_points(plt, cells: dict, stabs: list[str], warmup, crit: str):
     """One-dimensional cells: the max stable LR per stabilizer with its bracket as an error bar."""
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(stabs), 3.6))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.9 * len(stabs)), 3.8))
     for i, s in enumerate(stabs):
         c = cells.get(s)
         if not c:
@@ -438,7 +479,12 @@ def _boundary_points(plt, cells: dict, stabs: list[str], warmup, crit: str):
                         fontsize=7)
         if c["non_monotonic"]:
             ax.annotate("*", (i, lo or hi), textcoords="offset points", xytext=(6, 0), fontsize=10)
+    from matplotlib.ticker import FuncFormatter
+
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+    ax.grid(True, which="both", axis="y", lw=0.3, alpha=0.5)
     ax.set_xticks(range(len(stabs)), stabs, rotation=30, ha="right")
     ax.set_xlim(-0.6, len(stabs) - 0.4)
     ax.set_ylabel("max stable LR (bar: up to the\nsmallest crashed LR)")
