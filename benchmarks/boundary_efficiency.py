@@ -4,8 +4,9 @@ sampler and stopping rule that ``ablate boundary`` runs under Ray Tune).
 
 1. Synthetic, noise-free: a fake trial that diverges above a known LR, for many known boundaries
    spread over the range. Checks that every final bracket contains the true boundary.
-2. Real: the CPU GPT workload (1 layer, width 32, 60 steps, no warmup, constant LR), baseline and
-   qk_norm cells; the dense grid is run too, and its boundary compared with the search's.
+2. Real: the CPU GPT workload at the boundary smoke size (2 layers, width 64, 150 steps, no warmup,
+   constant LR), baseline and qk_norm cells, crash = diverged or collapsed; the dense grid is run
+   too, and its bracket (``workloads.outcome.bracket``) compared with the search's.
 
 Target (issue #4): at most a quarter of the grid's trials at the same resolution, and the bracket
 contains the true boundary in every synthetic case.
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.boundary import BoundaryConfig, Cell, dense_grid_size, search_local
+from workloads.outcome import Point, bracket
 from workloads.trial import TrialConfig, run
 
 CFG = BoundaryConfig(lr_range=(1e-4, 1.0), resolution=2 ** 0.25, max_trials_per_cell=20)
@@ -39,9 +41,11 @@ def synthetic(storage_dir: Path) -> tuple[list[int], list[float], bool]:
     for i, truth in enumerate(truths):
         n = [0]
 
-        def fake(cfg: TrialConfig, truth=truth, n=n) -> tuple[bool, float]:
+        def fake(cfg: TrialConfig, truth=truth, n=n) -> dict:
             n[0] += 1
-            return cfg.lr > truth, (math.inf if cfg.lr > truth else 1.0)
+            crashed = cfg.lr > truth
+            return {"final_loss": math.inf if crashed else 1.0, "initial_loss": 5.0, "baseline_loss": 3.0,
+                    "stop_reason": "nonfinite" if crashed else None}
 
         cell = Cell(f"synthetic-{i}", {}, {"workload": "gpt", "steps": 1})
         rep = search_local([cell], CFG, f"sqlite:///{storage_dir / 'synthetic.db'}", f"s{i}", fake)[0]
@@ -51,15 +55,14 @@ def synthetic(storage_dir: Path) -> tuple[list[int], list[float], bool]:
     return trials, widths, ok
 
 
-TINY = dict(workload="gpt", depth=1, width=32, heads=2, seq_len=32, batch_size=8, steps=60,
-            warmup_steps=0, schedule="constant", eval_interval=0, eval_batches=2, probe_interval=20,
+TINY = dict(workload="gpt", depth=2, width=64, heads=2, seq_len=64, batch_size=16, steps=150,
+            warmup_steps=0, schedule="constant", eval_interval=0, eval_batches=4, probe_interval=25,
             threads=1, device="cpu")
 
 
 def real(storage_dir: Path, cfg: BoundaryConfig) -> None:
-    def evaluate(c: TrialConfig) -> tuple[bool, float]:
-        r = run(c)
-        return r.diverged, r.final_loss
+    def evaluate(c: TrialConfig) -> dict:
+        return run(c).to_dict()
 
     for stab in ((), ("qk_norm",)):
         label = "+".join(stab) or "none"
@@ -67,7 +70,7 @@ def real(storage_dir: Path, cfg: BoundaryConfig) -> None:
         t0 = time.perf_counter()
         n = [0]
 
-        def counted(c: TrialConfig) -> tuple[bool, float]:
+        def counted(c: TrialConfig) -> dict:
             n[0] += 1
             return evaluate(c)
 
@@ -75,10 +78,13 @@ def real(storage_dir: Path, cfg: BoundaryConfig) -> None:
         t_search = time.perf_counter() - t0
         grid = dense_grid(*cfg.lr_range, dense_grid_size(cfg))
         t0 = time.perf_counter()
-        outcome = {lr: evaluate(TrialConfig(**{**TINY, "stabilizers": stab, "lr": lr}))[0] for lr in grid}
+        points = []
+        for lr in grid:
+            r = evaluate(TrialConfig(**{**TINY, "stabilizers": stab, "lr": lr}))
+            points.append(Point(lr, 0, r["final_loss"], r["initial_loss"], r["baseline_loss"], r["stop_reason"]))
         t_grid = time.perf_counter() - t0
-        crash = min((lr for lr, d in outcome.items() if d), default=None)
-        stable = max((lr for lr, d in outcome.items() if not d and (crash is None or lr < crash)), default=None)
+        b = bracket(points, cfg.crash, cfg.kappa)
+        crash, stable = b.crash_lr, b.stable_lr
         print(f"  {label:<8} search: {n[0]:>3} trials, bracket [{_f(rep['stable_lr'])}, {_f(rep['crash_lr'])}] "
               f"width {rep['bracket_width']:.3f}x, {t_search:5.1f}s | grid: {len(grid)} trials, "
               f"bracket [{_f(stable)}, {_f(crash)}] width {(crash / stable if crash and stable else math.inf):.3f}x, "
@@ -106,7 +112,7 @@ def main() -> None:
         target = max(trials) <= dense / 4 and ok
         if not args.skip_real:
             real_cfg = BoundaryConfig(lr_range=(1e-3, 3.0), resolution=2 ** 0.25, max_trials_per_cell=20)
-            print(f"real CPU GPT (1 x 32, 60 steps): lr range {real_cfg.lr_range}, "
+            print(f"real CPU GPT (2 x 64, 150 steps): lr range {real_cfg.lr_range}, "
                   f"dense grid {dense_grid_size(real_cfg)} trials")
             real(d, real_cfg)
     print("target met" if target else "target MISSED")
