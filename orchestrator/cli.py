@@ -184,6 +184,31 @@ def report(spec: Optional[Path] = typer.Argument(None, help="The sweep's spec (n
         typer.echo(f"  {f}")
 
 
+@app.command("forensics")
+def forensics_cmd(spec: Optional[Path] = typer.Argument(None, help="The sweep's spec (names its experiment and sweep)."),
+                  experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
+                  sweep: Optional[str] = typer.Option(None, help="Sweep name (default: all sweeps of the experiment)."),
+                  out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
+                  crash: Optional[str] = CRASH, kappa: Optional[float] = KAPPA,
+                  workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
+    """Which stability probe warns of a crash first, how far ahead and how reliably (read from MLflow)."""
+    from orchestrator.forensics import forensics
+    from orchestrator.tracking import default_tracking_uri
+
+    exp, sw, crash_t, kappa_v = _target(spec, experiment, sweep, crash, kappa)
+    uri = tracking_uri or default_tracking_uri(workdir)
+    try:
+        fx, files = forensics(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"{len(fx.runs)} finished runs from {uri} (experiment {exp!r}" + (f", sweep {sw!r})" if sw else ")"))
+    for f in files:
+        typer.echo(f"  {f}")
+    for f in files:
+        if f.suffix == ".md":
+            typer.echo("\n" + f.read_text())
+
+
 @app.command()
 def trial(args: list[str] = typer.Argument(None, help="Options of python -m workloads.trial (see --help there).")):
     """Run one trial in this process, without Ray or MLflow (same as python -m workloads.trial)."""

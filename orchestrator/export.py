@@ -531,7 +531,9 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
            crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA, sensitivity_range: tuple[float, float] | None = None,
            log_to_mlflow: bool = True) -> list[Path]:
     """Loss-vs-LR panels (classes marked, l_0 and the baseline drawn) and the crash boundary (points
-    with bracket error bars; a heatmap when depth varies too), as PNG and PDF."""
+    with bracket error bars; a heatmap when depth varies too), as PNG and PDF; and the forensic
+    figures (``orchestrator.forensics``: AUC of each probe against the fraction of training, and one
+    figure per crashed run with its probes, warnings and crash step)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -561,6 +563,10 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
             fig = _boundary_points(plt, {c["stabilizer"]: c for c in msl}, stabs, w, crit)
         files += _save(fig, out, f"max_stable_lr_warmup{w}")
         plt.close(fig)
+    from orchestrator.forensics import forensics
+
+    _, forensic = forensics(tracking_uri, experiment, sweep, out, crash, kappa, log_to_mlflow=False, with_figures=True)
+    files += [f for f in forensic if f.suffix in (".png", ".pdf")]
     if log_to_mlflow and sweep:
         _log_artifacts(tracking_uri, experiment, sweep, ex.files + files, "report")
     return files

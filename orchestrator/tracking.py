@@ -165,6 +165,9 @@ class Tracker:
         self.log_params(run_id, config)
         return run_id
 
+    def metric_history(self, run_id: str, key: str) -> list:
+        return self._call(self.client.get_metric_history, run_id, key)
+
     def log_params(self, run_id: str, values: dict) -> None:
         """Nested dicts flattened to dotted keys; MLflow takes at most 100 params a batch."""
         params = [Param(k[:250], v[:6000]) for k, v in _flatten(values).items()]

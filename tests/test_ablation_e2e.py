@@ -142,9 +142,12 @@ def test_report_writes_plots(ray_local, tmp_path):
     from orchestrator.export import report
 
     files = report(out.tracking_uri, out.experiment, spec.name, tmp_path / "rep")
-    names = sorted(f.name for f in files)
-    assert names == ["loss_vs_lr_warmup0.pdf", "loss_vs_lr_warmup0.png", "max_stable_lr_warmup0.pdf",
-                     "max_stable_lr_warmup0.png"]
+    names = sorted(f.name for f in files if f.parent.name == "rep")
+    assert names == ["forensics_auc.pdf", "forensics_auc.png", "loss_vs_lr_warmup0.pdf", "loss_vs_lr_warmup0.png",
+                     "max_stable_lr_warmup0.pdf", "max_stable_lr_warmup0.png"]
+    crashed = [r for r in pq.read_table(tmp_path / "rep" / "trials.parquet").to_pylist() if r["crashed"]]
+    per_run = [f for f in files if f.parent.name == "forensics_runs"]
+    assert len(per_run) == len(crashed)  # one forensic figure per crashed run
     for f in files:
         head = b"\x89PNG\r\n\x1a\n" if f.suffix == ".png" else b"%PDF"
         assert f.read_bytes()[:len(head)] == head and f.stat().st_size > 5000
