@@ -302,7 +302,7 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
             if m in ("loss", "max_logit", "qk_sigma1/max", "grad_norm") and min(ys) > 0:
                 ax.set_yscale("log")
             ax.set_ylabel(m, fontsize=7, rotation=0, ha="right")
-            ax.tick_params(labelsize=6)
+            ax.tick_params(which="both", labelsize=6)
             if settled is not None:
                 ax.axvline(settled, color="C3", lw=1)
             w = fx.warnings.get((r.run_id, m))
