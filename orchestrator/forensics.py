@@ -6,7 +6,9 @@ workload and probe:
 
 - **Predictive power.** The probe's value at fixed fractions of training (``FRACTIONS``: its last
   recorded value at or before that step) scores "ends crashed"; the ROC AUC (Mann-Whitney, ties
-  count half) with a bootstrap 95 % interval over runs, and the counts of crashed and stable runs.
+  count half) with a bootstrap 95 % interval over runs, and the counts of crashed and stable runs;
+  and the AUC over only the crashed/stable pairs that ran at the same LR (what the probe tells
+  beyond the LR).
   Each probe has a fixed danger direction (``PROBES``: entropy low, everything else high), so an
   AUC below 0.5 means the probe points the wrong way.
 - **Warnings.** The probe *warns* at its first recorded step beyond a threshold. The threshold is
@@ -38,8 +40,12 @@ from orchestrator.export import FINISHED, _fmt, _log_artifacts, _write, fetch_ru
 from orchestrator.tracking import TAG_SWEEP, Tracker
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, criterion_label
 
+LR = "learning rate"
+"""Not a probe: the run's configured LR as a constant series, the baseline every probe must beat (in
+an LR sweep anything that grows with the LR predicts crashes)."""
 PROBES: dict[str, int] = {
     # metric -> danger direction: +1 high values warn, -1 low values warn
+    LR: +1,
     "loss": +1,
     "attn_entropy/min": -1,
     "attn_entropy/mean": -1,
@@ -52,6 +58,7 @@ PROBES: dict[str, int] = {
     "param_norm": +1,
 }
 FRACTIONS = (0.05, 0.1, 0.25)
+WITHIN_LR_FRACTION = 0.1
 BOOTSTRAP = 1000
 
 
@@ -108,8 +115,10 @@ def load_histories(tracking_uri: str, experiment: str, sweep: str | None, crash=
     for row in table.to_pylist():
         if row["status"] not in FINISHED or row["outcome"] is None:
             continue
-        series = {}
+        series = {LR: [(0, row["lr"])]} if LR in probes else {}
         for m in probes:
+            if m == LR:
+                continue
             hist = tr.metric_history(row["run_id"], m)
             if hist:
                 series[m] = sorted((h.step, h.value) for h in hist)
@@ -134,6 +143,21 @@ def auc(pos: list[float], neg: list[float]) -> float | None:
         return None
     p, n = np.asarray(pos, float)[:, None], np.asarray(neg, float)[None, :]
     return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
+
+
+def auc_within_lr(runs: list[RunHistory], metric: str, fraction: float) -> tuple[float | None, int]:
+    """The AUC over (crashed, stable) pairs that ran at the same learning rate: what the probe tells
+    beyond the LR itself. Returns (AUC, number of pairs)."""
+    wins, pairs = 0.0, 0
+    for c in (r for r in runs if r.crashed):
+        sc = _score(c, metric, fraction)
+        for s in (r for r in runs if not r.crashed and r.lr == c.lr):
+            ss = _score(s, metric, fraction)
+            if sc is None or ss is None:
+                continue
+            pairs += 1
+            wins += 1.0 if sc > ss else 0.5 if sc == ss else 0.0
+    return (wins / pairs if pairs else None), pairs
 
 
 def bootstrap_auc(pos: list[float], neg: list[float], n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float] | None:
@@ -198,6 +222,7 @@ def analyse(runs: list[RunHistory], probes=tuple(PROBES), fractions=FRACTIONS) -
                 row[f"auc@{f:g}"] = auc(pos, neg)
                 ci = bootstrap_auc(pos, neg)
                 row[f"ci@{f:g}"] = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            row["auc_within_lr"], row["within_lr_pairs"] = auc_within_lr(have, m, WITHIN_LR_FRACTION)
             auc_rows.append(row)
 
             train = [r for r in have if r.split == "train"]
@@ -235,13 +260,16 @@ def _auc_text(v) -> str:
 def write_tables(fx: Forensics, out: Path, name: str, crit: str, fractions=FRACTIONS) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    header = ["workload", "probe", "warns when"] + [f"AUC at {f:.0%} [95% CI]" for f in fractions] + ["crashed / stable"]
+    header = (["workload", "probe", "warns when"] + [f"AUC at {f:.0%} [95% CI]" for f in fractions]
+              + [f"AUC at {WITHIN_LR_FRACTION:.0%} within an LR (pairs)", "crashed / stable"])
     body = [[r["workload"], r["probe"], r["direction"]]
             + [f"{_auc_text(r[f'auc@{f:g}'])} {r[f'ci@{f:g}']}".strip() for f in fractions]
-            + [f"{r['crashed_runs']} / {r['stable_runs']}"] for r in fx.auc_rows]
+            + [f"{_auc_text(r['auc_within_lr'])} ({r['within_lr_pairs']})", f"{r['crashed_runs']} / {r['stable_runs']}"]
+            for r in fx.auc_rows]
     files += _write(out, "forensics_auc", header, body,
                     f"Which probe predicts a crash, {name}: ROC AUC of 'ends crashed' from the probe's value at a "
-                    f"fraction of training (bootstrap 95% interval over runs); {crit}")
+                    "fraction of training (bootstrap 95% interval over runs), and over crashed/stable pairs that ran "
+                    f"at the same LR (what the probe adds to the LR); {crit}")
     header = ["workload", "probe", "threshold", "crashed warned (test)", "false alarms (test)",
               "lead steps median [min, max]", "lead / run"]
     body = []
@@ -270,19 +298,26 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
     import matplotlib.pyplot as plt
 
     files = []
+    from matplotlib.lines import Line2D
+
     workloads = sorted({r["workload"] for r in fx.auc_rows})
+    present = [m for m in PROBES if any(r["probe"] == m for r in fx.auc_rows)]
+    others = [m for m in present if m not in (LR, "loss")]
+    style = {m: dict(color=plt.cm.tab10(i % 10), lw=1) for i, m in enumerate(others)}
+    style.update({"loss": dict(color="k", lw=2.2), LR: dict(color="0.45", lw=2.2, ls="--")})
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.6 * len(workloads) + 1.8, 3.6), squeeze=False, sharey=True)
     for ax, wl in zip(axes[0], workloads):
         for r in (r for r in fx.auc_rows if r["workload"] == wl):
             ys = [r[f"auc@{f:g}"] for f in fractions]
-            ax.plot([100 * f for f in fractions], [np.nan if y is None else y for y in ys], "o-",
-                    label=r["probe"], lw=2.2 if r["probe"] == "loss" else 1, color="k" if r["probe"] == "loss" else None)
+            ax.plot([100 * f for f in fractions], [np.nan if y is None else y for y in ys], marker="o",
+                    **style[r["probe"]])
         ax.axhline(0.5, color="0.5", lw=0.6, ls=":")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("% of training")
         ax.set_title(wl)
     axes[0][0].set_ylabel("ROC AUC of 'ends crashed'")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    axes[0][-1].legend(handles=[Line2D([], [], marker="o", label=m, **style[m]) for m in present], fontsize=7,
+                       loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(out / f"forensics_auc.{ext}", dpi=150)
@@ -293,7 +328,7 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
     if crashed:
         (out / "forensics_runs").mkdir(exist_ok=True)
     for r in crashed:
-        metrics = [m for m in PROBES if r.series.get(m)]
+        metrics = [m for m in PROBES if m != LR and r.series.get(m)]
         fig, axes = plt.subplots(len(metrics), 1, figsize=(6, 1.25 * len(metrics) + 0.8), sharex=True, squeeze=False)
         settled = r.settled_step()
         for ax, m in zip(axes[:, 0], metrics):

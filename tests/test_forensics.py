@@ -55,6 +55,8 @@ def test_known_answers(tmp_path):
     aucs = {r["probe"]: r for r in fx.auc_rows}
     assert aucs["max_logit"]["auc@0.05"] == 0.5 and aucs["max_logit"]["auc@0.25"] == 1.0  # warned by step 20
     assert aucs["spectral_conc/max"]["auc@0.25"] == 0.5
+    assert aucs["learning rate"]["auc@0.05"] == 1.0  # here the crashed runs have the 8 largest LRs
+    assert aucs["max_logit"]["within_lr_pairs"] == 0  # no LR ran both a crashed and a stable run
     assert aucs["loss"]["auc@0.25"] == 0.5  # before step 40 the loss is the same in every run
     warn = {r["probe"]: r for r in fx.warning_rows}
     assert warn["max_logit"]["test_crashed_warned"] == "4/4" and warn["max_logit"]["test_false_alarms"] == "0/4"
@@ -68,7 +70,7 @@ def test_known_answers(tmp_path):
             "forensics_auc.png", "forensics_auc.pdf"} <= names
     assert len([f for f in files if f.parent.name == "forensics_runs"]) == 8
     table = pq.read_table(tmp_path / "out" / "forensics_warnings.parquet").to_pylist()
-    assert {r["probe"] for r in table} == {"loss", "max_logit", "spectral_conc/max", "grad_norm"}
+    assert {r["probe"] for r in table} == {"learning rate", "loss", "max_logit", "spectral_conc/max", "grad_norm"}
     md = (tmp_path / "out" / "forensics_auc.md").read_text()
     assert "| gpt | max_logit | high |" in md and "crash = diverged" in md
     # logged to the sweep's parent run
