@@ -39,6 +39,15 @@ TAG_TRIAL = "ablate.trial_id"
 TAG_KIND = "ablate.kind"  # "sweep" | "trial"
 BATCH = 1000  # MLflow's limit of metrics per log_batch
 
+# MLflow 3 records an experiment's kind in this tag ("genai_development" or
+# "custom_model_development"; the UI's ExperimentKind enum, mlflow/server/js, and the tag its
+# "experiment type" selector writes). ablate's experiments are model training. MLflow 3.17's UI
+# still opens every experiment in its GenAI view until the sidebar's "Model training" switch is
+# clicked (kept per browser) or the page is opened with ?workflowType=machine_learning: see
+# Tracker.experiment_url and the README.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 
 def default_tracking_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
@@ -94,8 +103,20 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         self.retries = retries
         exp = self._call(self.client.get_experiment_by_name, experiment)
-        self.experiment_id = exp.experiment_id if exp else self._call(
-            self.client.create_experiment, experiment, artifact_location=local_artifact_root(tracking_uri))
+        if exp is None:
+            self.experiment_id = self._call(self.client.create_experiment, experiment,
+                                            artifact_location=local_artifact_root(tracking_uri),
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+        else:
+            self.experiment_id = exp.experiment_id
+            if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older ablate; a kind set by hand is kept
+                self._call(self.client.set_experiment_tag, self.experiment_id, TAG_EXPERIMENT_KIND,
+                           EXPERIMENT_KIND)
+
+    def experiment_url(self, ui: str = "http://127.0.0.1:5000") -> str:
+        """The experiment's page in the MLflow UI at ``ui``, on its model-training view (runs, not
+        traces): MLflow 3.17's UI reads the view from ``workflowType``, not from the experiment's tag."""
+        return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
     def _call(self, fn, *args, **kwargs):
         """Retry transient store errors (a restarting server, a busy SQLite file) with backoff:
