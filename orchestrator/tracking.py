@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -82,6 +83,31 @@ def code_version() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return out
+
+
+RESULT_KEYS = ("final_loss", "best_loss", "initial_loss", "final_train_loss", "wall_time", "throughput")
+
+
+def _nonfinite_text(v: float) -> str:
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by the string "inf", "-inf" or "nan", so that it
+    can be written as standard JSON (which has no Infinity or NaN tokens). ``float(s)`` reads such a
+    string back."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return _nonfinite_text(obj)
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_dumps_finite(obj: Any) -> str:
+    """Standard JSON (``allow_nan=False``) of ``obj``, non-finite floats written as strings."""
+    return json.dumps(finite_json(obj), indent=1, default=str, allow_nan=False)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -302,12 +328,16 @@ class TrackingCallback(Callback):
         tags = {"status": status, "divergence_kind": ev["kind"] if ev else "",
                 "divergence_step": ev["step"] if ev else "", "steps_run": summary["steps_run"],
                 "device": summary.get("device", ""), "ended_at": summary.get("ended_at", "")}
+        # Every float result becomes a metric result/<name>, except a non-finite one: MLflow's SQL
+        # stores would keep inf as 1.8e308, so it is recorded as the tag result/<name> = inf | -inf |
+        # nan instead (export reads it back as a float). Timestamps are tags, not results.
+        final = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and (k in RESULT_KEYS or (isinstance(v, float) and not k.endswith("_at")))}
+        tags.update({f"result/{k}": _nonfinite_text(v) for k, v in final.items() if not math.isfinite(v)})
         self.tracker.set_tags(run_id, tags)
-        final = {k: summary[k] for k in ("final_loss", "best_loss", "initial_loss", "final_train_loss",
-                                         "wall_time", "throughput") if k in summary}
-        self.tracker.log_metrics(run_id, [Metric(f"result/{k}", float(v), int(time.time() * 1000),
-                                                 summary["steps_run"]) for k, v in final.items()])
-        self.tracker.log_text(run_id, json.dumps(summary, indent=1, default=str), "result.json")
+        self.tracker.log_metrics(run_id, [Metric(f"result/{k}", v, int(time.time() * 1000), summary["steps_run"])
+                                          for k, v in final.items() if math.isfinite(v)])
+        self.tracker.log_text(run_id, json_dumps_finite(summary), "result.json")
         self._close(tid, run_id, status, "FINISHED")
 
     def _close(self, tid: str, run_id: str, status: str, run_status: str) -> None:

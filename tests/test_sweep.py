@@ -68,6 +68,8 @@ def test_smoke_sweep_records_every_trial_in_mlflow(ray_local, tmp_path):
             events = json.loads(Path(client.download_artifacts(r.info.run_id, "events.json", str(tmp_path))).read_text())
             assert events and events[0]["kind"] == r.data.tags["divergence_kind"]
             assert int(r.data.tags["divergence_step"]) == events[0]["step"] < 39
+            # no 1.8e308 stand-in for an infinite loss: no metric, a tag saying what it was
+            assert "result/final_loss" not in r.data.metrics and r.data.tags["result/final_loss"] == "inf"
         assert r.data.tags["node_id"] and r.info.status == "FINISHED"
 
     # Re-running the finished sweep continues it: nothing runs again, nothing is duplicated.
