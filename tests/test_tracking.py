@@ -32,7 +32,8 @@ def test_experiments_are_tagged_model_training(tmp_path):
 
 def _finish(tmp_path, summaries: dict[str, dict]):
     """Record finished trials through the Tune callback's own code path (the trial object Tune
-    passes is only read for its id)."""
+    passes is only read for its id). The callback prefers $ABLATE_TRACKING_URI, which an earlier
+    sweep in this process may have left set: the caller removes it."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tr = Tracker(uri, "exp")
     parent = tr.sweep_run("sw", {"name": "sw"}, "name: sw\n")
@@ -44,7 +45,8 @@ def _finish(tmp_path, summaries: dict[str, dict]):
     return uri, tr, cb
 
 
-def test_nonfinite_results_are_tags_not_max_float_metrics_and_json_is_standard(tmp_path):
+def test_nonfinite_results_are_tags_not_max_float_metrics_and_json_is_standard(tmp_path, monkeypatch):
+    monkeypatch.delenv("ABLATE_TRACKING_URI", raising=False)
     base = {"initial_loss": 5.5, "final_train_loss": 2.1, "steps_run": 40, "wall_time": 3.0, "throughput": 900.0,
             "device": "cpu", "num_params": 10, "ended_at": 1.7e9, "events": []}
     ev = {"kind": "nonfinite", "step": 3, "value": "nan"}
