@@ -338,6 +338,26 @@ class BoundarySearcher(Searcher):
     def __setstate__(self, state):
         self.__init__([])
 
+    def save(self, checkpoint_path: str) -> None:
+        """Tune saves its searcher with the experiment state (and warned "save not implemented"
+        without this). The search's state is the Optuna store, written at every tell; this file
+        only says which studies the search uses and which trials were in flight, for a reader."""
+        with self._lock:
+            state = {"kind": "ablate.boundary", "studies": [s.study.study_name for s in self.searches],
+                     "in_flight": {tid: s.study.study_name for tid, (s, _) in self.live.items()}}
+        Path(checkpoint_path).write_text(json.dumps(state, indent=1))
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Nothing to load: a resumed search reads its studies from the Optuna store (trials that
+        were in flight are marked failed there, see CellSearch). The file is only checked to be
+        this searcher's."""
+        try:
+            state = json.loads(Path(checkpoint_path).read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("kind") != "ablate.boundary":
+            log.warning("boundary searcher: %s is not a boundary search's state; ignored", checkpoint_path)
+
     def suggest(self, trial_id: str):
         with self._lock:
             for _ in range(len(self.searches)):

@@ -91,8 +91,12 @@ def _typed(field: pa.Field, raw: str | None):
     return raw
 
 
-def _metric(v: float | None) -> float | None:
-    """MLflow's SQL stores write +-inf as +-max float; read them back as inf."""
+def _metric(v: float | None, tag: str | None = None) -> float | None:
+    """A metric's value; when there is none, the tag of the same name that records a non-finite
+    result ("inf", "-inf", "nan"; see TrackingCallback._finish_trial). MLflow's SQL stores write
+    +-inf as +-max float (runs recorded before those tags): read back as inf."""
+    if v is None and tag:
+        return float(tag)
     if v is not None and abs(v) >= 1.7976931348623157e308:
         return math.copysign(math.inf, v)
     return v
@@ -120,7 +124,9 @@ def runs_table(runs: list, experiment: str) -> pa.Table:
         for f in _config_fields():
             row[f.name] = _typed(f, params.get(f.name))
         for m in RESULT_METRICS:
-            row[m] = _metric(metrics.get(f"result/{m}"))
+            row[m] = _metric(metrics.get(f"result/{m}"), tags.get(f"result/{m}"))
+        if row["final_loss"] is not None and math.isnan(row["final_loss"]):
+            row["final_loss"] = math.inf  # a NaN loss diverged: +inf, as for every diverged trial
         for m in PROBE_METRICS:
             row["last/" + m] = _metric(metrics.get(m))
         for name in cols:

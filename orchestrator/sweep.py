@@ -51,8 +51,9 @@ def init_ray(address: str | None = None, workdir: Path | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, **kwargs)  # the cluster's own authentication applies, untouched
     else:
+        _embedded_token_auth()
         ray.init(include_dashboard=False, **kwargs)
     if workdir is not None:  # Ray's own logs, reachable from the workdir
         try:
@@ -66,6 +67,28 @@ def init_ray(address: str | None = None, workdir: Path | None = None) -> None:
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def _embedded_token_auth() -> None:
+    """Token authentication on, explicitly, for the Ray that ``init_ray`` starts on this machine.
+
+    Ray (2.60 here) turns token authentication on by default for a new local cluster and then logs
+    "Token authentication is enabled for this Ray cluster" on every start; it logs nothing when
+    ``RAY_AUTH_MODE`` is set. The embedded cluster's GCS and raylet listen on this machine's network
+    address, not only on loopback, so anyone who can reach it could run code in it: authentication
+    stays on (the token is Ray's, ``~/.ray/auth_token``, created on first use), and ablate says so
+    once, here, instead of Ray on every command. A ``RAY_AUTH_MODE`` set by the user wins. On a
+    cluster (``--address``) nothing is changed: the cluster's own setting applies.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:  # a Ray without token authentication has neither; then there is nothing to set
+        from ray._private.authentication import authentication_token_setup  # noqa: F401
+        from ray._raylet import Config
+    except ImportError:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"  # inherited by the raylet, GCS and workers
+    Config.initialize("")  # the driver's cached Ray config re-reads it (what Ray does when it enables it)
 
 
 def storage_root(spec: SweepSpec, workdir: Path) -> str:

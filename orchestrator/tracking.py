@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -38,6 +39,15 @@ TAG_SWEEP = "ablate.sweep"
 TAG_TRIAL = "ablate.trial_id"
 TAG_KIND = "ablate.kind"  # "sweep" | "trial"
 BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+# MLflow 3 records an experiment's kind in this tag ("genai_development" or
+# "custom_model_development"; the UI's ExperimentKind enum, mlflow/server/js, and the tag its
+# "experiment type" selector writes). ablate's experiments are model training. MLflow 3.17's UI
+# still opens every experiment in its GenAI view until the sidebar's "Model training" switch is
+# clicked (kept per browser) or the page is opened with ?workflowType=machine_learning: see
+# Tracker.experiment_url and the README.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def default_tracking_uri(workdir: str | Path) -> str:
@@ -75,6 +85,31 @@ def code_version() -> dict[str, str]:
     return out
 
 
+RESULT_KEYS = ("final_loss", "best_loss", "initial_loss", "final_train_loss", "baseline_loss", "wall_time", "throughput")
+
+
+def _nonfinite_text(v: float) -> str:
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by the string "inf", "-inf" or "nan", so that it
+    can be written as standard JSON (which has no Infinity or NaN tokens). ``float(s)`` reads such a
+    string back."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return _nonfinite_text(obj)
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_dumps_finite(obj: Any) -> str:
+    """Standard JSON (``allow_nan=False``) of ``obj``, non-finite floats written as strings."""
+    return json.dumps(finite_json(obj), indent=1, default=str, allow_nan=False)
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -94,8 +129,20 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         self.retries = retries
         exp = self._call(self.client.get_experiment_by_name, experiment)
-        self.experiment_id = exp.experiment_id if exp else self._call(
-            self.client.create_experiment, experiment, artifact_location=local_artifact_root(tracking_uri))
+        if exp is None:
+            self.experiment_id = self._call(self.client.create_experiment, experiment,
+                                            artifact_location=local_artifact_root(tracking_uri),
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+        else:
+            self.experiment_id = exp.experiment_id
+            if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older ablate; a kind set by hand is kept
+                self._call(self.client.set_experiment_tag, self.experiment_id, TAG_EXPERIMENT_KIND,
+                           EXPERIMENT_KIND)
+
+    def experiment_url(self, ui: str = "http://127.0.0.1:5000") -> str:
+        """The experiment's page in the MLflow UI at ``ui``, on its model-training view (runs, not
+        traces): MLflow 3.17's UI reads the view from ``workflowType``, not from the experiment's tag."""
+        return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
     def _call(self, fn, *args, **kwargs):
         """Retry transient store errors (a restarting server, a busy SQLite file) with backoff:
@@ -291,12 +338,16 @@ class TrackingCallback(Callback):
         if self.settings.get("crash"):
             tags["crash_criterion"] = self.settings["crash"]
             tags["crashed"] = status in self.settings["crash_classes"]
+        # Every float result becomes a metric result/<name>, except a non-finite one: MLflow's SQL
+        # stores would keep inf as 1.8e308, so it is recorded as the tag result/<name> = inf | -inf |
+        # nan instead (export reads it back as a float). Timestamps are tags, not results.
+        final = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and (k in RESULT_KEYS or (isinstance(v, float) and not k.endswith("_at")))}
+        tags.update({f"result/{k}": _nonfinite_text(v) for k, v in final.items() if not math.isfinite(v)})
         self.tracker.set_tags(run_id, tags)
-        final = {k: summary[k] for k in ("final_loss", "best_loss", "initial_loss", "final_train_loss",
-                                         "baseline_loss", "wall_time", "throughput") if k in summary}
-        self.tracker.log_metrics(run_id, [Metric(f"result/{k}", float(v), int(time.time() * 1000),
-                                                 summary["steps_run"]) for k, v in final.items()])
-        self.tracker.log_text(run_id, json.dumps(summary, indent=1, default=str), "result.json")
+        self.tracker.log_metrics(run_id, [Metric(f"result/{k}", v, int(time.time() * 1000), summary["steps_run"])
+                                          for k, v in final.items() if math.isfinite(v)])
+        self.tracker.log_text(run_id, json_dumps_finite(summary), "result.json")
         self._close(tid, run_id, status, "FINISHED")
 
     def _close(self, tid: str, run_id: str, status: str, run_status: str) -> None:

@@ -74,6 +74,9 @@ def test_smoke_sweep_records_every_trial_in_mlflow(ray_local, tmp_path):
             assert tags["status"] == "diverged" and tags["divergence_kind"] == tags["stop_reason"]
             events = json.loads(Path(client.download_artifacts(r.info.run_id, "events.json", str(tmp_path))).read_text())
             assert any(e["kind"] == tags["stop_reason"] and e["step"] == int(tags["divergence_step"]) for e in events)
+            if tags["stop_reason"] == "nonfinite":
+                # no 1.8e308 stand-in for an infinite loss: no metric, a tag saying what it was
+                assert "result/final_loss" not in m and tags["result/final_loss"] == "inf"
         assert tags["node_id"] and r.info.status == "FINISHED"
 
     # Re-running the finished sweep continues it: nothing runs again, nothing is duplicated.

@@ -1,0 +1,86 @@
+"""MLflow records as a user meets them: the experiment's kind, honest non-finite results.
+Real MLflow (SQLite in a temp dir); no Ray."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+from mlflow.tracking import MlflowClient
+
+from orchestrator.export import fetch_runs, runs_table
+from orchestrator.tracking import (EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, Tracker, TrackingCallback,
+                                   json_dumps_finite)
+
+
+def test_experiments_are_tagged_model_training(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    assert TAG_EXPERIMENT_KIND == "mlflow.experimentKind" and EXPERIMENT_KIND == "custom_model_development"
+    tr = Tracker(uri, "fresh")
+    assert client.get_experiment(tr.experiment_id).tags[TAG_EXPERIMENT_KIND] == "custom_model_development"
+    assert tr.experiment_url() == f"http://127.0.0.1:5000/#/experiments/{tr.experiment_id}?workflowType=machine_learning"
+    # an experiment made before ablate tagged them gets the tag; a kind someone chose is kept
+    old = client.create_experiment("older")
+    chosen = client.create_experiment("chosen", tags={TAG_EXPERIMENT_KIND: "genai_development"})
+    Tracker(uri, "older")
+    Tracker(uri, "chosen")
+    assert client.get_experiment(old).tags[TAG_EXPERIMENT_KIND] == "custom_model_development"
+    assert client.get_experiment(chosen).tags[TAG_EXPERIMENT_KIND] == "genai_development"
+
+
+def _finish(tmp_path, summaries: dict[str, dict]):
+    """Record finished trials through the Tune callback's own code path (the trial object Tune
+    passes is only read for its id). The callback prefers $ABLATE_TRACKING_URI, which an earlier
+    sweep in this process may have left set: the caller removes it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = Tracker(uri, "exp")
+    parent = tr.sweep_run("sw", {"name": "sw"}, "name: sw\n")
+    cb = TrackingCallback(uri, "exp", "sw", parent, len(summaries), progress=False)
+    for tid, summary in summaries.items():
+        cfg = {"workload": "gpt", "lr": 0.1, "stabilizers": ["none"], "stabilizer": "none"}
+        cb._runs[tid] = tr.trial_run("sw", parent, tid, tid, cfg, replace=False)
+        cb._finish_trial(SimpleNamespace(trial_id=tid), summary)
+    return uri, tr, cb
+
+
+def test_nonfinite_results_are_tags_not_max_float_metrics_and_json_is_standard(tmp_path, monkeypatch):
+    monkeypatch.delenv("ABLATE_TRACKING_URI", raising=False)
+    base = {"initial_loss": 5.5, "final_train_loss": 2.1, "steps_run": 40, "wall_time": 3.0, "throughput": 900.0,
+            "device": "cpu", "num_params": 10, "ended_at": 1.7e9, "events": []}
+    ev = {"kind": "nonfinite", "step": 3, "value": "nan"}
+    uri, tr, cb = _finish(tmp_path, {
+        "ok": {**base, "final_loss": 2.0, "best_loss": 1.9, "diverged": False, "first_event": None},
+        "inf": {**base, "final_loss": math.inf, "best_loss": 4.0, "diverged": True, "first_event": ev,
+                "new_field": -math.inf},
+        "nan": {**base, "final_loss": math.nan, "best_loss": math.nan, "diverged": True, "first_event": ev},
+    })
+    client = MlflowClient(uri)
+    runs = {r.data.tags["ablate.trial_id"]: r for r in tr.trial_runs("sw")}
+    ok, inf, nan = runs["ok"].data, runs["inf"].data, runs["nan"].data
+    assert ok.metrics["result/final_loss"] == 2.0 and "result/final_loss" not in ok.tags
+    assert "result/ended_at" not in ok.metrics and ok.metrics["result/throughput"] == 900.0
+    # no metric for a value that does not exist; the tag says what it was
+    assert "result/final_loss" not in inf.metrics and inf.tags["result/final_loss"] == "inf"
+    assert "result/new_field" not in inf.metrics and inf.tags["result/new_field"] == "-inf"
+    assert inf.metrics["result/best_loss"] == 4.0 and inf.metrics["result/initial_loss"] == 5.5
+    assert nan.tags["result/final_loss"] == "nan" and nan.tags["result/best_loss"] == "nan"
+    for data in (ok, inf, nan):
+        assert all(math.isfinite(v) and abs(v) < 1e300 for v in data.metrics.values())
+    # result.json: standard JSON (no Infinity / NaN tokens), non-finite floats as strings
+    for tid, want in (("inf", "inf"), ("nan", "nan")):
+        text = Path(client.download_artifacts(runs[tid].info.run_id, "result.json", str(tmp_path / tid))).read_text()
+        assert "Infinity" not in text and "NaN" not in text
+        doc = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        assert doc["final_loss"] == want and float(doc["final_loss"]) != 2.0
+    assert json_dumps_finite({"a": [math.inf, 1.0]}) == '{\n "a": [\n  "inf",\n  1.0\n ]\n}'
+    # export reads them back: +inf for a non-finite final loss (NaN included), the Parquet column too
+    table = runs_table(fetch_runs(uri, "exp", "sw"), "exp")
+    rows = {r["trial_id"]: r for r in table.to_pylist()}
+    assert rows["ok"]["final_loss"] == 2.0
+    assert rows["inf"]["final_loss"] == math.inf and rows["nan"]["final_loss"] == math.inf
+    assert math.isnan(rows["nan"]["best_loss"]) and rows["inf"]["best_loss"] == 4.0
+    pq.write_table(table, tmp_path / "t.parquet")
+    back = {r["trial_id"]: r for r in pq.read_table(tmp_path / "t.parquet").to_pylist()}
+    assert back["inf"]["final_loss"] == math.inf
