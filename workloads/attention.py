@@ -51,6 +51,7 @@ class LowRankQKV(nn.Module):
         self.head_dim = dim // num_heads
         self.down = nn.Linear(dim, 3 * num_heads * rank, bias=False)
         self.up = nn.Parameter(torch.empty(3 * num_heads, rank, self.head_dim))
+        self.up.matrix_batch_dims = 1  # 3H separate r x d_h matrices (read by WeylAdamW)
         self.bias = nn.Parameter(torch.zeros(3 * dim)) if bias else None
         # Both factors start at the model's init std, so the composed weight starts much smaller
         # than a dense projection would (the effect the paper relies on).
