@@ -46,6 +46,58 @@ def test_sigma_reparam_starts_as_the_plain_layer_and_eval_does_not_iterate():
     assert torch.equal(sr.u, u)
 
 
+def _reference_sigma_reparam(weight, gamma, u, v, x, bias):
+    """The previous SigmaReparamLinear forward (training, with grad): two normalised mat-vecs, then
+    sigma = v^T W u through einsum. Returns the output and the updated (u, v)."""
+    with torch.no_grad():
+        v = nn.functional.normalize(weight @ u, dim=0)
+        u = nn.functional.normalize(weight.t() @ v, dim=0)
+    sigma = torch.einsum("o,oi,i->", v, weight, u)
+    return nn.functional.linear(x, weight * (gamma / sigma), bias), u, v
+
+
+def test_sigma_reparam_equals_reference_maths():
+    torch.manual_seed(0)
+    lin = SigmaReparamLinear(24, 40)
+    with torch.no_grad():
+        lin.weight.add_(0.3 * torch.randn_like(lin.weight))
+    w = lin.weight.detach().clone().requires_grad_()
+    gamma = lin.gamma.detach().clone().requires_grad_()
+    bias = lin.bias.detach().clone().requires_grad_()
+    u, v = lin.u.clone(), lin.v.clone()
+    for _ in range(4):
+        x = torch.randn(8, 24)
+        out = lin(x)
+        ref, u, v = _reference_sigma_reparam(w, gamma, u, v, x, bias)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lin.u, u)
+        torch.testing.assert_close(lin.v, v)
+    (out ** 2).sum().backward()
+    (ref ** 2).sum().backward()
+    torch.testing.assert_close(lin.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lin.gamma.grad, gamma.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sigma_reparam_power_iteration_is_fp32_under_bf16_autocast():
+    lin = SigmaReparamLinear(32, 48)
+    with torch.no_grad():  # a spectral gap (2 vs 1) so that 60 iterations converge in fp32
+        q1, _ = torch.linalg.qr(torch.randn(48, 32))
+        q2, _ = torch.linalg.qr(torch.randn(32, 32))
+        spec = torch.linspace(1.0, 0.1, 32)
+        spec[0] = 2.0
+        lin.weight.copy_((q1 * spec) @ q2.T + 0.01 * torch.randn(48, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sigma = lin.sigma()
+        out = lin(torch.randn(4, 32))
+    assert sigma.dtype == torch.float32 and lin.u.dtype == lin.v.dtype == torch.float32
+    assert out.dtype == torch.bfloat16
+    exact = torch.linalg.matrix_norm(lin.weight.detach().double(), 2)
+    for _ in range(60):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sigma = lin.sigma()
+    assert float(sigma.detach()) == pytest.approx(float(exact), rel=1e-5)  # bf16 would stop near 1e-2
+
+
 def test_apply_sigma_reparam_to_gpt_blocks_only():
     model = GPT(GPTConfig(depth=2, width=32, heads=2, seq_len=16))
     x = torch.randint(0, 256, (2, 16))
