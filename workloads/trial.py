@@ -262,8 +262,7 @@ def weight_probes(model: nn.Module) -> dict[str, float]:
     """Spectral probes of W_q/W_k per layer, TEV, parameter norm."""
     m: dict[str, float] = {}
     conc_max, s1_max = 0.0, 0.0
-    for i, (wq, wk, heads) in enumerate(model.qk_weights()):
-        s = probes.head_singular_values(wq, wk, heads)
+    for i, s in enumerate(probes.layer_head_singular_values(model.qk_weights())):  # batched over layers
         m[f"spectral_conc/layer{i}"] = float(probes.concentration(s).max())
         m[f"qk_sigma1/layer{i}"] = float(s[:, 0].max())
         conc_max = max(conc_max, m[f"spectral_conc/layer{i}"])
