@@ -102,22 +102,21 @@ def _top_eig2(g: Tensor) -> Tensor:
 
 
 def power_iteration(a: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-    """Block power iteration (two vectors, Rayleigh-Ritz) on ``a a^T`` / ``a^T a`` for a batch of
-    matrices ``a: [B, m, n]`` from a basis ``v: [B, n, 2]``.
+    """Block power iteration (two vectors, Rayleigh-Ritz) on ``a^T a`` for a batch of matrices
+    ``a: [B, m, n]`` from a basis ``v: [B, n, 2]``.
 
-    Each iteration: ``Y = a V``, ``Q = orth(Y)``, ``Z = a^T Q``, ``V = orth(Z)``. Returns
-    ``(sigma [B], V)`` with ``sigma = sqrt(lambda_max(Z^T Z))``, the Ritz value of ``a a^T`` on
-    span(Y): a lower bound of sigma_1 that is exact when span(V) holds the top right singular
+    Each iteration: ``Y = a V``, ``Z = a^T Y``, ``V = orth(Z)``. Returns ``(sigma [B], V)`` with
+    ``sigma = sqrt(lambda_max(Y^T Y))`` of the last iteration, the Ritz value of ``a^T a`` on
+    span(V): a lower bound of sigma_1 that is exact when span(V) holds the top right singular
     vector. Two vectors instead of one cost the same matrix reads and keep the estimate good when
     the top two singular values are close or swap between steps (a single warm-started vector
     then points at the old top direction and converges at the rate (s_2/s_1)^2 per iteration)."""
-    sigma = None
     v = _orth2(v, refill=True)
+    y = v
     for _ in range(iters):
-        q = _orth2(torch.bmm(a, v))                  # [B, m, 2]
-        z = torch.bmm(a.transpose(1, 2), q)          # [B, n, 2]
-        sigma = _top_eig2(torch.bmm(z.transpose(1, 2), z)).clamp_min(0).sqrt()
-        v = _orth2(z)
+        y = torch.bmm(a, v)                          # [B, m, 2]
+        v = _orth2(torch.bmm(a.transpose(1, 2), y))  # [B, n, 2]
+    sigma = _top_eig2(torch.bmm(y.transpose(1, 2), y)).clamp_min(0).sqrt()  # from the last Y
     return sigma, v
 
 
