@@ -72,6 +72,9 @@ class TrialConfig:
     precision: str = "fp32"
     threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    compile: bool = False
+    """Run the model's loss (forward and backward, stabilizers included) under ``torch.compile``;
+    probe steps stay eager (their capture hooks)."""
     probe_interval: int = 25
     eval_interval: int = 100
     eval_batches: int = 4
@@ -320,6 +323,7 @@ class Trainer:
                                  vocab_size=self.data.vocab_size or 256).to(device)
         self.model.train()
         self.opt = build_optimizer(cfg, self.model, device)
+        self.loss_fn = torch.compile(self.model.loss) if cfg.compile else self.model.loss
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.layer_params = [(f"grad_norm/layer{i}", list(layer.parameters()))
                              for i, layer in enumerate(self.model.layers())]
@@ -344,7 +348,7 @@ class Trainer:
                 loss = model.loss(x, y)
         else:
             with self.autocast():
-                loss = model.loss(x, y)
+                loss = self.loss_fn(x, y)
         loss_value = float(loss.detach())
         metrics: dict[str, float] = {}
         if not math.isfinite(loss_value):
