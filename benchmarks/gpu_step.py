@@ -107,7 +107,7 @@ def main() -> int:
         r = measure(w, args.rounds, args.steps_per_round, not args.no_compile, args.lr)
         med, none = r["med"], r["med"]["none"]
         print(f"\n{w}: {SIZES[w]}")
-        print(f"| variant | ms / step | x none | MFU |\n| --- | --- | --- | --- |")
+        print("| variant | ms / step | x none | MFU |\n| --- | --- | --- | --- |")
         for k, t in med.items():
             print(f"| {k} | {t * 1e3:.1f} | {t / none:.3f} | {r['flops'] / t / (args.peak_tflops * 1e12):.1%} |")
         probes = 1 + (med["probe_step"] - none) / (r["interval"] * none)
