@@ -85,3 +85,21 @@ def test_swin_qk_norm_wraps_timm_qkv():
 def test_vit_qk_norm_uses_timm_own_argument():
     model = build_model(TrialConfig(workload="vit", stabilizers=("qk_norm",), **SMALL))
     assert all(isinstance(a.q_norm, torch.nn.LayerNorm) for a in model.attn_modules)
+
+
+def test_qk_norm_before_the_transpose_gives_the_same_numbers():
+    """QK-norm on the [B, T, H, D] view equals the previous LayerNorm on the permuted [B, H, T, D]."""
+    import torch.nn.functional as F
+
+    from workloads.attention import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, qk_norm=True)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 10, 32)
+    q, k, v = attn.qkv(x).view(2, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    ref = attn.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 10, 32))
+    torch.testing.assert_close(attn(x), ref, rtol=1e-6, atol=1e-6)

@@ -82,3 +82,39 @@ def test_token_embedding_variability_known_matrix():
     mean, std = token_embedding_variability(w)
     assert mean == pytest.approx(per_token.mean(), rel=1e-6)
     assert std == pytest.approx(np.std(per_token, ddof=1), rel=1e-6)
+
+
+def _svd_head_singular_values(w_q, w_k, heads):
+    """The previous implementation: thin QR of the factors, then an SVD of the small core."""
+    hd = w_q.shape[0] // heads
+    a = w_q.double().reshape(heads, hd, -1).transpose(1, 2)
+    b = w_k.double().reshape(heads, hd, -1).transpose(1, 2)
+    _, r_a = torch.linalg.qr(a)
+    _, r_b = torch.linalg.qr(b)
+    return torch.linalg.svdvals(r_a @ r_b.transpose(1, 2))
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_cholesky_spectra_equal_the_svd_version(rank):
+    """Full-rank heads (Cholesky) and MLRA-like rank-2 heads (eigh fallback), batched over layers."""
+    from workloads.probes import layer_head_singular_values
+
+    torch.manual_seed(0)
+    heads, hd, d = 4, 8, 32
+    layers = []
+    for _ in range(3):
+        if rank:
+            w_q = (torch.randn(heads, hd, rank) @ torch.randn(heads, rank, d)).reshape(heads * hd, d)
+            w_k = (torch.randn(heads, hd, rank) @ torch.randn(heads, rank, d)).reshape(heads * hd, d)
+        else:
+            w_q, w_k = torch.randn(heads * hd, d), torch.randn(heads * hd, d)
+        layers.append((0.1 * w_q, 0.1 * w_k, heads))
+    got = layer_head_singular_values(layers + [(torch.randn(12, 16), torch.randn(12, 16), 3)])
+    for (w_q, w_k, h), s in zip(layers, got):
+        ref = _svd_head_singular_values(w_q, w_k, h)
+        torch.testing.assert_close(s.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(head_singular_values(w_q, w_k, h), s)
+        s2 = ref ** 2
+        torch.testing.assert_close(spectral_concentration(w_q, w_k, h).double(), s2[:, 0] / s2.sum(-1),
+                                   rtol=1e-6, atol=1e-6)
+    assert got[-1].shape == (3, 4)

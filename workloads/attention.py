@@ -51,6 +51,7 @@ class LowRankQKV(nn.Module):
         self.head_dim = dim // num_heads
         self.down = nn.Linear(dim, 3 * num_heads * rank, bias=False)
         self.up = nn.Parameter(torch.empty(3 * num_heads, rank, self.head_dim))
+        self.up.matrix_batch_dims = 1  # 3H separate r x d_h matrices (read by WeylAdamW)
         self.bias = nn.Parameter(torch.zeros(3 * dim)) if bias else None
         # Both factors start at the model's init std, so the composed weight starts much smaller
         # than a dense projection would (the effect the paper relies on).
@@ -118,8 +119,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # [B, T, H, D] views; QK-norm runs on them, over contiguous rows, before the transpose
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
         if self.stats is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)

@@ -32,36 +32,72 @@ def attention_entropy(probs: Tensor) -> Tensor:
     return -plogp.sum(-1).mean(dim=(0, 2))
 
 
-@torch.no_grad()
-def head_singular_values(w_q: Tensor, w_k: Tensor, num_heads: int) -> Tensor:
-    """Singular values of ``W_q[h]^T W_k[h]`` for every head, ``[heads, head_dim]`` descending.
-
-    ``w_q``, ``w_k``: ``[out, in]`` (``nn.Linear`` layout), ``out = heads * head_dim``. The
-    ``[in, in]`` product has rank <= head_dim, so instead of an SVD of it we use thin QR of the
-    factors: ``A^T B = Q_a (R_a R_b^T) Q_b^T`` has the singular values of the small
-    ``R_a R_b^T`` (head_dim x head_dim).
-    """
+def _gram_pairs(w_q: Tensor, w_k: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
+    """Per-head Gram matrices ``G_q = W_q[h] W_q[h]^T`` and ``G_k`` (float64, ``[heads, d_h, d_h]``)."""
     out, d_in = w_q.shape
     if w_k.shape != w_q.shape:
         raise ValueError(f"w_q {tuple(w_q.shape)} and w_k {tuple(w_k.shape)} differ in shape")
     if out % num_heads:
         raise ValueError(f"out features {out} not divisible by num_heads {num_heads}")
     hd = out // num_heads
-    a = w_q.double().reshape(num_heads, hd, d_in).transpose(1, 2)  # [h, in, hd] = W_q[h]^T
-    b = w_k.double().reshape(num_heads, hd, d_in).transpose(1, 2)
-    if hd <= d_in:
-        _, r_a = torch.linalg.qr(a)  # [h, hd, hd]
-        _, r_b = torch.linalg.qr(b)
-        core = r_a @ r_b.transpose(1, 2)
-    else:  # degenerate (head_dim > in): fall back to the full product
-        core = a @ b.transpose(1, 2)
-    return torch.linalg.svdvals(core).float()
+    a = w_q.detach().double().reshape(num_heads, hd, d_in)  # W_q[h]: [hd, in]
+    b = w_k.detach().double().reshape(num_heads, hd, d_in)
+    return a @ a.transpose(1, 2), b @ b.transpose(1, 2)
+
+
+def _squared_singular_values(g_q: Tensor, g_k: Tensor) -> Tensor:
+    """Eigenvalues (descending, clamped >= 0) of ``L^T G_k L`` with ``L L^T = G_q``, batched.
+
+    ``L`` is the Cholesky factor where ``G_q`` is positive definite; for a rank-deficient ``G_q``
+    (MLRA's rank-r heads) it is ``Q diag(sqrt(lambda))`` from ``eigh``, which any ``L L^T = G_q``
+    may be: the nonzero eigenvalues of ``L^T G_k L`` are those of ``G_q G_k`` either way."""
+    lower, info = torch.linalg.cholesky_ex(g_q)
+    bad = info != 0
+    if bool(bad.any()):  # probe steps only: one host sync is fine here
+        lam, q = torch.linalg.eigh(g_q[bad])
+        lower = lower.clone()
+        lower[bad] = q * lam.clamp_min(0).sqrt().unsqueeze(-2)
+    core = lower.transpose(-2, -1) @ g_k @ lower
+    return torch.linalg.eigvalsh((core + core.transpose(-2, -1)) / 2).flip(-1).clamp_min(0)
+
+
+@torch.no_grad()
+def head_singular_values(w_q: Tensor, w_k: Tensor, num_heads: int) -> Tensor:
+    """Singular values of ``W_q[h]^T W_k[h]`` for every head, ``[heads, head_dim]`` descending.
+
+    ``w_q``, ``w_k``: ``[out, in]`` (``nn.Linear`` layout), ``out = heads * head_dim``. No SVD of
+    the ``[in, in]`` product: with ``G_q = W_q[h] W_q[h]^T`` and ``G_k`` (``d_h x d_h``), the
+    squared singular values are the eigenvalues of ``L^T G_k L``, ``L = chol(G_q)``, and their sum
+    is ``<G_q, G_k>_F``. Computed in float64."""
+    return _squared_singular_values(*_gram_pairs(w_q, w_k, num_heads)).sqrt().float()
+
+
+@torch.no_grad()
+def layer_head_singular_values(qk: list[tuple[Tensor, Tensor, int]]) -> list[Tensor]:
+    """:func:`head_singular_values` of many layers, ``[(W_q, W_k, heads), ...]`` (a model's
+    ``qk_weights()``); layers of the same shape share one batched Cholesky and eigensolve."""
+    grams = [_gram_pairs(wq, wk, h) for wq, wk, h in qk]
+    out: list[Tensor | None] = [None] * len(qk)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (g_q, _) in enumerate(grams):
+        by_shape.setdefault(tuple(g_q.shape), []).append(i)
+    for idx in by_shape.values():
+        s2 = _squared_singular_values(torch.cat([grams[i][0] for i in idx]), torch.cat([grams[i][1] for i in idx]))
+        for i, part in zip(idx, s2.sqrt().float().split([grams[i][0].shape[0] for i in idx])):
+            out[i] = part
+    return out  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def spectral_concentration(w_q: Tensor, w_k: Tensor, num_heads: int) -> Tensor:
-    """``s[0]**2 / sum(s**2)`` of ``W_q[h]^T W_k[h]`` per head, in (0, 1]. Returns ``[heads]``."""
-    return concentration(head_singular_values(w_q, w_k, num_heads))
+    """``s[0]**2 / sum(s**2)`` of ``W_q[h]^T W_k[h]`` per head, in (0, 1]. Returns ``[heads]``.
+
+    ``s[0]**2`` is the top eigenvalue of ``L^T G_k L`` and ``sum(s**2) = <G_q, G_k>_F`` (see
+    :func:`head_singular_values`)."""
+    g_q, g_k = _gram_pairs(w_q, w_k, num_heads)
+    top = _squared_singular_values(g_q, g_k)[:, 0]
+    total = (g_q * g_k).sum(dim=(1, 2))
+    return (top / total.clamp_min(1e-300)).float()
 
 
 def concentration(s: Tensor) -> Tensor:

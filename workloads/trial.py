@@ -73,6 +73,9 @@ class TrialConfig:
     precision: str = "fp32"
     threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    compile: bool = False
+    """Run the model's loss (forward and backward, stabilizers included) under ``torch.compile``;
+    probe steps stay eager (their capture hooks)."""
     probe_interval: int = 25
     eval_interval: int = 100
     eval_batches: int = 4
@@ -285,8 +288,7 @@ def weight_probes(model: nn.Module) -> dict[str, float]:
     """Spectral probes of W_q/W_k per layer, TEV, parameter norm."""
     m: dict[str, float] = {}
     conc_max, s1_max = 0.0, 0.0
-    for i, (wq, wk, heads) in enumerate(model.qk_weights()):
-        s = probes.head_singular_values(wq, wk, heads)
+    for i, s in enumerate(probes.layer_head_singular_values(model.qk_weights())):  # batched over layers
         m[f"spectral_conc/layer{i}"] = float(probes.concentration(s).max())
         m[f"qk_sigma1/layer{i}"] = float(s[:, 0].max())
         conc_max = max(conc_max, m[f"spectral_conc/layer{i}"])
@@ -344,6 +346,7 @@ class Trainer:
                                  vocab_size=self.data.vocab_size or 256).to(device)
         self.model.train()
         self.opt = build_optimizer(cfg, self.model, device)
+        self.loss_fn = torch.compile(self.model.loss) if cfg.compile else self.model.loss
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.layer_params = [(f"grad_norm/layer{i}", list(layer.parameters()))
                              for i, layer in enumerate(self.model.layers())]
@@ -368,7 +371,7 @@ class Trainer:
                 loss = model.loss(x, y)
         else:
             with self.autocast():
-                loss = model.loss(x, y)
+                loss = self.loss_fn(x, y)
         loss_value = float(loss.detach())
         metrics: dict[str, float] = {}
         if not math.isfinite(loss_value):

@@ -4,7 +4,8 @@ Collapse", Eq. 4):
     W_hat = gamma / sigma(W) * W
 
 with ``sigma(W)`` the spectral norm of W estimated by one step of power iteration per training
-step (vectors ``u``, ``v`` kept as buffers, not updated in eval) and ``gamma`` a learnable scalar
+step (fp32 vectors ``u``, ``v`` kept as buffers, not updated in eval; the power iteration and
+sigma run in fp32 even under bf16 autocast, as in apple/ml-sigma-reparam) and ``gamma`` a learnable scalar
 initialised to the spectral norm of the initial weight, so that the layer starts as the plain one.
 Gradients flow through ``sigma(W)`` as in the paper (sigma = v^T W u with u, v held constant).
 """
@@ -20,8 +21,8 @@ class SigmaReparamLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.gamma = nn.Parameter(torch.ones((), device=device, dtype=dtype))
-        self.register_buffer("u", torch.zeros(in_features, device=device, dtype=dtype))
-        self.register_buffer("v", torch.zeros(out_features, device=device, dtype=dtype))
+        self.register_buffer("u", torch.zeros(in_features, device=device, dtype=torch.float32))
+        self.register_buffer("v", torch.zeros(out_features, device=device, dtype=torch.float32))
         self.reset_sigma()
 
     @classmethod
@@ -45,18 +46,30 @@ class SigmaReparamLinear(nn.Linear):
         self.gamma.fill_(float(s[0]))
 
     def sigma(self) -> Tensor:
-        """Spectral-norm estimate; one power-iteration step first when training with grad."""
-        w = self.weight
-        if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                v = F.normalize(w @ self.u, dim=0)
-                u = F.normalize(w.t() @ v, dim=0)
-                self.u.copy_(u)
-                self.v.copy_(v)
-        return torch.einsum("o,oi,i->", self.v, w, self.u)
+        """Spectral-norm estimate, in fp32 even under autocast; one power-iteration step first
+        when training with grad.
+
+        The step is ``v = normalize(W u)``, ``u = normalize(W^T v)``, ``sigma = v^T W u`` (the
+        official code's order). ``W^T v`` is computed once, with grad, and serves both the new
+        ``u`` and ``sigma = (W^T v) . u`` (= ``||W^T v||``; gradient ``v u^T`` as in the paper)."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            w = self.weight.float()
+            if self.training and torch.is_grad_enabled():
+                with torch.no_grad():
+                    v = F.normalize(torch.mv(w, self.u), dim=0)
+                wt_v = torch.mv(w.t(), v)  # with grad
+                u = F.normalize(wt_v.detach(), dim=0)
+                with torch.no_grad():
+                    self.u.copy_(u)
+                    self.v.copy_(v)
+                return torch.dot(wt_v, u)
+            return torch.dot(self.v, torch.mv(w, self.u))
 
     def effective_weight(self) -> Tensor:
-        return self.weight * (self.gamma / self.sigma())
+        """``gamma / sigma * W``: the scale is computed in fp32 and applied to the weight (the
+        activation-sized alternative, scaling the layer's output, measured no faster on the CPU
+        with tokens > in_features); autocast casts the result as it casts a plain weight."""
+        return self.weight * (self.gamma.float() / self.sigma()).to(self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.effective_weight(), self.bias)

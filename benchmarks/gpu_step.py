@@ -1,0 +1,128 @@
+"""GPU step time of every stabilizer and of probe steps against plain AdamW, eager and compiled
+(issue 12). Needs CUDA; exits with a message without it.
+
+Sizes: GPT depth 12, width 768, 12 heads, seq 1024, batch 16 (86 M parameters) and the
+``vit_ablation`` ViT (depth 12, width 384, 6 heads, batch 128, 32x32, patch 4), bf16 autocast.
+Each variant is a ``Trainer`` (the trial loop's real step); ``bare`` is the same model as ``none``
+stepped without the loop's per-step loss read (forward, backward, optimizer only). Variants run
+interleaved round-robin; each one's time is the median over rounds; ratios are against ``none``
+in the same run. Probes: ``1 + (t_probe - t_step) / (probe_interval * t_step)``. MFU uses
+nanoGPT's FLOP count (6 N + 12 L d T per token, per image token for the ViT) over ``--peak-tflops``.
+
+Targets: weyl, sigma_reparam <= 1.10x; qk_norm, mlra, probes <= 1.05x; none <= 1.02x bare;
+compiled bare >= 1.25x the eager bare's throughput.
+
+    python benchmarks/gpu_step.py [--workloads gpt,vit] [--rounds 10] [--steps-per-round 5] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from workloads.trial import Trainer, TrialConfig
+
+SIZES = {
+    "gpt": dict(workload="gpt", depth=12, width=768, heads=12, seq_len=1024, batch_size=16),
+    "vit": dict(workload="vit", depth=12, width=384, heads=6, img_size=32, patch_size=4, batch_size=128),
+}
+VARIANTS = ("none", "weyl", "sigma_reparam", "qk_norm", "mlra")
+TARGETS = {"weyl": 1.10, "sigma_reparam": 1.10, "qk_norm": 1.05, "mlra": 1.05, "probes": 1.05, "none/bare": 1.02}
+
+
+def bare_step(tr: Trainer, step: int) -> None:
+    """Forward, backward, optimizer: no host sync (no loss read, no probes)."""
+    for g in tr.opt.param_groups:
+        g["lr"] = tr.cfg.lr
+    x, y = tr.data.train.next()
+    with tr.autocast():
+        loss = tr.loss_fn(x, y)
+    tr.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    tr.opt.step()
+
+
+def flops_per_step(tr: Trainer) -> float:
+    cfg = tr.cfg
+    n = sum(p.numel() for p in tr.model.parameters())
+    if cfg.workload == "gpt":
+        n -= tr.model.wpe.weight.numel()
+        t = cfg.seq_len
+    else:
+        t = (cfg.img_size // cfg.patch_size) ** 2 + 1
+    return (6 * n + 12 * cfg.depth * cfg.width * t) * t * cfg.batch_size
+
+
+def measure(workload: str, rounds: int, per_round: int, compile_: bool, lr: float) -> dict:
+    base = TrialConfig(**SIZES[workload], device="cuda", precision="bf16", steps=10**6, lr=lr)
+    fns = {}
+    for v in VARIANTS:
+        tr = Trainer(base.replace(stabilizers=() if v == "none" else (v,)))
+        fns[v] = (lambda tr: lambda s: tr.step(s, probe=False))(tr)
+        if v == "none":
+            fns["bare"] = (lambda tr: lambda s: bare_step(tr, s))(tr)
+            fns["probe_step"] = (lambda tr: lambda s: tr.step(s, probe=True))(tr)
+            flops = flops_per_step(tr)
+    if compile_:
+        for v in ("none", "weyl", "sigma_reparam"):
+            tr = Trainer(base.replace(stabilizers=() if v == "none" else (v,), compile=True))
+            fns[f"{v} (compiled)"] = (lambda tr: lambda s: tr.step(s, probe=False))(tr)
+            if v == "none":
+                fns["bare (compiled)"] = (lambda tr: lambda s: bare_step(tr, s))(tr)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds + 2):  # two warm-up rounds (allocator, compilation, power-iteration bases)
+        for k, fn in fns.items():
+            n = 1 if k == "probe_step" else per_round
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for s in range(n):
+                fn(r * per_round + s)
+            torch.cuda.synchronize()
+            if r >= 2:
+                times[k].append((time.perf_counter() - t0) / n)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"med": med, "flops": flops, "interval": base.probe_interval}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="gpt,vit")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--steps-per-round", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_step.py: no CUDA device; this benchmark measures GPU step times "
+              "(run benchmarks/step_overhead.py for the CPU ratios)", file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16 autocast")
+    failed = []
+    for w in args.workloads.split(","):
+        r = measure(w, args.rounds, args.steps_per_round, not args.no_compile, args.lr)
+        med, none = r["med"], r["med"]["none"]
+        print(f"\n{w}: {SIZES[w]}")
+        print("| variant | ms / step | x none | MFU |\n| --- | --- | --- | --- |")
+        for k, t in med.items():
+            print(f"| {k} | {t * 1e3:.1f} | {t / none:.3f} | {r['flops'] / t / (args.peak_tflops * 1e12):.1%} |")
+        probes = 1 + (med["probe_step"] - none) / (r["interval"] * none)
+        print(f"probes at interval {r['interval']}: {probes:.3f}x")
+        ratios = {v: med[v] / none for v in VARIANTS[1:]}
+        ratios["probes"], ratios["none/bare"] = probes, none / med["bare"]
+        if "bare (compiled)" in med:
+            speed = med["bare"] / med["bare (compiled)"]
+            print(f"compiled bare loop: {speed:.2f}x the eager bare loop's throughput (target >= 1.25x)")
+            if speed < 1.25:
+                failed.append(f"{w}/compile {speed:.2f}x < 1.25x")
+        failed += [f"{w}/{k} {ratios[k]:.3f}x > {t}x" for k, t in TARGETS.items() if ratios[k] > t]
+    print("\nall targets met" if not failed else "\nmissed: " + "; ".join(failed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
