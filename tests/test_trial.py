@@ -125,3 +125,14 @@ def test_command_line_runs_one_trial_and_prints_json():
     bad = subprocess.run([sys.executable, "-m", "workloads.trial", "--workload", "bert"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "workload" in bad.stderr and "gpt" in bad.stderr
+
+
+def test_weight_decay_only_on_matrices():
+    from workloads.trial import Trainer
+
+    tr = Trainer(TrialConfig(workload="vit", steps=1, depth=1, width=32, heads=2, img_size=16, weight_decay=0.1))
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    decayed = {names[id(p)] for g in tr.opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert any("cls_token" in n for n in names.values()) and any("pos_embed" in n for n in names.values())
+    assert not any("cls_token" in n or "pos_embed" in n or n.endswith("bias") for n in decayed)
+    assert any(n.endswith("qkv.weight") for n in decayed)

@@ -25,6 +25,7 @@ from workloads import stabilizers as stab
 from workloads.divergence import DivergenceConfig, DivergenceDetector, DivergenceEvent
 from workloads.models import WORKLOADS, GPT, GPTConfig, build_swin, build_vit
 from workloads.outcome import trial_class
+from workloads.stabilizers.weyl import matrix_shape
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
@@ -236,10 +237,13 @@ def build_model(cfg: TrialConfig, num_classes: int = 10, in_chans: int = 3, voca
 
 
 def build_optimizer(cfg: TrialConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (or WeylAdamW) with weight decay on the matrices only (``weyl.matrix_shape``, the same
+    rule Weyl bounds by): biases, norms, gamma and timm's ``cls_token`` / ``pos_embed`` are not
+    decayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if matrix_shape(p) is not None], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if matrix_shape(p) is None], "weight_decay": 0.0},
     ]
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if "weyl" in cfg.stabilizers:
