@@ -136,6 +136,7 @@ class StopSignals:
     def __init__(self, quiet: bool = False):
         self.received: str | None = None
         self.quiet = quiet
+        self.on_stop: list = []  # callables run at the first signal (e.g. silence progress lines)
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -167,6 +168,14 @@ class StopSignals:
             if not self.quiet:
                 print(f"\n{name}: stopping the sweep, saving its state (send it again to stop at once)",
                       file=sys.stderr, flush=True)
+            import logging
+
+            logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its own resume hint is not ours
+            for fn in self.on_stop:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - a hook must not break the stop
+                    pass
             tune_stop(signum, frame)
         else:
             raise KeyboardInterrupt(name)

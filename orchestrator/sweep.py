@@ -191,7 +191,7 @@ def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tr
                  address: str | None, precheck=None) -> Session:
     """Everything that can refuse the run is checked before the store is touched: the workdir
     (usable, not locked by another driver), the store (reachable, writable), the data sources,
-    the cluster's resources, then ``precheck(storage)``; only then is the parent run opened."""
+    ``precheck(storage)``, the cluster's resources; only then is the parent run opened."""
     signals = StopSignals().__enter__()
     lock = None
     started_ray = False
@@ -202,13 +202,13 @@ def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tr
         check_store(tracking_uri, write=True)
         embedded = not (address or os.environ.get("RAY_ADDRESS"))
         check_data(spec, spec.trials(), embedded)
+        storage = storage_root(spec, workdir)
+        if precheck is not None:
+            precheck(storage)
         os.environ["ABLATE_TRACKING_URI"] = tracking_uri
         started_ray = init_ray(address, workdir)
         signals.install()  # ray.init took SIGTERM
         check_resources(spec)
-        storage = storage_root(spec, workdir)
-        if precheck is not None:
-            precheck(storage)
         spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
         tracker = Tracker(tracking_uri, spec.experiment_name)
         parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
@@ -276,6 +276,8 @@ def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progres
     exp_dir = f"{ses.storage.rstrip('/')}/{spec.name}"
     callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, len(trials),
                                 progress=progress, crash=spec.crash, crash_criterion=spec.crash_criterion)
+    if ses.signals is not None:  # after a stop, Tune marks the running trials done: no progress line
+        ses.signals.on_stop.append(lambda: callback.settings.update(progress=False))
     trainable = trainable_for(spec)
     if can_restore:
         if progress:
