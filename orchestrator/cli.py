@@ -69,6 +69,8 @@ _OS_HINTS = {errno.EACCES: "not writable by this user; choose another folder (--
 
 def one_line(e: BaseException, uri: str | None = None) -> str:
     """An error as one line that names the path or URI and says what to do."""
+    while type(e).__name__ == "TuneError" and (e.__cause__ or e.__context__):  # Tune's wrapper: the cause
+        e = e.__cause__ or e.__context__
     if isinstance(e, OSError) and (e.filename or e.errno in _OS_HINTS):
         what = f"{e.filename}: " if e.filename else ""
         return f"{what}{e.strerror or e}; {_OS_HINTS.get(e.errno, 'check the path')}"
