@@ -187,6 +187,10 @@ def sweep(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAM
         typer.echo(f"  open the UI:  mlflow ui --backend-store-uri {out.tracking_uri}   (then http://127.0.0.1:5000)")
     else:
         typer.echo(f"  tracking server: {out.tracking_uri}")
+    for err in dict.fromkeys(out.errors[:20]).keys():  # distinct errors of failed trials
+        typer.echo(f"  failed: {err}")
+    if out.errors:
+        typer.echo("  (each failed trial's traceback: traceback.txt in its MLflow run)")
     if out.all_failed:
         _fail(f"every trial failed ({out.trials}); the first error: {out.errors[0] if out.errors else 'unknown'} "
               "(tracebacks: each trial run's traceback.txt in MLflow)", 1)

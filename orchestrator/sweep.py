@@ -74,6 +74,9 @@ def init_ray(address: str | None = None, workdir: Path | None = None) -> bool:
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # A failed trial's traceback (every attempt) goes to its MLflow run (traceback.txt) and its last
+    # line to the summary; Tune's own copy on the terminal is hundreds of lines per trial.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     return True
 
 

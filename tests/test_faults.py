@@ -329,3 +329,20 @@ def test_help_reads_normally():
 
     undocumented = [a.dest for a in _parser()._actions if not a.help or a.help == a.dest.replace("_", " ")]
     assert undocumented == []
+
+
+def test_a_sweep_where_every_trial_failed_exits_non_zero(tmp_path):
+    shards = tmp_path / "shards"  # present (the driver's check passes), empty (the trial fails)
+    shards.mkdir()
+    (shards / "train.bin").touch()
+    (shards / "val.bin").touch()
+    raw = dict(SPEC, name="t-allfail", steps=5, axes={"lr": [1e-3]}, max_failures=0,
+               fixed=dict(SPEC["fixed"], data="bin", data_path=str(shards)))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = ablate_here("sweep", str(path), "--workdir", str(tmp_path / "wd"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "failed: ValueError: cannot mmap an empty file" in out.stdout
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: every trial failed (1); the first error: ValueError: cannot mmap an empty file "
+                      "(tracebacks: each trial run's traceback.txt in MLflow)"]
