@@ -435,10 +435,10 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
         # a fresh Tune experiment per invocation: the search's state is the Optuna store's
         run_config=run_config(spec, f"{spec.name}-boundary-{int(time.time())}", ses.storage, callback),
     )
-    tuner.fit()
+    ses.fit(tuner)
     reports = [s.report() for s in searches]
     ses.tracker.log_text(ses.parent, json.dumps(reports, indent=1, default=str), "boundary/cells.json")
-    ses.tracker.finish(ses.parent)
+    ses.finish()
     return BoundaryOutcome(spec.name, spec.experiment_name, ses.tracking_uri, ses.parent, reports,
                            time.monotonic() - t0, dense_grid_size(cfg))
 

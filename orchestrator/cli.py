@@ -2,46 +2,182 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class _Command(TyperCommand):
+    """Usage lines as click writes them (``SPEC``, ``[SPEC]``): typer >= 0.2x writes a required
+    argument as ``{spec}``, which reads like a set or a shell brace expansion."""
+
+    def collect_usage_pieces(self, ctx):
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
+
+# rich_markup_mode=None: plain help (click's layout). Typer's Rich help in typer 0.2x shows a type
+# column for every option, flags included (``--help <bool>``, ``--resume/--no-resume <bool>``).
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Distributed ablations of Transformer training stability (Ray Tune + Optuna + MLflow).")
 
-WORKDIR = typer.Option("ablate_runs", "--workdir", help="Local state: MLflow SQLite store, Tune results, Ray log link.")
-TRACKING = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+WORKDIR = typer.Option("ablate_runs", "--workdir", metavar="DIR", help="Local state: MLflow SQLite store, Tune results, Ray log link.")
+TRACKING = typer.Option(None, "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                                       "else sqlite:///<workdir>/mlflow.db).")
-ADDRESS = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else embedded Ray).")
+ADDRESS = typer.Option(None, "--address", metavar="ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else embedded Ray).")
 
 
-def _fail(msg: str) -> None:
+MAX_TRIALS = typer.Option(None, "--max-trials", min=1, metavar="N",
+                          help="Refuse a grid of more trials than this (default: the spec's max_trials, else 10000).")
+ALLOW_INCOMPLETE = typer.Option(False, "--allow-incomplete",
+                                help="Export a sweep that was interrupted or is still running (flagged).")
+
+
+def _fail(msg: str, code: int = 2) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
-@app.command()
-def sweep(spec: Path = typer.Argument(..., help="Sweep spec (YAML), e.g. search_spaces/smoke.yaml."),
+def _save_traceback() -> str:
+    """The current exception's traceback in a temporary file (for a bug report); '' if it cannot."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="ablate-error-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(traceback.format_exc())
+        return path
+    except OSError:
+        return ""
+
+
+_OS_HINTS = {errno.EACCES: "not writable by this user; choose another folder (--out / --workdir)",
+             errno.EPERM: "not permitted; choose another folder (--out / --workdir)",
+             errno.EROFS: "a read-only file system; choose another folder (--out / --workdir)",
+             errno.ENOSPC: "the disk is full; free some space or choose another folder",
+             errno.EDQUOT: "the disk quota is exhausted; free some space or choose another folder",
+             errno.ENOTDIR: "a file stands where a folder is needed",
+             errno.EEXIST: "a file stands where a folder is needed"}
+
+
+def one_line(e: BaseException, uri: str | None = None) -> str:
+    """An error as one line that names the path or URI and says what to do."""
+    while type(e).__name__ == "TuneError" and (e.__cause__ or e.__context__):  # Tune's wrapper: the cause
+        e = e.__cause__ or e.__context__
+    if isinstance(e, OSError) and (e.filename or e.errno in _OS_HINTS):
+        what = f"{e.filename}: " if e.filename else ""
+        return f"{what}{e.strerror or e}; {_OS_HINTS.get(e.errno, 'check the path')}"
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    if len(text) > 300:
+        text = text[:300] + "..."
+    low = str(e).lower()
+    where = f"MLflow store {uri}: " if uri else ""
+    if any(k in low for k in ("readonly database", "read-only file system", "permission denied", "[errno 13]")):
+        return f"{where}{text}; the store is not writable by this user: fix its permissions, or choose another --workdir / --tracking-uri"
+    if any(k in low for k in ("disk is full", "no space left", "[errno 28]")):
+        return f"{where}{text}; the disk is full: free some space, or choose another --workdir"
+    if any(k in low for k in ("connection refused", "max retries exceeded", "failed to establish", "timed out")):
+        return f"{where}{text}; the tracking server did not answer: start it, or pass another --tracking-uri"
+    return f"{where}{type(e).__name__}: {text}"
+
+
+@contextmanager
+def _errors(uri: str | None = None):
+    """Every way a command can fail, as one ``error:`` line and an exit code: 2 a bad spec or
+    option, 1 a fault (store, disk, workdir), 130 / 143 interrupted (SIGINT / SIGTERM)."""
+    import click
+
+    from orchestrator.faults import Interrupted, WorkdirBusy, WorkdirError
+    from orchestrator.spec import SpecError
+    from orchestrator.tracking import StoreError
+
+    try:
+        yield
+    except (typer.Exit, typer.Abort, click.ClickException):
+        raise
+    except SpecError as e:
+        _fail(str(e))
+    except (Interrupted, KeyboardInterrupt) as e:
+        from orchestrator.faults import RESUME_HINT
+
+        sig = e.signame if isinstance(e, Interrupted) else "SIGINT"
+        typer.secho(f"{sig}: {RESUME_HINT}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(143 if sig == "SIGTERM" else 130)
+    except (WorkdirBusy, WorkdirError, StoreError) as e:
+        _fail(str(e), 1)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, the traceback in a file
+        tb = _save_traceback()
+        _fail(one_line(e, uri) + (f" (traceback: {tb})" if tb else ""), 1)
+
+
+def _read_check(uri: str, experiment: str, sweep: Optional[str], allow_incomplete: bool) -> None:
+    """Before a read-only command touches the store: it exists and answers (no retries), the
+    experiment exists (nothing is created), and the sweep is complete (not interrupted, not still
+    running, no trial cut off) unless ``--allow-incomplete``."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import TAG_KIND, TAG_SWEEP, check_store
+
+    check_store(uri, write=False)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        _fail(f"no experiment {experiment!r} in the MLflow store {uri}; run the sweep first, or check "
+              "--workdir / --tracking-uri / --experiment", 1)
+    where = f"tags.`{TAG_KIND}` = 'sweep'" + (f" and tags.`{TAG_SWEEP}` = '{sweep}'" if sweep else "")
+    problems = []
+    for parent in client.search_runs([exp.experiment_id], where, max_results=1000):
+        name = parent.data.tags.get(TAG_SWEEP, "?")
+        cut = client.search_runs([exp.experiment_id], f"tags.`{TAG_SWEEP}` = '{name}' and tags.`{TAG_KIND}` = "
+                                 "'trial' and tags.status = 'running'", max_results=1000)
+        if "interrupted" in parent.data.tags:
+            state = f"was interrupted ({parent.data.tags['interrupted']})"
+        elif parent.info.status == "RUNNING":
+            state = "is still running (or its driver was killed)"
+        elif parent.info.status != "FINISHED":
+            state = f"ended {parent.info.status}"
+        elif cut:
+            state = "finished"
+        else:
+            continue
+        total = parent.data.tags.get("trials_total")
+        cut_s = f", {len(cut)} trial(s) cut off" if cut else ""
+        total_s = f" ({total} trials planned)" if total else ""
+        problems.append(f"sweep {name!r} {state}{cut_s}{total_s}")
+    if problems:
+        msg = "; ".join(problems)
+        if not allow_incomplete:
+            _fail(f"{msg}: its tables would miss trials. Re-run its ablate sweep / boundary command to finish it, "
+                  "or pass --allow-incomplete to export what is there", 1)
+        typer.secho(f"warning: {msg}; exporting what is there (--allow-incomplete)", fg=typer.colors.YELLOW, err=True)
+
+
+@app.command(cls=_Command)
+def sweep(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAML), e.g. search_spaces/smoke.yaml."),
           resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
                                                 help="Continue an interrupted sweep of the same name "
                                                      "(default: continue if one exists)."),
+          max_trials: Optional[int] = MAX_TRIALS,
           workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, address: Optional[str] = ADDRESS):
-    """Run every trial of a spec's grid on Ray Tune, recorded in MLflow."""
+    """Run every trial of a spec's grid on Ray Tune, recorded in MLflow.
+
+    Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
     import yaml
 
-    from orchestrator.spec import SpecError, load_spec
+    from orchestrator.spec import load_spec
     from orchestrator.sweep import run_sweep
 
-    try:
-        s = load_spec(spec)
+    with _errors(tracking_uri):
+        s = load_spec(spec, max_trials=max_trials)
         out = run_sweep(s, yaml.safe_load(spec.read_text()), workdir=workdir, tracking_uri=tracking_uri,
                         resume=resume, address=address)
-    except SpecError as e:
-        _fail(str(e))
     c = out.counts
     typer.echo(f"\nsweep {out.name}: {out.trials} trials: {c.get('stable', 0)} stable, "
                f"{c.get('collapsed', 0)} collapsed, {c.get('diverged', 0)} diverged, {c.get('failed', 0)} failed "
@@ -51,24 +187,32 @@ def sweep(spec: Path = typer.Argument(..., help="Sweep spec (YAML), e.g. search_
         typer.echo(f"  open the UI:  mlflow ui --backend-store-uri {out.tracking_uri}   (then http://127.0.0.1:5000)")
     else:
         typer.echo(f"  tracking server: {out.tracking_uri}")
+    for err in dict.fromkeys(out.errors[:20]).keys():  # distinct errors of failed trials
+        typer.echo(f"  failed: {err}")
+    if out.errors:
+        typer.echo("  (each failed trial's traceback: traceback.txt in its MLflow run)")
+    if out.all_failed:
+        _fail(f"every trial failed ({out.trials}); the first error: {out.errors[0] if out.errors else 'unknown'} "
+              "(tracebacks: each trial run's traceback.txt in MLflow)", 1)
 
 
-@app.command()
-def boundary(spec: Path = typer.Argument(..., help="Spec with a boundary: block, e.g. search_spaces/boundary_smoke.yaml."),
+@app.command(cls=_Command)
+def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a boundary: block, e.g. search_spaces/boundary_smoke.yaml."),
+             max_trials: Optional[int] = MAX_TRIALS,
              workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, address: Optional[str] = ADDRESS):
-    """Find each cell's maximum stable learning rate (Optuna bisection on Ray Tune; resumable)."""
+    """Find each cell's maximum stable learning rate (Optuna bisection on Ray Tune; resumable).
+
+    Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
     import yaml
 
     from orchestrator.boundary import boundary_config, run_boundary
-    from orchestrator.spec import SpecError, load_spec
+    from orchestrator.spec import load_spec
 
-    try:
-        s = load_spec(spec)
+    with _errors(tracking_uri):
+        s = load_spec(spec, max_trials=max_trials)
         boundary_config(s)
         out = run_boundary(s, yaml.safe_load(spec.read_text()), workdir=workdir, tracking_uri=tracking_uri,
                            address=address)
-    except SpecError as e:
-        _fail(str(e))
     typer.echo(f"\nboundary {out.name}: {len(out.cells)} cells in {out.wall_time:.0f}s "
                f"(a dense grid at this resolution: {out.dense_grid_trials} trials a cell)")
     typer.echo(f"{'cell':<40} {'max stable lr':>14} {'crash lr':>10} {'trials':>7}  notes")
@@ -134,25 +278,29 @@ def _range(text: Optional[str]) -> Optional[tuple[float, float]]:
     return lo, hi
 
 
-@app.command("export")
-def export_cmd(spec: Optional[Path] = typer.Argument(None, help="The sweep's spec (names its experiment and sweep)."),
+@app.command("export", cls=_Command)
+def export_cmd(spec: Optional[Path] = typer.Argument(None, metavar="SPEC", help="The sweep's spec (names its experiment and sweep)."),
                experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
                sweep: Optional[str] = typer.Option(None, help="Sweep name (default: all sweeps of the experiment)."),
                out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
                crash: Optional[str] = CRASH, kappa: Optional[float] = KAPPA,
-               sensitivity_range: Optional[str] = SENS,
+               sensitivity_range: Optional[str] = SENS, allow_incomplete: bool = ALLOW_INCOMPLETE,
                workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
-    """Read the trials back from MLflow: Parquet/CSV of every trial, ablation tables (Markdown, LaTeX)."""
+    """Read the trials back from MLflow: Parquet/CSV of every trial, ablation tables (Markdown, LaTeX).
+
+    Refuses a sweep that was interrupted or is still running, unless --allow-incomplete."""
     from orchestrator.export import export
     from orchestrator.tracking import default_tracking_uri
 
     exp, sw, crash_t, kappa_v = _target(spec, experiment, sweep, crash, kappa)
     uri = tracking_uri or default_tracking_uri(workdir)
-    try:
-        res = export(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v,
-                     _range(sensitivity_range))
-    except ValueError as e:
-        _fail(str(e))
+    with _errors(uri):
+        _read_check(uri, exp, sw, allow_incomplete)
+        try:
+            res = export(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v,
+                         _range(sensitivity_range))
+        except ValueError as e:
+            _fail(str(e))
     typer.echo(f"{res.table.num_rows} trials from {uri} (experiment {exp!r}" + (f", sweep {sw!r})" if sw else ")"))
     for f in res.files:
         typer.echo(f"  {f}")
@@ -161,31 +309,35 @@ def export_cmd(spec: Optional[Path] = typer.Argument(None, help="The sweep's spe
             typer.echo("\n" + f.read_text())
 
 
-@app.command()
-def report(spec: Optional[Path] = typer.Argument(None, help="The sweep's spec (names its experiment and sweep)."),
+@app.command(cls=_Command)
+def report(spec: Optional[Path] = typer.Argument(None, metavar="SPEC", help="The sweep's spec (names its experiment and sweep)."),
            experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
            sweep: Optional[str] = typer.Option(None, help="Sweep name."),
            out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
            crash: Optional[str] = CRASH, kappa: Optional[float] = KAPPA,
-           sensitivity_range: Optional[str] = SENS,
+           sensitivity_range: Optional[str] = SENS, allow_incomplete: bool = ALLOW_INCOMPLETE,
            workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
-    """Plots (PNG and PDF): final loss vs LR (classes marked, l_0 and the baseline drawn) and the max stable LR."""
+    """Plots (PNG and PDF): final loss vs LR (classes marked, l_0 and the baseline drawn) and the max stable LR.
+
+    Refuses a sweep that was interrupted or is still running, unless --allow-incomplete."""
     from orchestrator.export import report as make_report
     from orchestrator.tracking import default_tracking_uri
 
     exp, sw, crash_t, kappa_v = _target(spec, experiment, sweep, crash, kappa)
     uri = tracking_uri or default_tracking_uri(workdir)
-    try:
-        files = make_report(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v,
-                            _range(sensitivity_range))
-    except ValueError as e:
-        _fail(str(e))
+    with _errors(uri):
+        _read_check(uri, exp, sw, allow_incomplete)
+        try:
+            files = make_report(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v,
+                                _range(sensitivity_range))
+        except ValueError as e:
+            _fail(str(e))
     for f in files:
         typer.echo(f"  {f}")
 
 
-@app.command("forensics")
-def forensics_cmd(spec: Optional[Path] = typer.Argument(None, help="The sweep's spec (names its experiment and sweep)."),
+@app.command("forensics", cls=_Command)
+def forensics_cmd(spec: Optional[Path] = typer.Argument(None, metavar="SPEC", help="The sweep's spec (names its experiment and sweep)."),
                   experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
                   sweep: Optional[str] = typer.Option(None, help="Sweep name (default: all sweeps of the experiment)."),
                   out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
@@ -197,10 +349,14 @@ def forensics_cmd(spec: Optional[Path] = typer.Argument(None, help="The sweep's 
 
     exp, sw, crash_t, kappa_v = _target(spec, experiment, sweep, crash, kappa)
     uri = tracking_uri or default_tracking_uri(workdir)
-    try:
-        fx, files = forensics(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v)
-    except ValueError as e:
-        _fail(str(e))
+    with _errors(uri):
+        from orchestrator.tracking import check_store
+
+        check_store(uri, write=False)
+        try:
+            fx, files = forensics(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v)
+        except ValueError as e:
+            _fail(str(e))
     typer.echo(f"{len(fx.runs)} finished runs from {uri} (experiment {exp!r}" + (f", sweep {sw!r})" if sw else ")"))
     for f in files:
         typer.echo(f"  {f}")
@@ -209,15 +365,15 @@ def forensics_cmd(spec: Optional[Path] = typer.Argument(None, help="The sweep's 
             typer.echo("\n" + f.read_text())
 
 
-@app.command()
-def trial(args: list[str] = typer.Argument(None, help="Options of python -m workloads.trial (see --help there).")):
+@app.command(cls=_Command)
+def trial(args: list[str] = typer.Argument(None, metavar="TRIAL_OPTIONS", help="Options of python -m workloads.trial (see --help there).")):
     """Run one trial in this process, without Ray or MLflow (same as python -m workloads.trial)."""
     from workloads.trial import main
 
     raise typer.Exit(main(list(args or [])))
 
 
-@app.command()
+@app.command(cls=_Command)
 def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, address: Optional[str] = ADDRESS):
     """Print versions, devices, Ray cluster resources and the tracking URI; check the MLflow store."""
     from importlib.metadata import PackageNotFoundError, version
@@ -238,10 +394,14 @@ def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, addr
     else:
         typer.echo(f"device      cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}); no CUDA")
 
+    from orchestrator.faults import WorkdirError, prepare_workdir
     from orchestrator.sweep import init_ray
-    from orchestrator.tracking import Tracker, default_tracking_uri
+    from orchestrator.tracking import StoreError, check_store, default_tracking_uri
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir = prepare_workdir(workdir)
+    except WorkdirError as e:
+        _fail(str(e), 1)
     try:
         import ray
 
@@ -255,12 +415,24 @@ def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, addr
         ok = False
     uri = tracking_uri or default_tracking_uri(workdir)
     typer.echo(f"tracking    {uri}")
+    # Read-only: a health check leaves no data behind (no experiment, no run; a SQLite store that
+    # does not exist yet is not created, only its folder checked).
     try:
-        t = Tracker(uri, "ablate-doctor", retries=1)
-        n = len(t.find_runs(""))
-        typer.echo(f"mlflow      store reachable (experiment 'ablate-doctor', {n} runs)")
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+            check_store(uri, write=True)
+            typer.echo("mlflow      no store yet; the first sweep creates it (folder writable)")
+        else:
+            check_store(uri, write=False)
+            from mlflow.tracking import MlflowClient
+
+            exps = MlflowClient(uri).search_experiments(max_results=1000)
+            typer.echo(f"mlflow      store reachable ({len(exps)} experiments)")
+            check_store(uri, write=True)
+    except StoreError as e:
+        typer.echo(f"mlflow      ERROR {e}")
+        ok = False
     except Exception as e:  # noqa: BLE001
-        typer.echo(f"mlflow      ERROR store not reachable: {e}")
+        typer.echo(f"mlflow      ERROR store not reachable: {one_line(e, uri)}")
         ok = False
     typer.echo("all checks passed" if ok else "some checks FAILED")
     raise typer.Exit(0 if ok else 1)

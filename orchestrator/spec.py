@@ -23,6 +23,10 @@ grid is built as a ``TrialConfig`` once, so a bad combination fails now, not ins
                  stop_grace: 0.25, stop_window: 20, stop_margin: 3.0,             # early stopping
                  stop_on: [nonfinite, above_initial]}
     storage_path: null                # Tune storage (shared storage on a cluster); default workdir
+    max_trials: 10000                 # refuse a grid larger than this (CLI: --max-trials)
+
+Numbers: YAML 1.1 (PyYAML) reads ``1e-3`` as a string (it wants ``1.0e-3``); a numeric string is
+accepted wherever a trial field is a float.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from workloads.trial import ConfigError, TrialConfig
 TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
 # Set by the spec's own keys, not through fixed/axes:
 RESERVED = {"workload", "steps", "threads"}
+FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrialConfig) if str(f.type).split(" ")[0] == "float"}
+MAX_TRIALS = 10_000
 DIVERGENCE_FIELDS = ("max_loss_ratio", "spike_ratio", "entropy_collapse", "stop_grace", "stop_window",
                      "stop_margin", "stop_on")
 
@@ -106,6 +112,8 @@ class SweepSpec(_Strict):
     """Outcome classes that count as a crash (``workloads.outcome``)."""
     degraded_kappa: float = Field(DEFAULT_KAPPA, gt=0)
     storage_path: str | None = None
+    max_trials: int = Field(MAX_TRIALS, ge=1)
+    """The largest grid (trials, seeds included) this spec may expand to; a bigger one is refused."""
     boundary: dict[str, Any] | None = None
     """Crash-boundary search settings (``ablate boundary``); kept as given here."""
 
@@ -127,6 +135,20 @@ class SweepSpec(_Strict):
         if self.resources.gpus == 0 and "device" not in base:
             base["device"] = "cpu"
         return base
+
+    def grid_size(self) -> int:
+        """Trials in the grid (product of axis lengths, times seeds), counted without building it."""
+        return math.prod(len(v) for v in self.axes.values()) * (1 if "seed" in self.axes else self.seeds)
+
+    def check_grid_size(self) -> None:
+        n = self.grid_size()
+        if n > self.max_trials:
+            sizes = [f"{k}: {len(v)}" for k, v in self.axes.items()]
+            if "seed" not in self.axes and self.seeds > 1:
+                sizes.append(f"seeds: {self.seeds}")
+            raise SpecError(f"axes: the grid has {n:,} trials ({' x '.join(sizes)}), above max_trials "
+                            f"{self.max_trials:,}; shrink an axis, or raise the limit (max_trials: N in the spec, "
+                            "or --max-trials N)")
 
     def trials(self) -> list[TrialConfig]:
         """The grid: one validated TrialConfig per combination of axis values (and seed)."""
@@ -199,6 +221,11 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
     if raw.get("workload") not in WORKLOADS:
         raise SpecError(f"workload: {raw.get('workload')!r} is not one of {list(WORKLOADS)}")
     raw = dict(raw)
+    for block in ("fixed", "axes"):
+        if raw.get(block) is not None and not isinstance(raw[block], dict):
+            raise SpecError(f"{block}: {raw[block]!r} must be a mapping of trial field: "
+                            + ("value, e.g. {depth: 2, width: 64}" if block == "fixed" else
+                               "values, e.g. {lr: [1.0e-3, 1.0e-2]}"))
     fixed = dict(raw.get("fixed") or {})
     axes_raw = dict(raw.get("axes") or {})
     for where, keys in (("fixed", fixed), ("axes", axes_raw)):
@@ -212,6 +239,10 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
     if overlap:
         raise SpecError(f"axes.{sorted(overlap)[0]}: also set in fixed; a field is either fixed or swept")
     axes = {k: _expand_axis(k, v) for k, v in axes_raw.items()}
+    for k in FLOAT_FIELDS & set(fixed):
+        fixed[k] = _number(f"fixed.{k}", fixed[k])
+    for k in FLOAT_FIELDS & set(axes):
+        axes[k] = [_number(f"axes.{k}", v) for v in axes[k]]
     if "stabilizers" in axes:
         axes["stabilizers"] = [_normalise_stabilizers(f"axes.stabilizers[{i}]", v)
                                for i, v in enumerate(axes["stabilizers"])]
@@ -243,12 +274,38 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise SpecError(f"{loc}: {err.get('input')!r}: {err['msg']}") from None
-    spec.trials()  # every combination must build
+    spec.check_grid_size()  # before anything is built: a huge grid is refused in milliseconds
+    trials = spec.trials()  # every combination must build
+    _check_devices(spec, trials)
     return spec
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep spec (YAML). Raises ``SpecError`` naming field, value, allowed."""
+def _number(where: str, v: Any) -> Any:
+    """A numeric string (``1e-3``: YAML 1.1 reads a float without a dot as a string) as a float."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            raise SpecError(f"{where}: {v!r} is not a number (write numbers unquoted, e.g. 1.0e-3)") from None
+    return v
+
+
+def _check_devices(spec: SweepSpec, trials: list[TrialConfig]) -> None:
+    """A trial that needs CUDA gets none from Ray unless the spec asks for GPUs: refuse it now."""
+    if spec.resources.gpus > 0:
+        return
+    for t in trials:
+        if t.precision == "bf16":
+            raise SpecError("precision: 'bf16' autocast needs a GPU, but resources.gpus is 0 (trials run on CPU); "
+                            "set resources.gpus > 0, or precision: fp32")
+        if t.device.startswith("cuda"):
+            raise SpecError(f"device: {t.device!r} needs a GPU, but resources.gpus is 0 (Ray gives the trial no "
+                            "GPU); set resources.gpus > 0, or device: cpu")
+
+
+def load_spec(path: str | Path, max_trials: int | None = None) -> SweepSpec:
+    """Read and validate a sweep spec (YAML). Raises ``SpecError`` naming field, value, allowed.
+    ``max_trials`` overrides the spec's own limit on the grid's size."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"spec: no such file {str(p)!r}")
@@ -256,4 +313,6 @@ def load_spec(path: str | Path) -> SweepSpec:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"spec: {p} is not valid YAML: {e}") from None
+    if max_trials is not None and isinstance(raw, dict):
+        raw = {**raw, "max_trials": max_trials}
     return parse_spec(raw, str(p))

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.faults import Interrupted, StopSignals, WorkdirLock, prepare_workdir
 from orchestrator.spec import SpecError, SweepSpec
-from orchestrator.tracking import TrackingCallback, Tracker, default_tracking_uri
+from orchestrator.tracking import TrackingCallback, Tracker, check_store, default_tracking_uri
 from orchestrator.trainable import train_trial
 
 log = logging.getLogger("ablate")
@@ -40,14 +41,21 @@ class SweepOutcome:
     counts: dict[str, int] = field(default_factory=dict)
     wall_time: float = 0.0
     resumed: bool = False
+    errors: list[str] = field(default_factory=list)
+    """The ``error`` tag of each failed trial (its exception's last line)."""
+
+    @property
+    def all_failed(self) -> bool:
+        return self.trials > 0 and self.counts.get("failed", 0) >= self.trials
 
 
-def init_ray(address: str | None = None, workdir: Path | None = None) -> None:
-    """Connect to a cluster (``address``/``RAY_ADDRESS``) or start Ray embedded on this machine."""
+def init_ray(address: str | None = None, workdir: Path | None = None) -> bool:
+    """Connect to a cluster (``address``/``RAY_ADDRESS``) or start Ray embedded on this machine.
+    True when this call started Ray (the caller then shuts it down)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if address:
@@ -67,6 +75,10 @@ def init_ray(address: str | None = None, workdir: Path | None = None) -> None:
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # A failed trial's traceback (every attempt) goes to its MLflow run (traceback.txt) and its last
+    # line to the summary; Tune's own copy on the terminal is hundreds of lines per trial.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    return True
 
 
 def _embedded_token_auth() -> None:
@@ -117,28 +129,120 @@ def check_resources(spec: SweepSpec) -> None:
 
 @dataclass
 class Session:
-    """What a sweep or a boundary search sets up before Tune runs: Ray, the MLflow parent run."""
+    """What a sweep or a boundary search sets up before Tune runs: the workdir's lock, signal
+    handling, Ray, the MLflow parent run. ``fit`` runs the Tuner; ``finish`` marks the parent run
+    finished and lets go of the rest. An interrupted ``fit`` marks the parent run KILLED (tag
+    ``interrupted``) and the runs of unfinished trials KILLED, then raises ``Interrupted``."""
 
     workdir: Path
     tracking_uri: str
     storage: str
     tracker: Tracker
     parent: str
+    sweep: str = ""
+    lock: WorkdirLock | None = None
+    signals: StopSignals | None = None
+    started_ray: bool = False
+
+    def fit(self, tuner):
+        try:
+            return self.signals.fit(tuner) if self.signals else tuner.fit()
+        except (Interrupted, KeyboardInterrupt) as e:
+            self.interrupted(e)
+
+    def interrupted(self, e: BaseException):
+        """Mark the runs (``mark_interrupted``), let go of the session, raise ``Interrupted``."""
+        name = e.signame if isinstance(e, Interrupted) else (str(e.args[0]) if e.args else "SIGINT")
+        try:
+            self.mark_interrupted(name)
+        finally:
+            self.close()
+        raise Interrupted(name) from None
+
+    def mark_interrupted(self, signame: str) -> None:
+        """The parent run KILLED with tag ``interrupted``; trial runs cut off mid-run KILLED too (a
+        resumed sweep replaces them). Export and report refuse such a sweep."""
+        for r in self.tracker.trial_runs(self.sweep, "tags.status = 'running'"):
+            if r.info.status == "RUNNING":
+                self.tracker.set_tags(r.info.run_id, {"interrupted": signame})
+                self.tracker.finish(r.info.run_id, "KILLED")
+        self.tracker.set_tags(self.parent, {"interrupted": f"{signame} at {time.strftime('%Y-%m-%d %H:%M:%S')}"})
+        self.tracker.finish(self.parent, "KILLED")
+
+    def finish(self) -> None:
+        """The parent run FINISHED (an earlier interruption's tag removed); the lock released."""
+        try:
+            if "interrupted" in self.tracker._call(self.tracker.client.get_run, self.parent).data.tags:
+                self.tracker._call(self.tracker.client.delete_tag, self.parent, "interrupted")
+            self.tracker.finish(self.parent)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()  # embedded Ray's raylet, GCS and agents go with the driver
+            self.started_ray = False
+        if self.signals is not None:
+            self.signals.__exit__(None, None, None)
+            self.signals = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def check_data(spec: SweepSpec, trials, embedded: bool) -> None:
+    """Every distinct data source of the grid must load here before anything is launched. On a
+    cluster the trials may read data that only the workers have: a missing source is a warning."""
+    from workloads.data import check_source
+
+    seen = set()
+    for t in trials:
+        key = (t.data, t.data_path, t.vocab_size)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_source(*key)
+        except (OSError, ValueError) as e:
+            msg = str(e)
+            where = ("axes" if "data_path" in spec.axes or "data" in spec.axes else "fixed") + ".data_path"
+            if embedded:
+                raise SpecError(f"{where}: {msg}") from None
+            log.warning("%s: %s (on the driver's machine; the workers may have it)", where, msg)
 
 
 def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tracking_uri: str | None,
-                 address: str | None) -> Session:
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking_uri or default_tracking_uri(workdir)
-    os.environ["ABLATE_TRACKING_URI"] = tracking_uri
-    init_ray(address, workdir)
-    check_resources(spec)
-    spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
-    tracker = Tracker(tracking_uri, spec.experiment_name)
-    parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
-    tracker.set_tags(parent, {"crash_criterion": spec.crash_criterion})
-    return Session(workdir, tracking_uri, storage_root(spec, workdir), tracker, parent)
+                 address: str | None, precheck=None) -> Session:
+    """Everything that can refuse the run is checked before the store is touched: the workdir
+    (usable, not locked by another driver), the store (reachable, writable), the data sources,
+    ``precheck(storage)``, the cluster's resources; only then is the parent run opened."""
+    signals = StopSignals().__enter__()
+    lock = None
+    started_ray = False
+    try:
+        workdir = prepare_workdir(workdir)
+        lock = WorkdirLock(workdir).acquire()
+        tracking_uri = tracking_uri or default_tracking_uri(workdir)
+        check_store(tracking_uri, write=True)
+        embedded = not (address or os.environ.get("RAY_ADDRESS"))
+        check_data(spec, spec.trials(), embedded)
+        storage = storage_root(spec, workdir)
+        if precheck is not None:
+            precheck(storage)
+        os.environ["ABLATE_TRACKING_URI"] = tracking_uri
+        started_ray = init_ray(address, workdir)
+        signals.install()  # ray.init took SIGTERM
+        check_resources(spec)
+        spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
+        tracker = Tracker(tracking_uri, spec.experiment_name)
+        parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
+        tracker.set_tags(parent, {"crash_criterion": spec.crash_criterion})
+    except BaseException:
+        Session(Path(workdir), "", "", None, "", lock=lock, signals=signals, started_ray=started_ray).close()
+        raise
+    return Session(workdir, tracking_uri, storage, tracker, parent, spec.name, lock, signals, started_ray)
 
 
 def run_config(spec: SweepSpec, name: str, storage: str, callback: TrackingCallback):
@@ -167,17 +271,40 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
 
     t0 = time.monotonic()
     trials = spec.trials()
-    ses = open_session(spec, spec_raw, workdir, tracking_uri, address)
+    can_restore = False
+
+    def precheck(storage: str) -> None:  # before the store is touched: a refusal writes nothing
+        nonlocal can_restore
+        can_restore = tune.Tuner.can_restore(f"{storage.rstrip('/')}/{spec.name}")
+        if resume and not can_restore:
+            raise SpecError(f"--resume: no sweep {spec.name!r} to continue under {storage}")
+        if resume is False and can_restore:
+            raise SpecError(f"name: a sweep {spec.name!r} already exists under {storage}; "
+                            "re-run with --resume to continue it, or choose another name or workdir")
+
+    ses = open_session(spec, spec_raw, workdir, tracking_uri, address, precheck=precheck)
+    try:
+        out = _run(spec, ses, trials, can_restore, progress)
+    except Interrupted:
+        raise  # Session.fit marked the runs and closed the session
+    except KeyboardInterrupt as e:  # a signal outside fit (setting up, summing up)
+        ses.interrupted(e)
+    except BaseException:
+        ses.close()
+        raise
+    out.wall_time = time.monotonic() - t0
+    return out
+
+
+def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progress: bool) -> SweepOutcome:
+    from ray import tune
+
     exp_dir = f"{ses.storage.rstrip('/')}/{spec.name}"
     callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, len(trials),
                                 progress=progress, crash=spec.crash, crash_criterion=spec.crash_criterion)
+    if ses.signals is not None:  # after a stop, Tune marks the running trials done: no progress line
+        ses.signals.on_stop.append(lambda: callback.settings.update(progress=False))
     trainable = trainable_for(spec)
-    can_restore = tune.Tuner.can_restore(exp_dir)
-    if resume and not can_restore:
-        raise SpecError(f"--resume: no sweep {spec.name!r} to continue under {ses.storage}")
-    if resume is False and can_restore:
-        raise SpecError(f"name: a sweep {spec.name!r} already exists under {ses.storage}; "
-                        "re-run with --resume to continue it, or choose another name or workdir")
     if can_restore:
         if progress:
             print(f"[{spec.name}] resuming from {exp_dir}", flush=True)
@@ -204,15 +331,19 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
     if progress:
         print(f"[{spec.name}] {len(trials)} trials, {spec.resources.cpus:g} CPU / {spec.resources.gpus:g} GPU "
               f"each; MLflow: {ses.tracking_uri} (experiment {spec.experiment_name!r})", flush=True)
-    tuner.fit()
+    ses.tracker.set_tags(ses.parent, {"trials_total": len(trials)})
+    ses.fit(tuner)
     counts = {"stable": 0, "collapsed": 0, "diverged": 0, "failed": 0}
+    errors = []
     for run in ses.tracker.trial_runs(spec.name):
         st = run.data.tags.get("status", "running")
         counts[st] = counts.get(st, 0) + 1
+        if st == "failed":
+            errors.append(run.data.tags.get("error", "unknown error"))
     ses.tracker.set_tags(ses.parent, {f"trials_{k}": v for k, v in counts.items()})
-    ses.tracker.finish(ses.parent)
+    ses.finish()
     return SweepOutcome(spec.name, spec.experiment_name, ses.tracking_uri, ses.parent, exp_dir, len(trials),
-                        counts, time.monotonic() - t0, resumed=can_restore)
+                        counts, resumed=can_restore, errors=errors)
 
 
 def _label(cfg, spec: SweepSpec) -> str:

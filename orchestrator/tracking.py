@@ -10,6 +10,7 @@ was cut off) replaces its earlier partial run (soft-deleted), so every trial app
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -121,6 +122,66 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# Store errors that no retry fixes (matched in the exception's text: MLflow wraps the OS / SQLite
+# error in its own types): wrong requests, a read-only or unwritable store, a full disk.
+_PERMANENT = ("resource_does_not_exist", "invalid_parameter", "readonly database", "read-only file system",
+              "permission denied", "database or disk is full", "no space left on device",
+              "unable to open database file", "[errno 13]", "[errno 28]", "[errno 30]")
+
+
+def permanent_error(e: BaseException) -> bool:
+    """True when retrying ``e`` cannot help (permission, read-only, disk full, bad request)."""
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        return True
+    text = str(e).lower()
+    return any(p in text for p in _PERMANENT)
+
+
+class StoreError(RuntimeError):
+    """The tracking store cannot be used as asked; one line naming the URI or path and what to do."""
+
+
+MIN_FREE_BYTES = 32 * 2**20
+
+
+def check_store(tracking_uri: str, write: bool = True, timeout: float = 5.0) -> None:
+    """Fail at once, in one line, when the store cannot serve this command: a tracking server that
+    refuses connections, a SQLite store that does not exist (read-only commands, which must not
+    create one), is not writable, or sits on a full disk (commands that write). No retries: a
+    sweep that loses the store later is retried by :meth:`Tracker._call`."""
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        folder = path.parent
+        if not path.exists():
+            if not write:
+                raise StoreError(f"no MLflow store at {path}: run a sweep first, or point --workdir / "
+                                 "--tracking-uri at the sweep's store")
+            if not folder.is_dir():
+                raise StoreError(f"MLflow store {tracking_uri}: the folder {folder} does not exist")
+        if write:
+            if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise StoreError(f"MLflow store {path} is not writable by this user (SQLite writes the file and "
+                                 f"its folder {folder}); fix the permissions, or choose another --workdir / "
+                                 "--tracking-uri")
+            free = shutil.disk_usage(folder).free
+            if free < MIN_FREE_BYTES:
+                raise StoreError(f"MLflow store {path}: only {free / 2**20:.1f} MiB free on its disk; free some "
+                                 "space or choose another --workdir")
+    elif tracking_uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered: reachable
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise StoreError(f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}); start it, "
+                             "or pass another --tracking-uri (or unset MLFLOW_TRACKING_URI)") from None
+
+
 class Tracker:
     """A thin, batched writer over ``MlflowClient``: sweep runs, trial runs, metrics, tags."""
 
@@ -147,13 +208,14 @@ class Tracker:
     def _call(self, fn, *args, **kwargs):
         """Retry transient store errors (a restarting server, a busy SQLite file) with backoff:
         0.5 s doubling to 10 s, about a minute in all; then the error propagates and the sweep
-        stops with it (metrics are never dropped silently)."""
+        stops with it (metrics are never dropped silently). Errors no retry can fix (a read-only
+        store, a full disk, a wrong request: :func:`permanent_error`) propagate at once."""
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
                 return fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - MLflow raises many types for transport errors
-                if attempt == self.retries or "RESOURCE_DOES_NOT_EXIST" in str(e) or "INVALID_PARAMETER" in str(e):
+                if attempt == self.retries or permanent_error(e):
                     raise
                 log.warning("MLflow call %s failed (%s); retrying in %.1fs", fn.__name__, e, delay)
                 time.sleep(delay)

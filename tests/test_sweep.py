@@ -86,21 +86,26 @@ def test_smoke_sweep_records_every_trial_in_mlflow(ray_local, tmp_path):
 
 
 def test_a_trial_that_raises_is_retried_then_recorded_failed(ray_local, tmp_path):
+    shards = tmp_path / "empty-shards"
+    shards.mkdir()
+    (shards / "train.bin").touch()
+    (shards / "val.bin").touch()
     raw = dict(SPEC, name="t-fail", steps=20,
-               axes={"lr": [1e-3], "data": ["stdlib", "text"]},
-               fixed=dict(SPEC["fixed"], data_path=str(tmp_path / "no-such-corpus")))
-    # data=stdlib ignores data_path; data=text needs it and raises FileNotFoundError in the worker
+               axes={"lr": [1e-3], "data": ["stdlib", "bin"]},
+               fixed=dict(SPEC["fixed"], data_path=str(shards)))
+    # data=stdlib ignores data_path; data=bin finds the shards (so the driver's check passes) but
+    # cannot map empty files: ValueError in the worker
     out = run_sweep(parse_spec(raw), raw, workdir=tmp_path, progress=False)
     assert out.counts["failed"] == 1 and sum(out.counts.values()) == 2
     client = MlflowClient(out.tracking_uri)
     runs = {r.data.params["data"]: r for r in _trial_runs(client, out.experiment, "t-fail")}
-    failed = runs["text"]
+    failed = runs["bin"]
     assert failed.data.tags["status"] == "failed" and failed.info.status == "FAILED"
     assert int(failed.data.tags["num_failures"]) == 2  # first attempt + one retry
-    assert "FileNotFoundError" in failed.data.tags["error"]
+    assert "ValueError" in failed.data.tags["error"]
     tb = Path(client.download_artifacts(failed.info.run_id, "traceback.txt", str(tmp_path))).read_text()
     # Ray's record of both attempts, each with the frames down to where it raised
-    assert "Failure # 1" in tb and "Failure # 2" in tb and tb.count("no-such-corpus") >= 2
+    assert "Failure # 1" in tb and "Failure # 2" in tb and tb.count("cannot mmap an empty file") >= 2
     assert "in train_trial" in tb and 'workloads/data.py", line' in tb
     assert runs["stdlib"].data.tags["status"] in ("stable", "collapsed")  # 20 steps: near the baseline
 

@@ -482,28 +482,79 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
 
 
 # ---------------------------------------------------------------------------------------- CLI
+_HELP = {
+    "workload": "model: a nanoGPT-style decoder (text) or timm's ViT / Swin (images)",
+    "depth": "Transformer blocks (Swin: blocks over its stages, >= 2)",
+    "width": "embedding width (divisible by --heads)",
+    "heads": "attention heads",
+    "seq_len": "tokens per sequence (gpt)",
+    "img_size": "image side in pixels after resizing (vit, swin)",
+    "patch_size": "patch side in pixels (vit, swin; divides --img-size)",
+    "window_size": "attention window in patches (swin)",
+    "mlp_ratio": "MLP hidden width / width (vit, swin)",
+    "bias": "biases in the linear layers (gpt)",
+    "dropout": "dropout probability",
+    "batch_size": "sequences or images per step",
+    "steps": "optimizer steps",
+    "lr": "peak learning rate",
+    "warmup_steps": "linear warmup steps (0: none)",
+    "schedule": "decay after warmup",
+    "min_lr_ratio": "cosine / linear decay ends at this x --lr",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "eps": "AdamW epsilon",
+    "grad_clip": "global gradient-norm clip; 0 = off, so that instabilities are not masked",
+    "stabilizers": "stabilizers, '+'-separated: none, weyl, sigma_reparam, mlra, qk_norm",
+    "stabilizer_options": "per-stabilizer options as JSON",
+    "seed": "seed of the initialisation and the batches",
+    "device": "where to train: auto (CUDA if torch sees one), cpu, cuda, cuda:N",
+    "precision": "fp32, or bf16 autocast (CUDA only)",
+    "threads": "torch intra-op threads; 0 leaves torch's default",
+    "probe_interval": "steps between stability probes (attention entropy, spectra, gradient norms)",
+    "eval_interval": "steps between validation losses (0: first and last only)",
+    "eval_batches": "batches per validation loss",
+    "max_loss_ratio": "event loss_ratio: loss above this x the initial loss (recorded)",
+    "spike_ratio": "event loss_spike: loss above this x its moving average (recorded)",
+    "entropy_collapse": "event entropy_collapse: a layer's min attention entropy below this, nats (recorded)",
+    "stop_grace": "above_initial may stop the run only after this fraction of --steps",
+    "stop_window": "above_initial: median training loss over this many steps",
+    "stop_margin": "above_initial: stop when that median >= this x the initial loss",
+    "stop_on": "event kinds that stop the run, '+'-separated: nonfinite, above_initial",
+    "data": "data source: stdlib, text, bin (gpt); digits, imagefolder, cifar10, synthetic (vit, swin); "
+            "auto: stdlib for gpt, digits for images",
+    "data_path": "file or folder of the data (data text, bin, imagefolder, cifar10)",
+    "vocab_size": "vocabulary of --data bin token shards (default 50304); byte-level text uses 256",
+}
+_CHOICES = {"workload": list(WORKLOADS), "schedule": list(SCHEDULES), "precision": list(PRECISIONS),
+            "data": ["auto", *data_mod.TEXT_SOURCES, *data_mod.IMAGE_SOURCES]}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m workloads.trial",
-        description="Run one ablate training trial and print its result as JSON.")
+        description="Run one ablate training trial in this process (no Ray, no MLflow) and print its "
+                    "result as JSON; progress goes to stderr.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrialConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = _HELP.get(f.name, f.name.replace("_", " "))
         if f.name == "stabilizer_options":
-            p.add_argument(flag, type=json.loads, default={},
-                           help='JSON, e.g. \'{"weyl": {"tau": 0.05}, "mlra": {"rank": 4}}\'')
+            p.add_argument(flag, type=json.loads, default={}, metavar="JSON",
+                           help=help_ + ', e.g. \'{"weyl": {"tau": 0.05}, "mlra": {"rank": 4}}\'')
         elif f.name in ("stabilizers", "stop_on"):
-            p.add_argument(flag, type=lambda s: tuple(x for x in s.replace(",", "+").split("+") if x),
-                           default=default, help=f"'+'-separated list (default: {'+'.join(default) or 'none'})")
+            p.add_argument(flag, type=lambda s: tuple(x for x in s.replace(",", "+").split("+") if x and x != "none"),
+                           default=default, metavar="A+B", help=help_)
         elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif f.name == "device":
+            p.add_argument(flag, default=default, metavar="{auto,cpu,cuda,cuda:N}", help=help_)
         else:
             typ = {int: int, float: float}.get(type(default), str)
-            if f.name in ("data_path",):
-                typ = str
             if f.name == "vocab_size":
                 typ = int
-            p.add_argument(flag, type=typ, default=default, help=f"(default: {default})")
+            p.add_argument(flag, type=typ, default=default, choices=_CHOICES.get(f.name), help=help_)
     p.add_argument("--quiet", action="store_true", help="print only the final JSON")
     return p
 
@@ -513,9 +564,16 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.pop("quiet")
     try:
         cfg = TrialConfig(**args)
+        data_mod.check_source(cfg.data, cfg.data_path, cfg.vocab_size)
+        resolve_device(cfg.device)
+        if cfg.precision == "bf16" and resolve_device(cfg.device).type != "cuda":
+            raise ConfigError("precision: 'bf16' autocast needs a CUDA device; use 'fp32' on CPU")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
     def progress(step: int, metrics: dict[str, float], events: list[DivergenceEvent]) -> None:
         if quiet:
