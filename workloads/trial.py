@@ -511,6 +511,7 @@ _HELP = {
     "device": "where to train: auto (CUDA if torch sees one), cpu, cuda, cuda:N",
     "precision": "fp32, or bf16 autocast (CUDA only)",
     "threads": "torch intra-op threads; 0 leaves torch's default",
+    "compile": "run the loss (forward and backward) under torch.compile on non-probe steps",
     "probe_interval": "steps between stability probes (attention entropy, spectra, gradient norms)",
     "eval_interval": "steps between validation losses (0: first and last only)",
     "eval_batches": "batches per validation loss",
