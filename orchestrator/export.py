@@ -478,7 +478,8 @@ def _boundary_points(plt, cells: dict, stabs: list[str], warmup, crit: str):
             ax.errorbar([i], [lo], yerr=[[0], [hi - lo]], fmt="o", color="C0", capsize=4)
         elif lo is not None:  # stable at the top of the range
             ax.plot([i], [lo], "^", color="C2", ms=8)
-            ax.annotate("stable at top", (i, lo), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+            ax.annotate("stable at the\ntop of the range", (i, lo), textcoords="offset points", xytext=(0, -24),
+                        ha="center", fontsize=7)
         elif hi is not None:  # crashed at the bottom of the range
             ax.plot([i], [hi], "v", color="C3", ms=8)
             ax.annotate("crashed at bottom", (i, hi), textcoords="offset points", xytext=(0, -14), ha="center",

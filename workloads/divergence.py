@@ -62,8 +62,8 @@ class DivergenceConfig:
     stop_window: int = 20
     """Steps whose median training loss is compared with ``stop_margin`` x l_0 (calibrated)."""
     stop_margin: float = 3.0
-    """Multiple of l_0 the windowed median must reach (calibrated: a GPT at lr 1 held 2 x l_0 at 77 %
-    of its run and still ended below the unigram baseline; nothing that ended stable reached 2.5 x)."""
+    """Multiple of l_0 the windowed median must reach (calibrated: a GPT at lr 1 held 2 x l_0 late in
+    its run, at 77-92 %, and still ended below l_0; no run that ended other than diverged reached 2.5 x)."""
     stop_on: tuple[str, ...] = STOP_KINDS
 
     def __post_init__(self) -> None:
