@@ -128,17 +128,27 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int,
                                minlength=vocab_size)[:vocab_size]
         return out
 
-    tc, vc = counts(train).astype(np.float64), counts(val).astype(np.float64)
-    logp = np.log(tc + 1.0) - math.log(tc.sum() + vocab_size)
+    return marginal_cross_entropy(counts(train), counts(val))
+
+
+def marginal_cross_entropy(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
+    """Cross-entropy (nats per item) of the validation counts under the training split's
+    frequencies, add-one smoothed so that an item unseen in training has a finite cost."""
+    tc, vc = np.asarray(train_counts, np.float64), np.asarray(val_counts, np.float64)
+    logp = np.log(tc + 1.0) - math.log(tc.sum() + tc.size)
     return float(-(vc * logp).sum() / vc.sum())
+
+
+def _cached_baseline(key: str, compute) -> float:
+    if key not in _BASELINES:
+        _BASELINES[key] = compute()
+    return _BASELINES[key]
 
 
 def text_baseline(td: TokenData) -> float:
     """The unigram cross-entropy of the validation split (cached per corpus)."""
-    key = f"text:{td.description}:{td.vocab_size}"
-    if key not in _BASELINES:
-        _BASELINES[key] = unigram_cross_entropy(td.train, td.val, td.vocab_size)
-    return _BASELINES[key]
+    return _cached_baseline(f"text:{td.description}:{td.vocab_size}",
+                            lambda: unigram_cross_entropy(td.train, td.val, td.vocab_size))
 
 
 class TokenBatches:
@@ -272,17 +282,14 @@ def load_images(source: str, img_size: int, data_path: str | None = None) -> Ima
 def class_prior_cross_entropy(train_y: torch.Tensor, val_y: torch.Tensor, num_classes: int) -> float:
     """Cross-entropy (nats) of the validation labels under the training split's class frequencies
     (add-one smoothed): the loss of a classifier that ignores the image."""
-    tc = torch.bincount(train_y.cpu(), minlength=num_classes).double()
-    vc = torch.bincount(val_y.cpu(), minlength=num_classes).double()
-    logp = torch.log(tc + 1) - math.log(float(tc.sum()) + num_classes)
-    return float(-(vc * logp).sum() / vc.sum())
+    return marginal_cross_entropy(torch.bincount(train_y.cpu(), minlength=num_classes).numpy(),
+                                  torch.bincount(val_y.cpu(), minlength=num_classes).numpy())
 
 
 def image_baseline(im: ImageData) -> float:
-    key = f"image:{im.description}:{im.num_classes}"
-    if key not in _BASELINES:
-        _BASELINES[key] = class_prior_cross_entropy(im.train_y, im.val_y, im.num_classes)
-    return _BASELINES[key]
+    """The class-prior cross-entropy of the validation labels (cached per data set)."""
+    return _cached_baseline(f"image:{im.description}:{im.num_classes}",
+                            lambda: class_prior_cross_entropy(im.train_y, im.val_y, im.num_classes))
 
 
 class ImageBatches:
