@@ -572,7 +572,8 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
         plt.close(fig)
     from orchestrator.forensics import forensics
 
-    _, forensic = forensics(tracking_uri, experiment, sweep, out, crash, kappa, log_to_mlflow=False, with_figures=True)
+    _, forensic = forensics(tracking_uri, experiment, sweep, out, crash, kappa, log_to_mlflow=False, with_figures=True,
+                            table=ex.table)
     files += [f for f in forensic if f.suffix in (".png", ".pdf")]
     if log_to_mlflow and sweep:
         _log_artifacts(tracking_uri, experiment, sweep, ex.files + files, "report")

@@ -104,12 +104,15 @@ class RunHistory:
 
 
 def load_histories(tracking_uri: str, experiment: str, sweep: str | None, crash=DEFAULT_CRASH,
-                   kappa: float = DEFAULT_KAPPA, probes=tuple(PROBES)) -> list[RunHistory]:
-    runs = fetch_runs(tracking_uri, experiment, sweep)
-    if not runs:
-        raise ValueError(f"no trial runs in MLflow experiment {experiment!r}" + (f" for sweep {sweep!r}" if sweep else "")
-                         + f" at {tracking_uri}")
-    table = with_outcomes(runs_table(runs, experiment), crash, kappa)
+                   kappa: float = DEFAULT_KAPPA, probes=tuple(PROBES), table: pa.Table | None = None) -> list[RunHistory]:
+    """The finished runs with their probe histories; ``table``: the trials table with outcomes
+    (``export.with_outcomes``) when the caller has read it already."""
+    if table is None:
+        runs = fetch_runs(tracking_uri, experiment, sweep)
+        if not runs:
+            raise ValueError(f"no trial runs in MLflow experiment {experiment!r}"
+                             + (f" for sweep {sweep!r}" if sweep else "") + f" at {tracking_uri}")
+        table = with_outcomes(runs_table(runs, experiment), crash, kappa)
     tr = Tracker(tracking_uri, experiment)
     out = []
     for row in table.to_pylist():
@@ -354,10 +357,11 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
 
 
 def forensics(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str | Path, crash=DEFAULT_CRASH,
-              kappa: float = DEFAULT_KAPPA, log_to_mlflow: bool = True, with_figures: bool = False) -> tuple[Forensics, list[Path]]:
+              kappa: float = DEFAULT_KAPPA, log_to_mlflow: bool = True, with_figures: bool = False,
+              table: pa.Table | None = None) -> tuple[Forensics, list[Path]]:
     """Read the runs, write the tables (and figures), log them to the sweeps' parent runs."""
     out = Path(out_dir)
-    runs = load_histories(tracking_uri, experiment, sweep, crash, kappa)
+    runs = load_histories(tracking_uri, experiment, sweep, crash, kappa, table=table)
     fx = analyse(runs)
     files = write_tables(fx, out, sweep or experiment, criterion_label(crash, kappa))
     if with_figures:
