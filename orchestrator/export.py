@@ -439,11 +439,9 @@ def _loss_panels(plt, rows: list[dict], warmup, depths: list, stabs: list[str], 
             xs = sorted(by_lr)
             ax.plot(xs, [np.mean(by_lr[x]) for x in xs], "-", color=colors[s], lw=1.2)
             for cls, style in MARKERS.items():
-                pts = [(r["lr"], min(r["final_loss"], 1.08 * top) if cls == "diverged" or r["final_loss"] is None
-                        or not math.isfinite(r["final_loss"]) else r["final_loss"])
+                # a diverged run ended at or above l_0 (or non-finite): drawn on the top edge, off the scale
+                pts = [(r["lr"], 1.08 * top if cls == "diverged" else r["final_loss"])
                        for r in mine if r["outcome"] == cls]
-                if cls == "diverged":
-                    pts = [(x, 1.08 * top) for x, _ in pts]  # drawn on the top edge: off the scale
                 if pts:
                     ax.plot(*zip(*pts), color=colors[s], ms=6, **{"ls": "none", **style})
         if l0 is not None:
