@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -229,10 +230,24 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
     typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}; tables: ablate export")
 
 
-def _target(spec: Optional[Path], experiment: Optional[str], sweep: Optional[str],
-            crash: Optional[str], kappa: Optional[float]) -> tuple[str, Optional[str], tuple[str, ...], float]:
-    """Experiment, sweep and crash criterion: from the spec, overridden by the options."""
+@dataclass
+class _Read:
+    """What a read-only command (export, report, forensics) works on."""
+
+    uri: str
+    experiment: str
+    sweep: Optional[str]
+    out: Path
+    crash: tuple[str, ...]
+    kappa: float
+
+
+def _target(spec: Optional[Path], experiment: Optional[str], sweep: Optional[str], out: Optional[Path],
+            crash: Optional[str], kappa: Optional[float], workdir: Path, tracking_uri: Optional[str]) -> _Read:
+    """Experiment, sweep and crash criterion from the spec, overridden by the options; the store
+    and the output folder (default ``<workdir>/export/<sweep or experiment>``)."""
     from orchestrator.spec import SpecError, load_spec
+    from orchestrator.tracking import default_tracking_uri
     from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, validate_crash
 
     crash_t, kappa_v = DEFAULT_CRASH, DEFAULT_KAPPA
@@ -254,9 +269,27 @@ def _target(spec: Optional[Path], experiment: Optional[str], sweep: Optional[str
         if kappa <= 0:
             _fail(f"--kappa: {kappa} must be > 0")
         kappa_v = kappa
-    return experiment, sweep, crash_t, kappa_v
+    return _Read(tracking_uri or default_tracking_uri(workdir), experiment, sweep,
+                 out or workdir / "export" / (sweep or experiment), crash_t, kappa_v)
 
 
+@contextmanager
+def _reading(t: _Read, allow_incomplete: bool):
+    """Errors of a read-only command as one line (``_errors``), after ``_read_check`` (the store
+    answers, the experiment exists, the sweep is complete unless ``allow_incomplete``). A
+    ValueError from the work (e.g. no trial runs) is a one-line error too."""
+    with _errors(t.uri):
+        _read_check(t.uri, t.experiment, t.sweep, allow_incomplete)
+        try:
+            yield
+        except ValueError as e:
+            _fail(str(e))
+
+
+READ_SPEC = typer.Argument(None, metavar="SPEC", help="The sweep's spec (names its experiment and sweep).")
+EXPERIMENT = typer.Option(None, help="MLflow experiment (instead of SPEC).")
+SWEEP = typer.Option(None, help="Sweep name (default: all sweeps of the experiment).")
+OUT = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>).")
 CRASH = typer.Option(None, "--crash", help="Outcome classes that count as a crash, comma-separated: any of "
                                            "diverged, collapsed, degraded (default: the spec's crash:, else "
                                            "diverged,collapsed).")
@@ -279,10 +312,8 @@ def _range(text: Optional[str]) -> Optional[tuple[float, float]]:
 
 
 @app.command("export", cls=_Command)
-def export_cmd(spec: Optional[Path] = typer.Argument(None, metavar="SPEC", help="The sweep's spec (names its experiment and sweep)."),
-               experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
-               sweep: Optional[str] = typer.Option(None, help="Sweep name (default: all sweeps of the experiment)."),
-               out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
+def export_cmd(spec: Optional[Path] = READ_SPEC, experiment: Optional[str] = EXPERIMENT,
+               sweep: Optional[str] = SWEEP, out: Optional[Path] = OUT,
                crash: Optional[str] = CRASH, kappa: Optional[float] = KAPPA,
                sensitivity_range: Optional[str] = SENS, allow_incomplete: bool = ALLOW_INCOMPLETE,
                workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
@@ -290,18 +321,12 @@ def export_cmd(spec: Optional[Path] = typer.Argument(None, metavar="SPEC", help=
 
     Refuses a sweep that was interrupted or is still running, unless --allow-incomplete."""
     from orchestrator.export import export
-    from orchestrator.tracking import default_tracking_uri
 
-    exp, sw, crash_t, kappa_v = _target(spec, experiment, sweep, crash, kappa)
-    uri = tracking_uri or default_tracking_uri(workdir)
-    with _errors(uri):
-        _read_check(uri, exp, sw, allow_incomplete)
-        try:
-            res = export(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v,
-                         _range(sensitivity_range))
-        except ValueError as e:
-            _fail(str(e))
-    typer.echo(f"{res.table.num_rows} trials from {uri} (experiment {exp!r}" + (f", sweep {sw!r})" if sw else ")"))
+    t = _target(spec, experiment, sweep, out, crash, kappa, workdir, tracking_uri)
+    with _reading(t, allow_incomplete):
+        res = export(t.uri, t.experiment, t.sweep, t.out, t.crash, t.kappa, _range(sensitivity_range))
+    typer.echo(f"{res.table.num_rows} trials from {t.uri} (experiment {t.experiment!r}"
+               + (f", sweep {t.sweep!r})" if t.sweep else ")"))
     for f in res.files:
         typer.echo(f"  {f}")
     for f in res.files:
@@ -310,54 +335,39 @@ def export_cmd(spec: Optional[Path] = typer.Argument(None, metavar="SPEC", help=
 
 
 @app.command(cls=_Command)
-def report(spec: Optional[Path] = typer.Argument(None, metavar="SPEC", help="The sweep's spec (names its experiment and sweep)."),
-           experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
-           sweep: Optional[str] = typer.Option(None, help="Sweep name."),
-           out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
+def report(spec: Optional[Path] = READ_SPEC, experiment: Optional[str] = EXPERIMENT,
+           sweep: Optional[str] = SWEEP, out: Optional[Path] = OUT,
            crash: Optional[str] = CRASH, kappa: Optional[float] = KAPPA,
            sensitivity_range: Optional[str] = SENS, allow_incomplete: bool = ALLOW_INCOMPLETE,
            workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
-    """Plots (PNG and PDF): final loss vs LR (classes marked, l_0 and the baseline drawn) and the max stable LR.
+    """Plots (PNG and PDF): final loss vs LR (classes marked, l_0 and the baseline drawn), the max
+    stable LR, and the forensic figures (see ablate forensics).
 
     Refuses a sweep that was interrupted or is still running, unless --allow-incomplete."""
     from orchestrator.export import report as make_report
-    from orchestrator.tracking import default_tracking_uri
 
-    exp, sw, crash_t, kappa_v = _target(spec, experiment, sweep, crash, kappa)
-    uri = tracking_uri or default_tracking_uri(workdir)
-    with _errors(uri):
-        _read_check(uri, exp, sw, allow_incomplete)
-        try:
-            files = make_report(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v,
-                                _range(sensitivity_range))
-        except ValueError as e:
-            _fail(str(e))
+    t = _target(spec, experiment, sweep, out, crash, kappa, workdir, tracking_uri)
+    with _reading(t, allow_incomplete):
+        files = make_report(t.uri, t.experiment, t.sweep, t.out, t.crash, t.kappa, _range(sensitivity_range))
     for f in files:
         typer.echo(f"  {f}")
 
 
 @app.command("forensics", cls=_Command)
-def forensics_cmd(spec: Optional[Path] = typer.Argument(None, metavar="SPEC", help="The sweep's spec (names its experiment and sweep)."),
-                  experiment: Optional[str] = typer.Option(None, help="MLflow experiment (instead of SPEC)."),
-                  sweep: Optional[str] = typer.Option(None, help="Sweep name (default: all sweeps of the experiment)."),
-                  out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)."),
+def forensics_cmd(spec: Optional[Path] = READ_SPEC, experiment: Optional[str] = EXPERIMENT,
+                  sweep: Optional[str] = SWEEP, out: Optional[Path] = OUT,
                   crash: Optional[str] = CRASH, kappa: Optional[float] = KAPPA,
                   workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
-    """Which stability probe warns of a crash first, how far ahead and how reliably (read from MLflow)."""
+    """Which stability probe warns of a crash first, how far ahead and how reliably (read from MLflow).
+
+    Reads the finished runs of a sweep; an interrupted or running sweep is flagged, not refused."""
     from orchestrator.forensics import forensics
-    from orchestrator.tracking import default_tracking_uri
 
-    exp, sw, crash_t, kappa_v = _target(spec, experiment, sweep, crash, kappa)
-    uri = tracking_uri or default_tracking_uri(workdir)
-    with _errors(uri):
-        from orchestrator.tracking import check_store
-
-        check_store(uri, write=False)
-        try:
-            fx, files = forensics(uri, exp, sw, out or workdir / "export" / (sw or exp), crash_t, kappa_v)
-        except ValueError as e:
-            _fail(str(e))
-    typer.echo(f"{len(fx.runs)} finished runs from {uri} (experiment {exp!r}" + (f", sweep {sw!r})" if sw else ")"))
+    t = _target(spec, experiment, sweep, out, crash, kappa, workdir, tracking_uri)
+    with _reading(t, allow_incomplete=True):
+        fx, files = forensics(t.uri, t.experiment, t.sweep, t.out, t.crash, t.kappa)
+    typer.echo(f"{len(fx.runs)} finished runs from {t.uri} (experiment {t.experiment!r}"
+               + (f", sweep {t.sweep!r})" if t.sweep else ")"))
     for f in files:
         typer.echo(f"  {f}")
     for f in files:
