@@ -23,4 +23,4 @@ def test_compiled_steps_equal_eager(stabilizers):
     for s in range(3):
         a, _, _ = compiled.step(s, probe=s == 2)
         b, _, _ = eager.step(s, probe=s == 2)
-        assert a == pytest.approx(b, rel=1e-4)
+        assert float(a) == pytest.approx(float(b), rel=1e-4)

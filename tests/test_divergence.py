@@ -75,6 +75,9 @@ def test_bad_config_names_allowed_values():
         DivergenceConfig(stop_on=("boom",))
     with pytest.raises(ValueError, match="loss_spike .*recorded as events but cannot stop"):
         DivergenceConfig(stop_on=("nonfinite", "loss_spike"))
+    with pytest.raises(ValueError, match="must include 'nonfinite'"):
+        DivergenceConfig(stop_on=("above_initial",))
+    assert DivergenceConfig(stop_on=("nonfinite",)).stop_on == ("nonfinite",)
     with pytest.raises(ValueError):
         DivergenceConfig(max_loss_ratio=0.5)
     with pytest.raises(ValueError, match="stop_grace"):

@@ -3,6 +3,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from workloads.outcome import trial_class
@@ -49,16 +50,41 @@ def test_smoke_trial_at_lr_0_1_spikes_recovers_and_is_classed_by_its_end():
     assert res.baseline_loss == pytest.approx(3.26, abs=0.05)
 
 
-def test_a_nonfinite_loss_stops_the_trial_at_once_and_it_is_diverged():
-    res = run(TrialConfig(lr=1.0, stabilizers=("mlra",), **VIT))  # NaN at step 6 in calibration
-    assert res.stop_reason == "nonfinite" and res.steps_run < 50 and res.steps_run == res.first_event.step + 1
+def test_a_nonfinite_loss_stops_the_trial_at_the_next_loss_read_and_it_is_diverged():
+    """The loop reads the losses every ``sync_interval`` steps: the stop comes at the read after the
+    NaN, at the same event step as reading every step."""
+    res = run(TrialConfig(lr=1.0, stabilizers=("mlra",), sync_interval=10, **VIT))  # NaN at step 6
+    ev = res.first_event
+    assert res.stop_reason == "nonfinite" and ev.step < 40
+    assert ev.step + 1 <= res.steps_run <= ev.step + 10 and res.steps_run % 10 == 1  # read at step 10k
+    assert len(res.train_losses) == res.steps_run and not math.isfinite(res.train_losses[ev.step])
     assert res.outcome == "diverged" and res.diverged and math.isinf(res.final_loss)
+    every = run(TrialConfig(lr=1.0, stabilizers=("mlra",), sync_interval=1, **VIT))
+    assert (every.first_event.step, every.first_event.kind) == (ev.step, ev.kind)
+    assert every.steps_run == ev.step + 1
+    assert np.array_equal(every.train_losses, res.train_losses[:ev.step + 1], equal_nan=True)
 
 
 def test_a_loss_held_far_above_l0_is_stopped_after_the_grace_period_and_diverged():
     res = run(TrialConfig(lr=1.0, **VIT))
-    assert res.stop_reason == "above_initial" and res.steps_run == 50  # grace: 25 % of 200 steps
+    assert res.stop_reason == "above_initial" and res.first_event.step == 49  # grace: 25 % of 200 steps
+    assert res.steps_run == 51  # read at step 50 (sync_interval 25)
     assert res.outcome == "diverged" and res.first_event.value >= 3 * res.initial_loss
+
+
+def test_reading_the_loss_in_blocks_changes_nothing_but_when_it_is_read():
+    """Same losses, events, reports and final loss whether the loop reads every step or every 7."""
+    cfg = TrialConfig(steps=30, lr=0.3, eval_interval=10, max_loss_ratio=1.01, **{**FAST, "probe_interval": 12})
+    out = {}
+    for k in (1, 7):
+        reports = []
+        res = run(cfg.replace(sync_interval=k), lambda step, m, ev: reports.append(
+            (step, {n: v for n, v in m.items() if n != "throughput"}, ev)))
+        out[k] = (res, reports)
+    (a, ra), (b, rb) = out[1], out[7]
+    assert a.train_losses == b.train_losses and a.final_loss == b.final_loss and a.events == b.events
+    assert {e.kind for e in a.events} >= {"loss_ratio", "entropy_collapse"}  # mid-block and probe-step events
+    assert ra == rb
 
 
 @pytest.mark.slow

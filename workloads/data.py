@@ -298,10 +298,11 @@ class ImageBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device):
         self.x, self.y = x.to(device), y.to(device)
         self.bs = batch_size
-        self.g = torch.Generator().manual_seed(seed)
+        self.g = torch.Generator(device=self.x.device).manual_seed(seed)  # on the data's device:
+        # drawing the indices there needs no host-to-device copy (a pageable copy synchronises)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.randint(0, len(self.y), (self.bs,), generator=self.g).to(self.x.device)
+        ix = torch.randint(0, len(self.y), (self.bs,), generator=self.g, device=self.x.device)
         return self.x[ix], self.y[ix]
 
 

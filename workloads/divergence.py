@@ -6,7 +6,8 @@ calibrated on full runs (``benchmarks/detector_calibration.py``) to stop no run 
 ended stable. Everything else is recorded as an event and never stops a run.
 
 Kinds (``STOP_KINDS`` may stop a trial; ``stop_on`` chooses which of them do):
-  ``nonfinite``        the loss is NaN or Inf: the run cannot recover. Stops.
+  ``nonfinite``        the loss is NaN or Inf: the run cannot recover (its update has been applied:
+                       the loop reads losses in blocks, ``TrialConfig.sync_interval``). Always stops.
   ``above_initial``    past a grace period (``stop_grace`` x the run's steps, and at least
                        ``stop_window`` steps), the median training loss of the last ``stop_window``
                        steps is >= ``stop_margin`` x ``l_0`` (the validation loss before training):
@@ -74,6 +75,10 @@ class DivergenceConfig:
                    "but cannot stop a trial: runs recover from them; a crash is decided by the run's end)"
                    if recorded else "")
             raise ValueError(f"stop_on: kind(s) {bad} cannot stop a trial{why}; allowed: {list(STOP_KINDS)}")
+        if "nonfinite" not in self.stop_on:
+            raise ValueError(f"stop_on: {list(self.stop_on)} must include 'nonfinite': the trial loop reads "
+                             "the loss in blocks without a per-step host sync, so a non-finite loss has "
+                             "already reached the weights when it is seen and the run cannot go on")
         if self.max_loss_ratio <= 1 or self.spike_ratio <= 1:
             raise ValueError(f"max_loss_ratio ({self.max_loss_ratio}) and spike_ratio ({self.spike_ratio}) "
                              "must be > 1")

@@ -78,6 +78,10 @@ class TrialConfig:
     """Run the model's loss (forward and backward, stabilizers included) under ``torch.compile``;
     probe steps stay eager (their capture hooks)."""
     probe_interval: int = 25
+    sync_interval: int = 25
+    """Steps between reads of the training loss to the host, where the divergence detector checks
+    them (probe, evaluation and last steps read too). Steps in between make no host-device
+    synchronisation; a stop takes effect at the read after its step. 1 reads every step."""
     eval_interval: int = 100
     eval_batches: int = 4
     max_loss_ratio: float = _DIVERGENCE.max_loss_ratio
@@ -106,7 +110,7 @@ class TrialConfig:
         if self.data not in allowed_data:
             raise ConfigError(f"data: {self.data!r} is not a source for {self.workload}; allowed: {list(allowed_data)}")
         for name in ("depth", "width", "heads", "seq_len", "img_size", "patch_size", "window_size",
-                     "batch_size", "steps", "probe_interval", "eval_batches"):
+                     "batch_size", "steps", "probe_interval", "sync_interval", "eval_batches"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: {v!r} must be an integer >= 1")
@@ -361,9 +365,15 @@ class Trainer:
     def evaluate(self) -> float:
         return evaluate(self.model, self.data.val_batches, self.autocast)
 
-    def step(self, step: int, probe: bool) -> tuple[float, dict[str, float], probes.AttentionStats | None]:
-        """One optimizer step at ``lr_at(step)``. Skips the update when the loss is not finite.
-        With ``probe`` the attention statistics, gradient and weight probes come back as metrics."""
+    def step(self, step: int, probe: bool) -> tuple[torch.Tensor, dict[str, float], probes.AttentionStats | None]:
+        """One optimizer step at ``lr_at(step)``; returns the training loss as a detached 0-d tensor
+        on the device, the probe metrics and the attention statistics.
+
+        A non-probe step makes no host-device synchronisation (``tests/test_launch_count.py``): the
+        loss stays on the device until the loop reads a block of them at once (``run``), and the
+        update is applied whatever the loss (a non-finite loss gives non-finite gradients; the loop
+        stops the run at its next read). With ``probe`` the attention statistics, gradient and
+        weight probes come back as metrics (read to the host: probe steps synchronise)."""
         cfg, model, opt = self.cfg, self.model, self.opt
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
@@ -376,34 +386,40 @@ class Trainer:
         else:
             with self.autocast():
                 loss = self.loss_fn(x, y)
-        loss_value = float(loss.detach())
         metrics: dict[str, float] = {}
-        if not math.isfinite(loss_value):
-            return loss_value, metrics, stats
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            total = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # on the device
+            if probe:
+                metrics["grad_norm"] = float(total)
         elif probe:
             metrics["grad_norm"] = probes.grad_norms([("all", model.parameters())])["all"]
         if probe:
             metrics.update(probes.grad_norms(self.layer_params))
         opt.step()
+        loss = loss.detach()
         if probe:
-            metrics.update(loss=loss_value, lr=lr)
+            metrics.update(loss=float(loss), lr=lr)
             metrics.update(attention_metrics(stats))
             metrics.update(weight_probes(model))
             if isinstance(opt, stab.WeylAdamW):
                 metrics.update(opt.last_stats)
                 metrics["weyl/fire_rate_cum"] = opt.fired_total / max(1, opt.matrix_steps_total)
-        return loss_value, metrics, stats
-
+        return loss, metrics, stats
 
 def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
     """Train one trial. Calls ``reporter(step, metrics, events)`` every ``probe_interval`` steps, at
     the last step and at an event. Stops early only on a stopping event (``workloads.divergence``:
     a non-finite loss, or a loss held above l_0 past the grace period); the outcome class comes from
-    the run's final state (``workloads.outcome.trial_class``)."""
+    the run's final state (``workloads.outcome.trial_class``).
+
+    The training losses stay on the device and are read in blocks, one host transfer per
+    ``sync_interval`` steps (and at probe, evaluation and last steps); the detector then sees each
+    of them in step order, and events are reported at their own step. A stop therefore takes effect
+    at the read after the stopping step: up to ``sync_interval - 1`` further steps have run (they
+    are counted in ``steps_run`` and ``train_losses``), and ``final_loss`` is measured on the
+    weights the run ended with."""
     cfg = config
     t_start = time.perf_counter()
     tr = Trainer(cfg)
@@ -412,38 +428,54 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
     events: list[DivergenceEvent] = []
     first_stop: DivergenceEvent | None = None
     losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses of the steps since the last read, on the device
     last_metrics: dict[str, float] = {}
     best_val = math.inf
-    train_time = 0.0  # training steps and probes; evaluation excluded
+    train_time = 0.0  # training steps, probes and loss reads; evaluation excluded
     step = steps_run = 0
+
+    def report(at: int, metrics: dict[str, float], step_events: list[DivergenceEvent], loss: float) -> None:
+        metrics.setdefault("loss", loss)
+        metrics.setdefault("lr", lr_at(cfg, at))
+        metrics["throughput"] = steps_run * tr.data.items_per_batch / max(train_time, 1e-9)
+        last_metrics.update(metrics)
+        if reporter is not None:
+            reporter(at, metrics, step_events)
+
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         is_probe = step % cfg.probe_interval == 0 or step == cfg.steps - 1
-        loss_value, metrics, stats = tr.step(step, is_probe)
+        is_eval = bool(cfg.eval_interval) and 0 < step < cfg.steps - 1 and step % cfg.eval_interval == 0
+        loss, metrics, stats = tr.step(step, is_probe)
+        pending.append(loss)
         steps_run = step + 1
+        if not (is_probe or is_eval or step % cfg.sync_interval == 0):
+            train_time += time.perf_counter() - t0
+            continue
+        values = torch.stack(pending).tolist()  # the one host read of this block
+        pending.clear()
         train_time += time.perf_counter() - t0
-        losses.append(loss_value)
-
-        step_events = detector.observe_loss(step, loss_value)
-        if stats is not None:
-            step_events += detector.observe_entropy(step, [r["entropy_min"] for r in stats.layers])
-        stopping = [e for e in step_events if detector.is_stop(e)]
-        if stopping:
-            first_stop = stopping[0]
-        if step == 0:
-            metrics["val_loss"] = initial_val
-        elif (cfg.eval_interval and step < cfg.steps - 1 and step % cfg.eval_interval == 0
-              and not stopping):
-            metrics["val_loss"] = tr.evaluate()
-            best_val = min(best_val, metrics["val_loss"])
-        events += step_events
-        if metrics or step_events:
-            metrics.setdefault("loss", loss_value)
-            metrics.setdefault("lr", lr_at(cfg, step))
-            metrics["throughput"] = steps_run * tr.data.items_per_batch / max(train_time, 1e-9)
-            last_metrics.update(metrics)
-            if reporter is not None:
-                reporter(step, metrics, step_events)
+        losses.extend(values)
+        for at, value in enumerate(values, start=step - len(values) + 1):
+            step_events = detector.observe_loss(at, value)
+            if at == step and stats is not None:
+                step_events += detector.observe_entropy(at, [r["entropy_min"] for r in stats.layers])
+            events += step_events
+            stopping = [e for e in step_events if detector.is_stop(e)]
+            if stopping:
+                first_stop = stopping[0]
+            if at < step and step_events:
+                report(at, {}, step_events, value)
+            elif at == step:
+                if step == 0:
+                    metrics["val_loss"] = initial_val
+                elif is_eval and not stopping:
+                    metrics["val_loss"] = tr.evaluate()
+                    best_val = min(best_val, metrics["val_loss"])
+                if metrics or step_events:
+                    report(at, metrics, step_events, value)
+            if first_stop is not None:
+                break
         if first_stop is not None:
             break
 
@@ -513,6 +545,8 @@ _HELP = {
     "threads": "torch intra-op threads; 0 leaves torch's default",
     "compile": "run the loss (forward and backward) under torch.compile on non-probe steps",
     "probe_interval": "steps between stability probes (attention entropy, spectra, gradient norms)",
+    "sync_interval": "steps between host reads of the training loss (the divergence detector's checks); "
+                     "steps in between never synchronise with the GPU; 1 = every step",
     "eval_interval": "steps between validation losses (0: first and last only)",
     "eval_batches": "batches per validation loss",
     "max_loss_ratio": "event loss_ratio: loss above this x the initial loss (recorded)",
