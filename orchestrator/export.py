@@ -210,7 +210,7 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
         b = bracket(pts, crash, kappa)
         se, ce = b.crashed.get(b.stable_lr, (0, 0)), b.crashed.get(b.crash_lr, (0, 0))
         lrs_run = sorted({p.lr for p in pts})
-        msl[ident.get("warmup_steps", 0)].append({
+        msl[rs[0]["warmup_steps"]].append({  # the cell's warmup, also where it is fixed (not a cell field)
             **ident, "max_stable_lr": b.stable_lr, "crash_lr": b.crash_lr,
             "stable_end": f"{se[0]}/{se[1]}" if se[1] else "", "crash_end": f"{ce[0]}/{ce[1]}" if ce[1] else "",
             "non_monotonic": b.non_monotonic, "lrs": len(lrs_run), "trials": len(pts),

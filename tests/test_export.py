@@ -10,14 +10,14 @@ from orchestrator.export import (SCHEMA, _boundary_heatmap, _boundary_points, ab
 L0, BASE = 5.0, 3.0
 
 
-def table(cells: dict[tuple, float]) -> pa.Table:
+def table(cells: dict[tuple, float], warmup: int = 0) -> pa.Table:
     """Trials of cells {(stabilizer, width, depth): boundary}: stable below the boundary, diverged above."""
     rows = []
     for (stab, width, depth), boundary in cells.items():
         for lr in (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2):
             crashed = lr > boundary
             rows.append({"status": "diverged" if crashed else "stable", "stabilizer": stab, "width": width,
-                         "depth": depth, "warmup_steps": 0, "lr": lr, "seed": 0, "initial_loss": L0,
+                         "depth": depth, "warmup_steps": warmup, "lr": lr, "seed": 0, "initial_loss": L0,
                          "baseline_loss": BASE, "final_loss": math.inf if crashed else 2.0})
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
@@ -59,3 +59,11 @@ def test_heatmap_rows_keep_width_apart_when_depth_varies_too():
     image = fig.axes[0].get_images()[0].get_array()
     assert image.tolist() == [[2e-3, 8e-3], [4e-3, 1e-3]]
     plt.close(fig)
+
+
+def test_a_fixed_warmup_names_its_table_and_figure():
+    """warmup_steps fixed at 100 (not a cell field): the table is the one of warmup 100, which the
+    report looks up for its figure (it was filed under warmup 0, and the figure came out empty)."""
+    tabs = ablation_tables(table({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3}, warmup=100))
+    assert tabs.cell_fields == ["stabilizer"] and list(tabs.max_stable_lr) == [100]
+    assert boundary_grid(tabs.max_stable_lr[100], tabs.cell_fields).rows == ["none", "qk_norm"]
