@@ -37,7 +37,7 @@ ADDRESS = typer.Option(None, "--address", metavar="ADDRESS", help="Ray cluster a
 MAX_TRIALS = typer.Option(None, "--max-trials", min=1, metavar="N",
                           help="Refuse a grid of more trials than this (default: the spec's max_trials, else 10000).")
 ALLOW_INCOMPLETE = typer.Option(False, "--allow-incomplete",
-                                help="Export a sweep that was interrupted or is still running (flagged).")
+                                help="Read a sweep that was interrupted or is still running (flagged).")
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -156,8 +156,8 @@ def _read_check(uri: str, experiment: str, sweep: Optional[str], allow_incomplet
         msg = "; ".join(problems)
         if not allow_incomplete:
             _fail(f"{msg}: its tables would miss trials. Re-run its ablate sweep / boundary command to finish it, "
-                  "or pass --allow-incomplete to export what is there", 1)
-        typer.secho(f"warning: {msg}; exporting what is there (--allow-incomplete)", fg=typer.colors.YELLOW, err=True)
+                  "or pass --allow-incomplete to read what is there", 1)
+        typer.secho(f"warning: {msg}; reading what is there (--allow-incomplete)", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command(cls=_Command)
@@ -357,14 +357,15 @@ def report(spec: Optional[Path] = READ_SPEC, experiment: Optional[str] = EXPERIM
 def forensics_cmd(spec: Optional[Path] = READ_SPEC, experiment: Optional[str] = EXPERIMENT,
                   sweep: Optional[str] = SWEEP, out: Optional[Path] = OUT,
                   crash: Optional[str] = CRASH, kappa: Optional[float] = KAPPA,
+                  allow_incomplete: bool = ALLOW_INCOMPLETE,
                   workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
     """Which stability probe warns of a crash first, how far ahead and how reliably (read from MLflow).
 
-    Reads the finished runs of a sweep; an interrupted or running sweep is flagged, not refused."""
+    Refuses a sweep that was interrupted or is still running, unless --allow-incomplete."""
     from orchestrator.forensics import forensics
 
     t = _target(spec, experiment, sweep, out, crash, kappa, workdir, tracking_uri)
-    with _reading(t, allow_incomplete=True):
+    with _reading(t, allow_incomplete):
         fx, files = forensics(t.uri, t.experiment, t.sweep, t.out, t.crash, t.kappa)
     typer.echo(f"{len(fx.runs)} finished runs from {t.uri} (experiment {t.experiment!r}"
                + (f", sweep {t.sweep!r})" if t.sweep else ")"))

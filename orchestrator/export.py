@@ -210,7 +210,7 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
         b = bracket(pts, crash, kappa)
         se, ce = b.crashed.get(b.stable_lr, (0, 0)), b.crashed.get(b.crash_lr, (0, 0))
         lrs_run = sorted({p.lr for p in pts})
-        msl[ident.get("warmup_steps", 0)].append({
+        msl[rs[0]["warmup_steps"]].append({  # the cell's warmup, also where it is fixed (not a cell field)
             **ident, "max_stable_lr": b.stable_lr, "crash_lr": b.crash_lr,
             "stable_end": f"{se[0]}/{se[1]}" if se[1] else "", "crash_end": f"{ce[0]}/{ce[1]}" if ce[1] else "",
             "non_monotonic": b.non_monotonic, "lrs": len(lrs_run), "trials": len(pts),
@@ -277,9 +277,15 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _row_fields(cell_fields: list[str]) -> list[str]:
+    """A max-stable-LR table's or figure's rows: the cell without its depth (the columns) and its
+    warmup (one table or figure each): the stabilizer and every other field that varies."""
+    return [f for f in cell_fields if f not in ("depth", "warmup_steps")]
+
+
 def pivot_max_stable(rows: list[dict], cell_fields: list[str]) -> tuple[list[str], list[list[str]]]:
     """Stabilizer (and other fields) as rows, depth as columns; cell text 'lr [stable, crash]'."""
-    row_fields = [f for f in cell_fields if f not in ("depth", "warmup_steps")]
+    row_fields = _row_fields(cell_fields)
     depths = sorted({r.get("depth") for r in rows}, key=lambda d: (d is None, d))
     one = len(depths) == 1
     header = row_fields + [f"depth {d}" if d is not None else "max stable lr [bracket]" for d in depths]
@@ -464,11 +470,38 @@ def _loss_panels(plt, rows: list[dict], warmup, depths: list, stabs: list[str], 
     return fig
 
 
-def _boundary_points(plt, cells: dict, stabs: list[str], warmup, crit: str):
-    """One-dimensional cells: the max stable LR per stabilizer with its bracket as an error bar."""
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.9 * len(stabs)), 3.8))
-    for i, s in enumerate(stabs):
-        c = cells.get(s)
+@dataclasses.dataclass
+class BoundaryGrid:
+    """What the crash-boundary figure of one warmup draws: ``rows`` (labels, in order), ``depths``
+    (the columns; ``[None]`` when depth does not vary) and ``cells[(row, depth)]``, a
+    ``max_stable_lr`` row."""
+
+    rows: list[str]
+    depths: list
+    cells: dict[tuple[str, Any], dict]
+
+
+def boundary_grid(msl: list[dict], cell_fields: list[str]) -> BoundaryGrid:
+    """The ``max_stable_lr`` rows of one warmup, a row per cell without its depth: the stabilizer
+    and every other field that varies (``none, width=64``), so that cells differing only in e.g.
+    width stay apart; depth as the columns."""
+    row_fields = _row_fields(cell_fields)
+    keyed = {(tuple(c[f] for f in row_fields), c.get("depth")): c for c in msl}
+    keys = sorted({k for k, _ in keyed}, key=lambda k: tuple((v is None, v) for v in k))  # numbers as numbers
+    for text in (_fmt, str):  # str where _fmt's rounding would give two cells one label
+        labels = {k: ", ".join([str(k[0])] + [f"{f}={text(v)}" for f, v in zip(row_fields[1:], k[1:])]) for k in keys}
+        if len(set(labels.values())) == len(keys):
+            break
+    depths = sorted({d for _, d in keyed}, key=lambda d: (d is None, d))
+    return BoundaryGrid([labels[k] for k in keys], depths, {(labels[k], d): c for (k, d), c in keyed.items()})
+
+
+def _boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
+    """One-dimensional cells: the max stable LR per cell with its bracket as an error bar."""
+    rows = grid.rows
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.9 * len(rows)), 3.8))
+    for i, s in enumerate(rows):
+        c = grid.cells.get((s, None))  # depth does not vary: not part of the cell
         if not c:
             continue
         lo, hi = c["max_stable_lr"], c["crash_lr"]
@@ -490,8 +523,8 @@ def _boundary_points(plt, cells: dict, stabs: list[str], warmup, crit: str):
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.grid(True, which="both", axis="y", lw=0.3, alpha=0.5)
-    ax.set_xticks(range(len(stabs)), stabs, rotation=30, ha="right")
-    ax.set_xlim(-0.6, len(stabs) - 0.4)
+    ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel("max stable LR (bar: up to the\nsmallest crashed LR)")
     ax.set_title(f"crash boundary, warmup {warmup}", fontsize=9)
     fig.text(0.01, 0.01, crit, fontsize=6)
@@ -499,30 +532,31 @@ def _boundary_points(plt, cells: dict, stabs: list[str], warmup, crit: str):
     return fig
 
 
-def _boundary_heatmap(plt, cells: dict, stabs: list[str], depths: list, warmup, crit: str):
-    """Two axes (stabilizer x depth): a heatmap of the max stable LR on a log colour scale."""
+def _boundary_heatmap(plt, grid: BoundaryGrid, warmup, crit: str):
+    """Two axes (cell without its depth x depth): a heatmap of the max stable LR on a log colour scale."""
     from matplotlib.colors import LogNorm
 
-    grid = np.full((len(stabs), len(depths)), np.nan)
-    for i, s in enumerate(stabs):
+    rows, depths = grid.rows, grid.depths
+    lrs = np.full((len(rows), len(depths)), np.nan)
+    for i, s in enumerate(rows):
         for j, d in enumerate(depths):
-            c = cells.get((s, d))
+            c = grid.cells.get((s, d))
             if c and c["max_stable_lr"]:
-                grid[i, j] = c["max_stable_lr"]
-    fig, ax = plt.subplots(figsize=(3.4 + 1.3 * len(depths), 1.4 + 0.5 * len(stabs)))
-    finite = grid[np.isfinite(grid)]
+                lrs[i, j] = c["max_stable_lr"]
+    fig, ax = plt.subplots(figsize=(3.4 + 1.3 * len(depths), 1.4 + 0.5 * len(rows)))
+    finite = lrs[np.isfinite(lrs)]
     norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size and finite.min() < finite.max() else None
-    im = ax.imshow(grid, cmap="viridis", aspect="auto", norm=norm)
+    im = ax.imshow(lrs, cmap="viridis", aspect="auto", norm=norm)
     ax.set_xticks(range(len(depths)), [f"depth {d}" for d in depths])
-    ax.set_yticks(range(len(stabs)), stabs)
-    for i in range(len(stabs)):
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(len(rows)):
         for j in range(len(depths)):
-            c = cells.get((stabs[i], depths[j]))
+            c = grid.cells.get((rows[i], depths[j]))
             if not c:
                 continue
             txt = ("≥ " if c["above_range"] else "") + _fmt(c["max_stable_lr"]) if c["max_stable_lr"] else \
                 f"< {_fmt(c['crash_lr'])}"
-            rgba = im.cmap(im.norm(grid[i, j])) if np.isfinite(grid[i, j]) else (1, 1, 1, 1)
+            rgba = im.cmap(im.norm(lrs[i, j])) if np.isfinite(lrs[i, j]) else (1, 1, 1, 1)
             lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
             ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="k" if lum > 0.5 else "w")
     fig.colorbar(im, ax=ax, label="max stable LR")
@@ -561,11 +595,8 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
         fig = _loss_panels(plt, rows, w, depths, stabs, colors, crit)
         files += _save(fig, out, f"loss_vs_lr_warmup{w}")
         plt.close(fig)
-        msl = ex.tables.max_stable_lr.get(w, [])
-        if vary_depth:
-            fig = _boundary_heatmap(plt, {(c["stabilizer"], c["depth"]): c for c in msl}, stabs, depths, w, crit)
-        else:
-            fig = _boundary_points(plt, {c["stabilizer"]: c for c in msl}, stabs, w, crit)
+        grid = boundary_grid(ex.tables.max_stable_lr.get(w, []), ex.tables.cell_fields)
+        fig = (_boundary_heatmap if vary_depth else _boundary_points)(plt, grid, w, crit)
         files += _save(fig, out, f"max_stable_lr_warmup{w}")
         plt.close(fig)
     from orchestrator.forensics import forensics

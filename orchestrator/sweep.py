@@ -51,7 +51,12 @@ class SweepOutcome:
 
 def init_ray(address: str | None = None, workdir: Path | None = None) -> bool:
     """Connect to a cluster (``address``/``RAY_ADDRESS``) or start Ray embedded on this machine.
-    True when this call started Ray (the caller then shuts it down)."""
+    True when this call started Ray (the caller then shuts it down).
+
+    Embedded Ray is always a new instance of its own (``address="local"``): ``ray.init()`` without
+    an address would attach to the cluster last started on this machine (``ray start --head``, a
+    ``ray.cluster_utils.Cluster``, found through ``<RAY_TMPDIR or /tmp>/ray/ray_current_cluster``)
+    and run the sweep's trials there, beside whatever else uses it."""
     import ray
 
     if ray.is_initialized():
@@ -62,7 +67,7 @@ def init_ray(address: str | None = None, workdir: Path | None = None) -> bool:
         ray.init(address=address, **kwargs)  # the cluster's own authentication applies, untouched
     else:
         _embedded_token_auth()
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(address="local", include_dashboard=False, **kwargs)
     if workdir is not None:  # Ray's own logs, reachable from the workdir
         try:
             session = Path(ray._private.worker._global_node.get_session_dir_path())

@@ -2,6 +2,8 @@
 fake GPUs, a real `mlflow server` on loopback, sweeps submitted through the orchestrator."""
 
 import copy
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from orchestrator.export import FINISHED
 
 from orchestrator.localcluster import LocalCluster, MlflowServer
 from orchestrator.spec import parse_spec
-from orchestrator.sweep import run_sweep
+from orchestrator.sweep import init_ray, open_session, run_sweep
 
 TINY = {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "eval_batches": 1,
         "device": "cpu"}
@@ -137,6 +139,46 @@ def test_mlflow_server_outage_loses_no_metrics(cluster, server, tmp_path):
         assert {0, 25, 50, 75, 100, 125, 150, 175, 200, 225, 250, 275, 299} <= set(steps), (r.info.run_name, steps)
         assert len(steps) == len(set(steps))  # each step once: nothing lost, nothing doubled
         assert "result/final_loss" in r.data.metrics
+
+
+def test_embedded_session_starts_its_own_ray_beside_a_running_cluster(monkeypatch, tmp_path):
+    """A head started on this machine is where a bare ray.init() attaches (through
+    <RAY_TMPDIR>/ray/ray_current_cluster): the embedded session must not, an explicit address must."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # a short temp dir of the test's own (Unix socket paths are limited to ~107 characters); Ray
+    # reads it for ray_current_cluster, so nothing else on this machine sees the test's cluster
+    rtmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", rtmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "")  # set, then removed: monkeypatch undoes what the session sets
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    other = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    ses = None
+    try:
+        assert ray._private.utils.read_ray_address() == other.address  # what ray.init() would attach to
+        jobs_before = len(other.global_state.job_table())
+        ses = open_session(parse_spec(spec("t-own-ray", n=1, gpus=0)), None, tmp_path / "wd", None, None)
+        assert ses.started_ray
+        mine = ray.get_runtime_context()
+        assert mine.gcs_address != other.address
+        assert other.head_node.node_id not in {n["NodeID"] for n in ray.nodes()}
+        assert len(other.global_state.job_table()) == jobs_before  # no driver joined the other cluster
+        ses.close()
+        ses = None
+        assert not ray.is_initialized()
+        # an explicit address still connects to that cluster
+        init_ray(other.address)
+        assert ray.get_runtime_context().gcs_address == other.address
+        assert [n["NodeID"] for n in ray.nodes()] == [other.head_node.node_id]
+    finally:
+        if ses is not None:
+            ses.close()
+        ray.shutdown()
+        other.shutdown()
+        shutil.rmtree(rtmp, ignore_errors=True)
+    assert not ray.is_initialized()
 
 
 def test_cluster_yaml_passes_rays_own_validator():

@@ -90,3 +90,33 @@ def test_auc_matches_sklearn_and_bootstrap_brackets_it():
     lo, hi = bootstrap_auc(pos, neg)
     assert lo < want < hi and hi - lo < 0.5
     assert auc([], neg) is None and math.isnan(float("nan"))
+
+
+def test_cli_refuses_an_incomplete_sweep_unless_allowed(tmp_path):
+    """`ablate forensics` guards like `ablate export`: one line and exit 1 for an interrupted sweep,
+    its tables with a warning under --allow-incomplete."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    uri = make_store(tmp_path)
+    tr = Tracker(uri, "syn")
+    parent = tr.sweep_runs("syn")[0].info.run_id
+    tr.set_tags(parent, {"interrupted": "SIGTERM at 2025-01-01 00:00:00"})  # as Session.mark_interrupted
+    tr.finish(parent, "KILLED")
+    out = tmp_path / "fx"
+    args = ["--experiment", "syn", "--sweep", "syn", "--tracking-uri", uri, "--out", str(out)]
+
+    def errors(r):
+        return [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+
+    refused = CliRunner().invoke(app, ["forensics", *args])
+    assert refused.exit_code == 1 and "Traceback" not in refused.stderr, refused.stderr
+    (line,) = errors(refused)
+    assert "sweep 'syn' was interrupted (SIGTERM" in line and "--allow-incomplete" in line
+    assert errors(CliRunner().invoke(app, ["export", *args])) == [line]  # the same words as export's
+    assert not out.exists()
+    allowed = CliRunner().invoke(app, ["forensics", *args, "--allow-incomplete"])
+    assert allowed.exit_code == 0, allowed.stderr
+    assert "warning: sweep 'syn' was interrupted" in allowed.stderr and not errors(allowed)
+    assert "16 finished runs" in allowed.stdout and (out / "forensics_auc.md").exists()
