@@ -293,19 +293,25 @@ class _Data:
 # ------------------------------------------------------------------------------------- probing
 @torch.no_grad()
 def weight_probes(model: nn.Module) -> dict[str, float]:
-    """Spectral probes of W_q/W_k per layer, TEV, parameter norm."""
-    m: dict[str, float] = {}
-    conc_max, s1_max = 0.0, 0.0
+    """Spectral probes of W_q/W_k per layer, TEV, parameter norm: computed on the device and read to
+    the host in one transfer."""
+    names: list[str] = []
+    values: list[torch.Tensor] = []
     for i, s in enumerate(probes.layer_head_singular_values(model.qk_weights())):  # batched over layers
-        m[f"spectral_conc/layer{i}"] = float(probes.concentration(s).max())
-        m[f"qk_sigma1/layer{i}"] = float(s[:, 0].max())
-        conc_max = max(conc_max, m[f"spectral_conc/layer{i}"])
-        s1_max = max(s1_max, m[f"qk_sigma1/layer{i}"])
-    m["spectral_conc/max"], m["qk_sigma1/max"] = conc_max, s1_max
+        names += [f"spectral_conc/layer{i}", f"qk_sigma1/layer{i}"]
+        values += [probes.concentration(s).max(), s[:, 0].max()]
     emb = model.token_embedding()
     if emb is not None:
-        m["tev/mean"], m["tev/std"] = probes.token_embedding_variability(emb)
-    m["param_norm"] = probes.param_norm(model.parameters())
+        per_token = emb.detach().float().std(dim=1)  # probes.token_embedding_variability, on the device
+        names += ["tev/mean", "tev/std"]
+        values += [per_token.mean(), per_token.std()]
+    params = [p.detach().float().pow(2).sum() for p in model.parameters()]
+    names.append("param_norm")
+    values.append(torch.stack(params).sum().sqrt())
+    m = dict(zip(names, torch.stack([v.float().to(values[-1].device) for v in values]).tolist()))
+    layers = [k for k in m if k.startswith("spectral_conc/layer")]
+    m["spectral_conc/max"] = max(m[k] for k in layers)
+    m["qk_sigma1/max"] = max(m[k.replace("spectral_conc", "qk_sigma1")] for k in layers)
     return m
 
 
