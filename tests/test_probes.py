@@ -118,3 +118,103 @@ def test_cholesky_spectra_equal_the_svd_version(rank):
         torch.testing.assert_close(spectral_concentration(w_q, w_k, h).double(), s2[:, 0] / s2.sum(-1),
                                    rtol=1e-6, atol=1e-6)
     assert got[-1].shape == (3, 4)
+
+
+# ---- attention statistics on a subset, in chunks (issue 12) ----
+def _reference_summary(logits):
+    """The full-materialisation computation in float64: softmax of the whole [b, h, q, k] map,
+    entropy per head averaged over batch and rows (0 log 0 = 0), min / mean over heads, max logit
+    over finite positions of positive probability."""
+    logits = logits.double()
+    p = logits.softmax(-1)
+    ent = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), 0.0)).sum(-1).mean(dim=(0, 2))
+    top = logits[torch.isfinite(logits) & (p > 0)].max()
+    return [float(ent.min()), float(ent.mean()), float(top)]
+
+
+def _causal(logits):
+    t = logits.shape[-1]
+    return logits.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("chunk", [1, 100, 1 << 24])
+def test_qk_summary_equals_the_full_softmax(causal, chunk):
+    from workloads.probes import qk_attention_summary
+
+    b, h, t, d = 3, 4, 13, 8
+    q, k = 2 * torch.randn(b, h, t, d), 2 * torch.randn(b, h, t, d)
+    logits = (q.double() @ k.double().transpose(-2, -1)) * d ** -0.5
+    ref = _reference_summary(_causal(logits) if causal else logits)
+    got = qk_attention_summary(q, k, d ** -0.5, causal=causal, chunk=chunk)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    np.testing.assert_allclose(got.tolist(), ref, rtol=1e-5)
+    torch.testing.assert_close(got, qk_attention_summary(q, k, d ** -0.5, causal=causal, chunk=1 << 24))
+
+
+@pytest.mark.parametrize("chunk", [1, 50, 1 << 24])
+def test_logit_summary_with_swin_style_mask_equals_the_full_softmax(chunk):
+    """Swin masks shifted windows with -100, not -inf: those positions keep a (tiny) probability,
+    and count as allowed, exactly as in the full computation."""
+    from workloads.probes import attention_summary
+
+    logits = torch.randn(6, 2, 9, 9) * 3
+    logits[:, :, :4, 5:] -= 100.0
+    logits[0, 1, 2, 3] = float("-inf")
+    got = attention_summary(logits, chunk=chunk)
+    np.testing.assert_allclose(got.tolist(), _reference_summary(logits), rtol=1e-5)
+    torch.testing.assert_close(got, attention_summary(logits, chunk=1 << 24))  # chunked = unchunked
+
+
+def test_attention_stats_measure_the_first_items_only():
+    from workloads.probes import AttentionStats
+
+    q, k = torch.randn(5, 2, 7, 4), torch.randn(5, 2, 7, 4)
+    windows = torch.randn(5 * 3, 2, 4, 4)  # 5 images x 3 windows, image-major
+    stats = AttentionStats(batch=2)
+    stats.add_qk(q, k, 0.5, causal=True)
+    stats.add_logits(windows, per_item=3)
+    logits = _causal((q[:2].double() @ k[:2].double().transpose(-2, -1)) * 0.5)
+    refs = [_reference_summary(logits), _reference_summary(windows[:6])]
+    assert len(stats.layers) == 2
+    for rec, ref in zip(stats.layers, refs):
+        assert list(rec) == ["entropy_min", "entropy_mean", "max_logit"]
+        assert all(type(v) is float for v in rec.values())
+        np.testing.assert_allclose(list(rec.values()), ref, rtol=1e-5)
+    # a batch no larger than the subset is measured whole; None measures everything
+    for n in (5, 9, None):
+        whole = AttentionStats(batch=n)
+        whole.add_logits(windows, per_item=3)
+        np.testing.assert_allclose(list(whole.layers[0].values()), _reference_summary(windows), rtol=1e-5)
+    with pytest.raises(ValueError, match="batch"):
+        AttentionStats(batch=0)
+
+
+def test_attention_stats_read_the_device_once(monkeypatch):
+    """No host sync per layer: nothing is converted while layers are added; the first read of
+    ``layers`` makes one transfer for all of them, later reads none."""
+    from workloads.probes import AttentionStats
+
+    stats = AttentionStats(batch=2)
+    q = torch.randn(3, 2, 6, 4)
+    calls = {"tolist": 0}
+    tolist = torch.Tensor.tolist
+
+    def counting(self):
+        calls["tolist"] += 1
+        return tolist(self)
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("host sync while adding a layer")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", forbidden)
+        m.setattr(torch.Tensor, "__float__", forbidden)
+        m.setattr(torch.Tensor, "__bool__", forbidden)
+        for _ in range(4):
+            stats.add_qk(q, q, 0.5, causal=True)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    assert len(stats.layers) == 4 and calls["tolist"] == 1
+    assert len(stats.layers) == 4 and calls["tolist"] == 1
+    stats.add_qk(q, q, 0.5)  # a layer added after a read is converted at the next read
+    assert len(stats.layers) == 5 and calls["tolist"] == 2

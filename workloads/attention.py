@@ -9,8 +9,6 @@ what the probes read for ``W_q`` and ``W_k``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -100,9 +98,10 @@ class CausalSelfAttention(nn.Module):
 
         A_h = softmax(q_h k_h^T / sqrt(d_h) + M_causal),   y = concat_h(A_h v_h) W_o
 
-    Ordinary steps use ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels).
-    While ``self.stats`` is set (probe steps only) the attention map is formed explicitly and
-    reduced into it: entropy per head and max logit.
+    Every step uses ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels), probe
+    steps too, so a probe step trains exactly like any other. While ``self.stats`` is set (probe
+    steps only) the detached queries and keys also go to :meth:`AttentionStats.add_qk`, which
+    measures entropy per head and max logit on a subset of the batch, in chunks.
     """
 
     def __init__(self, dim: int, num_heads: int, bias: bool = False, qk_norm: bool = False,
@@ -122,16 +121,10 @@ class CausalSelfAttention(nn.Module):
         # [B, T, H, D] views; QK-norm runs on them, over contiguous rows, before the transpose
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
-        if self.stats is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        else:
-            logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            logits = logits.masked_fill(~mask, float("-inf"))
-            att = logits.float().softmax(-1).to(q.dtype)
-            self.stats.add(att.detach(), logits.detach())
-            y = F.dropout(att, self.dropout, self.training) @ v
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if self.stats is not None:  # a side computation on detached q, k: y is as on any step
+            self.stats.add_qk(q, k, self.head_dim ** -0.5, causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def qk_weights(self) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,10 @@
 All functions are pure (no module state) and run under ``torch.no_grad`` semantics: callers pass
 detached tensors. They are computed every ``probe_interval`` steps only; see ``workloads.trial``.
 
-* ``attention_entropy``: Shannon entropy of attention rows (Zhai et al. 2023, "entropy collapse").
+* ``attention_entropy``: Shannon entropy of attention rows (Zhai et al. 2023, "entropy collapse");
+  ``attention_summary`` / ``qk_attention_summary`` reduce a layer's attention to its entropy and
+  max logit in chunks of query rows, and ``AttentionStats`` collects them per layer on probe steps
+  from the first ``PROBE_BATCH`` items of the batch (why: see ``AttentionStats``).
 * ``spectral_concentration``: the share of spectral energy of ``W_q[h]^T W_k[h]`` in its top
   direction, the SEC index of Qi et al. (ICLR 2025) with s = 1.
 * ``token_embedding_variability``: TEV of Chung et al. (2024), Sec. 3.
@@ -12,10 +15,28 @@ detached tensors. They are computed every ``probe_interval`` steps only; see ``w
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+
+PROBE_BATCH = 4
+"""Sequences (GPT) or images (ViT, Swin) of each probe batch whose attention is measured: the first
+``PROBE_BATCH`` of them (all of a smaller batch). See :class:`AttentionStats`."""
+
+PROBE_CHUNK = 1 << 24
+"""At most this many attention logits (over all heads of the measured subset) exist at once while
+the statistics are computed: 64 MiB in float32. Read at each call that is given no ``chunk``."""
+
+SUMMARY_KEYS = ("entropy_min", "entropy_mean", "max_logit")
+"""What :func:`attention_summary` returns, in order, and the keys of ``AttentionStats.layers``."""
+
+
+def _row_entropy(probs: Tensor) -> Tensor:
+    """Entropy (nats) of each row (last dim) of ``probs``, in float32; ``0 * log 0`` is taken as 0."""
+    p = probs.float()
+    return -torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), 0.0).sum(-1)
 
 
 @torch.no_grad()
@@ -23,13 +44,69 @@ def attention_entropy(probs: Tensor) -> Tensor:
     """Entropy (nats) of each attention row, averaged over batch and query rows.
 
     ``probs``: ``[batch, heads, q, k]``; rows sum to 1 and masked entries are exactly 0
-    (``0 * log 0`` is taken as 0). Returns ``[heads]``.
-    """
+    (``0 * log 0`` is taken as 0). Returns ``[heads]``. The probes of a training run do not form
+    ``probs`` whole: they go through :func:`attention_summary` (same maths, row chunks)."""
     if probs.dim() != 4:
         raise ValueError(f"probs must be [batch, heads, q, k], got shape {tuple(probs.shape)}")
-    p = probs.float()
-    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), 0.0)
-    return -plogp.sum(-1).mean(dim=(0, 2))
+    return _row_entropy(probs).mean(dim=(0, 2))
+
+
+def _summarise(row_logits: Callable[[int, int], Tensor], shape: Sequence[int], chunk: int | None) -> Tensor:
+    """``[entropy_min, entropy_mean, max_logit]`` of an attention whose float32 logits of query rows
+    ``i:j`` (``[b, heads, j - i, keys]``, masked entries ``-inf``) ``row_logits(i, j)`` forms, for
+    ``shape = (b, heads, q, keys)``, at most ``chunk`` logits at a time. Stays on the device.
+
+    Per chunk: softmax over keys, row entropies summed over batch and rows per head, max logit over
+    allowed positions (finite logit and probability > 0). Softmax is row-wise, so the chunks give
+    the numbers one ``[b, heads, q, keys]`` map would, up to summation order."""
+    b, heads, q, keys = shape
+    rows = max(1, (chunk or PROBE_CHUNK) // max(1, b * heads * keys))
+    ent_sum, top = None, None
+    for i in range(0, q, rows):
+        logits = row_logits(i, min(q, i + rows))
+        p = logits.softmax(-1)
+        ent = _row_entropy(p).sum(dim=(0, 2))
+        m = torch.where(torch.isfinite(logits) & (p > 0), logits, float("-inf")).amax()
+        ent_sum = ent if ent_sum is None else ent_sum + ent
+        top = m if top is None else torch.maximum(top, m)
+    ent = ent_sum / (b * q)
+    return torch.stack((ent.min(), ent.mean(), top))
+
+
+@torch.no_grad()
+def attention_summary(logits: Tensor, chunk: int | None = None) -> Tensor:
+    """``[entropy_min, entropy_mean, max_logit]`` (a float32 tensor on ``logits``' device) of
+    ``softmax(logits)``, ``logits``: ``[batch, heads, q, k]`` pre-softmax, masked entries ``-inf``
+    or very negative. Entropy per head averaged over batch and query rows (:func:`attention_entropy`),
+    then min and mean over heads; max logit over allowed positions (probability > 0). Query rows
+    go in chunks of at most ``chunk`` logits (default :data:`PROBE_CHUNK`), each upcast to float32
+    on its own."""
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be [batch, heads, q, k], got shape {tuple(logits.shape)}")
+    logits = logits.detach()
+    return _summarise(lambda i, j: logits[..., i:j, :].float(), logits.shape, chunk)
+
+
+@torch.no_grad()
+def qk_attention_summary(q: Tensor, k: Tensor, scale: float, causal: bool = False,
+                         chunk: int | None = None) -> Tensor:
+    """:func:`attention_summary` of ``softmax(scale * q k^T)`` (with the causal mask: query i sees
+    keys <= i), without forming more than ``chunk`` logits at a time. ``q``, ``k``:
+    ``[batch, heads, tokens, head_dim]``, detached and upcast to float32 here; the products run
+    with autocast off (float32 logits under bf16 training too). Causal chunks multiply only the keys
+    some row of the chunk can see."""
+    q, k = q.detach().float(), k.detach().float()
+
+    def row_logits(i: int, j: int) -> Tensor:
+        keys = k[..., :j, :] if causal else k
+        logits = (q[..., i:j, :] @ keys.transpose(-2, -1)) * scale
+        if causal:
+            future = torch.arange(j, device=q.device) > torch.arange(i, j, device=q.device)[:, None]
+            logits = logits.masked_fill(future, float("-inf"))
+        return logits
+
+    with torch.autocast(q.device.type, enabled=False):
+        return _summarise(row_logits, (*q.shape[:3], k.shape[-2]), chunk)
 
 
 def _gram_pairs(w_q: Tensor, w_k: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
@@ -130,25 +207,61 @@ def param_norm(params: Iterable[nn.Parameter]) -> float:
 
 
 class AttentionStats:
-    """Accumulates per-layer attention statistics captured during one probe forward pass.
+    """Per-layer attention statistics of one probe forward pass, read as ``layers``: one dict per
+    attention layer in forward order, ``{"entropy_min", "entropy_mean", "max_logit"}`` (floats):
+    the entropy (nats) of each head's attention rows averaged over the measured sequences and query
+    rows, its min and mean over heads, and the largest pre-softmax logit at an allowed position.
 
-    Attention modules call :meth:`add` with their probabilities and pre-softmax logits while a
-    capture is active; each call reduces the tensors to a few scalars at once, so no attention
-    map outlives the layer that made it. Masked logits must be ``-inf`` (or very negative) so that
-    the max logit is over allowed positions only; pass ``logit_mask`` where they are not.
+    What is measured, and why (issue 12: a probe step cost 15x a normal step on an H100, in part
+    for a float32 ``[B, heads, T, T]`` map per layer and three host syncs per layer here). The
+    model's output never depends on the probe: attention modules compute it as on any step (fused
+    kernels) and hand this object detached queries and keys (:meth:`add_qk`) or the logits they
+    formed anyway (:meth:`add_logits`).
+
+    * Subset: the first ``batch`` sequences / images of the forward's batch (default
+      :data:`PROBE_BATCH`, all of a smaller batch; ``None``: all), instead of all ``B`` (the cost
+      is ``B / batch`` times lower). The subset is fixed by position, and the items of a training
+      batch are independent uniform draws (windows of the corpus, images), so the subset is a random
+      sample of them: each head's mean entropy is an unbiased estimate of the whole batch's. The
+      min over heads and the max logit are those of the sample (the max logit is at most the
+      batch's). Swin's window attention sees ``images x windows`` rows, image-major
+      (timm's ``window_partition``): the first ``batch * windows`` of them are the first images'.
+    * Chunks: query rows in chunks of at most ``chunk`` logits over the subset's heads (default
+      :data:`PROBE_CHUNK`, 2^24, 64 MiB in float32; one row where a row alone has more),
+      accumulated on the device, so memory is bounded at any sequence length.
+    * No host syncs while the forward runs: each layer leaves a 3-element device tensor; the first
+      read of ``layers`` copies all of them to the host in one transfer (a stack and ``tolist``).
+
+    On a subset the numbers equal those of the full ``[batch, heads, T, T]`` softmax of that subset
+    (up to float summation order; the statistics are computed in float32, autocast off).
     """
 
-    def __init__(self) -> None:
-        self.layers: list[dict[str, float]] = []
+    def __init__(self, batch: int | None = PROBE_BATCH, chunk: int | None = None) -> None:
+        if batch is not None and batch < 1:
+            raise ValueError(f"batch must be >= 1 or None (all), got {batch}")
+        self.batch, self.chunk = batch, chunk
+        self._pending: list[Tensor] = []
+        self._layers: list[dict[str, float]] = []
 
-    @torch.no_grad()
-    def add(self, probs: Tensor, logits: Tensor | None = None) -> None:
-        ent = attention_entropy(probs)
-        rec = {"entropy_min": float(ent.min()), "entropy_mean": float(ent.mean())}
-        if logits is not None:
-            finite = logits.float()
-            finite = torch.where(torch.isfinite(finite), finite, float("-inf"))
-            # logits of allowed positions only: masked entries have probability exactly 0
-            finite = torch.where(probs > 0, finite, float("-inf"))
-            rec["max_logit"] = float(finite.max())
-        self.layers.append(rec)
+    def _rows(self, per_item: int = 1) -> slice:
+        return slice(None if self.batch is None else self.batch * per_item)
+
+    def add_qk(self, q: Tensor, k: Tensor, scale: float, causal: bool = False) -> None:
+        """One layer from its queries and keys, ``[B, heads, tokens, head_dim]`` (the whole batch;
+        the subset is taken here): :func:`qk_attention_summary`."""
+        rows = self._rows()
+        self._pending.append(qk_attention_summary(q[rows], k[rows], scale, causal, self.chunk))
+
+    def add_logits(self, logits: Tensor, per_item: int = 1) -> None:
+        """One layer from its pre-softmax logits ``[B * per_item, heads, q, k]`` whose rows are
+        item-major (``per_item`` consecutive rows per sequence / image, e.g. Swin's windows):
+        :func:`attention_summary` of the subset's rows."""
+        self._pending.append(attention_summary(logits[self._rows(per_item)], self.chunk))
+
+    @property
+    def layers(self) -> list[dict[str, float]]:
+        if self._pending:
+            values = torch.stack(self._pending).tolist()  # the one host transfer
+            self._pending.clear()
+            self._layers += [dict(zip(SUMMARY_KEYS, v)) for v in values]
+        return self._layers

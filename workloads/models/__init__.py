@@ -6,8 +6,10 @@ Every model is an ``nn.Module`` with the probe interface the trial loop relies o
   ``layers() -> [nn.Module, ...]``              one module per attention layer, in forward order
   ``qk_weights() -> [(W_q, W_k, heads), ...]``  effective query/key projections, one per layer
   ``token_embedding() -> Tensor | None``        the token embedding matrix (for TEV)
-  ``capture_attention()``                       context manager yielding an ``AttentionStats`` that
-                                                the forward passes inside it fill, layer by layer
+  ``capture_attention(batch=PROBE_BATCH)``      context manager yielding an ``AttentionStats`` that
+                                                the forward passes inside it fill, layer by layer,
+                                                from the batch's first ``batch`` items, without
+                                                changing what the forward computes
 
 timm is imported only when a ViT or Swin is built, so GPT trials start faster.
 """

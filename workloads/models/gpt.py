@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workloads.attention import MLRA, CausalSelfAttention
-from workloads.probes import AttentionStats
+from workloads.probes import PROBE_BATCH, AttentionStats
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,11 @@ class GPT(nn.Module):
         return self.wte.weight
 
     @contextlib.contextmanager
-    def capture_attention(self):
-        stats = AttentionStats()
+    def capture_attention(self, batch: int | None = PROBE_BATCH):
+        """Yields an :class:`AttentionStats` that every forward inside fills, one record per block,
+        from the first ``batch`` sequences (``None``: all), in chunks of query rows; the forward
+        itself is unchanged (see :class:`AttentionStats` for the subset and the chunking)."""
+        stats = AttentionStats(batch)
         for b in self.blocks:
             b.attn.stats = stats
         try:

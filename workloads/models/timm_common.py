@@ -4,7 +4,8 @@ timm's own modules are used unchanged. Stabilizers reach them as timm allows: ``
 timm's constructor argument where it has one, MLRA and QK-norm elsewhere by replacing an attention
 module's ``qkv`` projection (timm's layout ``[q | k | v]`` is kept), sigmaReparam by swapping the
 ``nn.Linear`` modules of the blocks. Attention statistics are read by forward hooks that exist only
-inside :meth:`TimmClassifier.capture_attention`, so ordinary steps run timm's fused kernels.
+inside :meth:`TimmClassifier.capture_attention`; they do not change what timm computes (ViT keeps
+its fused kernel on probe steps too).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workloads.attention import LowRankQKV, split_qk
-from workloads.probes import AttentionStats
+from workloads.probes import PROBE_BATCH, AttentionStats
 
 
 class TimmClassifier(nn.Module):
@@ -55,43 +56,67 @@ class TimmClassifier(nn.Module):
             a.qkv = LowRankQKV(dim, heads, r, bias=old.bias is not None).to(old.weight.device)
 
     @contextlib.contextmanager
-    def capture_attention(self):
-        stats = AttentionStats()
-        handles = []
-        saved = []
+    def capture_attention(self, batch: int | None = PROBE_BATCH):
+        """Yields an :class:`AttentionStats` that every forward inside fills, one record per
+        attention module, from the first ``batch`` images (``None``: all), in chunks of query rows
+        (see :class:`AttentionStats`). Hooks exist only inside the context:
+
+        * ViT: forward hooks on timm's ``q_norm`` / ``k_norm`` (``nn.Identity`` without QK-norm)
+          take the detached ``[B, heads, N, head_dim]`` queries and keys; timm's fused attention
+          stays on and computes the output, as on any step.
+        * Swin: a pre-hook on ``attn.softmax`` reads the logits timm forms anyway
+          (``q k^T scale`` + relative position bias + shift mask, ``[B * windows, heads, N, N]``,
+          image-major as timm's ``window_partition`` orders them), and measures the first
+          ``batch * windows`` rows, i.e. the windows of the first ``batch`` images; ``windows`` is
+          those rows over the images of the forward (read by a pre-hook on the network). That
+          softmax runs only on timm's unfused path, which is timm's default for Swin (its fused
+          window attention is experimental); where it was switched on, it is off inside the context.
+        """
+        stats = AttentionStats(batch)
+        images = [0]
+
+        def count_images(_m, args):
+            images[0] = args[0].shape[0]
+
+        handles = [self.net.register_forward_pre_hook(count_images)]
+        unfused = []
         for a in self.attn_modules:
-            saved.append(getattr(a, "fused_attn", None))
-            if saved[-1] is not None:
-                a.fused_attn = False
-            handles += self._attention_hooks(a, stats)
+            if isinstance(getattr(a, "softmax", None), nn.Softmax):
+                handles.append(a.softmax.register_forward_pre_hook(self._window_hook(stats, images)))
+                if getattr(a, "fused_attn", False):
+                    a.fused_attn = False
+                    unfused.append(a)
+            else:
+                handles += self._qk_hooks(a, stats)
         try:
             yield stats
         finally:
             for h in handles:
                 h.remove()
-            for a, f in zip(self.attn_modules, saved):
-                if f is not None:
-                    a.fused_attn = f
+            for a in unfused:
+                a.fused_attn = True
 
-    def _attention_hooks(self, attn: nn.Module, stats: AttentionStats) -> list:
-        """Hooks that feed ``stats`` with (probs, logits) of one attention module."""
-        if isinstance(getattr(attn, "softmax", None), nn.Softmax):
-            # Swin: the pre-softmax input is the full logit (q k^T scale + rel. pos. bias + mask).
-            def pre(_m, args):
-                logits = args[0].detach()
-                stats.add(logits.float().softmax(-1), logits)
-            return [attn.softmax.register_forward_pre_hook(pre)]
+    @staticmethod
+    def _window_hook(stats: AttentionStats, images: list[int]):
+        """Swin: the pre-softmax input is the full logit of every window of every image."""
+        def pre(_m, args):
+            logits = args[0]
+            windows, rest = divmod(logits.shape[0], images[0])
+            if rest:
+                raise RuntimeError(f"{logits.shape[0]} attention windows for {images[0]} images")
+            stats.add_logits(logits, per_item=windows)
+        return pre
 
-        # ViT: q and k after timm's q_norm / k_norm, then the unmasked scaled dot product.
+    @staticmethod
+    def _qk_hooks(attn: nn.Module, stats: AttentionStats) -> list:
+        """ViT: q and k after timm's q_norm / k_norm; the unmasked scaled dot product."""
         captured: dict[str, Tensor] = {}
 
         def grab(key):
             def hook(_m, _args, out):
                 captured[key] = out.detach()
                 if "q" in captured and "k" in captured:
-                    q, k = captured.pop("q"), captured.pop("k")
-                    logits = (q.float() @ k.float().transpose(-2, -1)) * attn.scale
-                    stats.add(logits.softmax(-1), logits)
+                    stats.add_qk(captured.pop("q"), captured.pop("k"), attn.scale)
             return hook
         return [attn.q_norm.register_forward_hook(grab("q")), attn.k_norm.register_forward_hook(grab("k"))]
 
