@@ -184,26 +184,39 @@ def concentration(s: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def token_embedding_variability(weight: Tensor) -> tuple[float, float]:
-    """TEV: std of each embedding row (over the hidden dimension), then mean and std over vocab."""
+def token_embedding_variability(weight: Tensor) -> Tensor:
+    """TEV: std of each embedding row (over the hidden dimension), then ``[mean, std]`` over the
+    vocabulary, on the weight's device (read it with :func:`read`)."""
     per_token = weight.float().std(dim=1)
-    return float(per_token.mean()), float(per_token.std())
+    return torch.stack((per_token.mean(), per_token.std()))
 
 
 @torch.no_grad()
-def grad_norms(named_groups: Iterable[tuple[str, Iterable[nn.Parameter]]]) -> dict[str, float]:
-    """L2 norm of the gradients of each named group of parameters."""
+def grad_norms(named_groups: Iterable[tuple[str, Iterable[nn.Parameter]]]) -> dict[str, Tensor]:
+    """L2 norm of the gradients of each named group of parameters (0-d tensors on the device; a
+    group without gradients gets 0)."""
     out = {}
     for name, params in named_groups:
         sq = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
-        out[name] = math.sqrt(float(torch.stack(sq).sum())) if sq else 0.0
+        out[name] = torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
     return out
 
 
 @torch.no_grad()
-def param_norm(params: Iterable[nn.Parameter]) -> float:
+def param_norm(params: Iterable[nn.Parameter]) -> Tensor:
+    """L2 norm of all ``params`` together (a 0-d tensor on their device)."""
     sq = [p.detach().float().pow(2).sum() for p in params]
-    return math.sqrt(float(torch.stack(sq).sum())) if sq else 0.0
+    return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+
+
+def read(named: dict[str, Tensor]) -> dict[str, float]:
+    """Python floats of many 0-d tensors in one device-to-host transfer (a probe step reads its
+    gradient and weight probes together, not one synchronisation per value)."""
+    if not named:
+        return {}
+    device = next(iter(named.values())).device
+    values = torch.stack([t.detach().float().reshape(()).to(device) for t in named.values()]).tolist()
+    return dict(zip(named, values))
 
 
 class AttentionStats:

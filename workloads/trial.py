@@ -292,26 +292,19 @@ class _Data:
 
 # ------------------------------------------------------------------------------------- probing
 @torch.no_grad()
-def weight_probes(model: nn.Module) -> dict[str, float]:
-    """Spectral probes of W_q/W_k per layer, TEV, parameter norm: computed on the device and read to
-    the host in one transfer."""
-    names: list[str] = []
-    values: list[torch.Tensor] = []
+def weight_probes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Spectral probes of W_q/W_k per layer, TEV, parameter norm, as 0-d device tensors (read them
+    with ``probes.read``, one transfer)."""
+    m: dict[str, torch.Tensor] = {}
     for i, s in enumerate(probes.layer_head_singular_values(model.qk_weights())):  # batched over layers
-        names += [f"spectral_conc/layer{i}", f"qk_sigma1/layer{i}"]
-        values += [probes.concentration(s).max(), s[:, 0].max()]
+        m[f"spectral_conc/layer{i}"] = probes.concentration(s).max()
+        m[f"qk_sigma1/layer{i}"] = s[:, 0].max()
+    for name in ("spectral_conc", "qk_sigma1"):
+        m[f"{name}/max"] = torch.stack([v for k, v in m.items() if k.startswith(f"{name}/layer")]).max()
     emb = model.token_embedding()
     if emb is not None:
-        per_token = emb.detach().float().std(dim=1)  # probes.token_embedding_variability, on the device
-        names += ["tev/mean", "tev/std"]
-        values += [per_token.mean(), per_token.std()]
-    params = [p.detach().float().pow(2).sum() for p in model.parameters()]
-    names.append("param_norm")
-    values.append(torch.stack(params).sum().sqrt())
-    m = dict(zip(names, torch.stack([v.float().to(values[-1].device) for v in values]).tolist()))
-    layers = [k for k in m if k.startswith("spectral_conc/layer")]
-    m["spectral_conc/max"] = max(m[k] for k in layers)
-    m["qk_sigma1/max"] = max(m[k.replace("spectral_conc", "qk_sigma1")] for k in layers)
+        m["tev/mean"], m["tev/std"] = probes.token_embedding_variability(emb.detach()).unbind()
+    m["param_norm"] = probes.param_norm(model.parameters())
     return m
 
 
@@ -392,23 +385,22 @@ class Trainer:
         else:
             with self.autocast():
                 loss = self.loss_fn(x, y)
-        metrics: dict[str, float] = {}
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        on_device: dict[str, torch.Tensor] = {}  # probe values, read to the host together
         if cfg.grad_clip > 0:
-            total = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # on the device
-            if probe:
-                metrics["grad_norm"] = float(total)
+            on_device["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         elif probe:
-            metrics["grad_norm"] = probes.grad_norms([("all", model.parameters())])["all"]
+            on_device["grad_norm"] = probes.grad_norms([("all", model.parameters())])["all"]
         if probe:
-            metrics.update(probes.grad_norms(self.layer_params))
+            on_device.update(probes.grad_norms(self.layer_params))
         opt.step()
         loss = loss.detach()
+        metrics: dict[str, float] = {}
         if probe:
-            metrics.update(loss=float(loss), lr=lr)
+            on_device.update(weight_probes(model), loss=loss)
+            metrics.update(probes.read(on_device), lr=lr)
             metrics.update(attention_metrics(stats))
-            metrics.update(weight_probes(model))
             if isinstance(opt, stab.WeylAdamW):
                 metrics.update(opt.last_stats)
                 metrics["weyl/fire_rate_cum"] = opt.fired_total / max(1, opt.matrix_steps_total)
