@@ -16,7 +16,7 @@ config, its outcome and final metrics. From it:
 
 Each table is written as Markdown and LaTeX (booktabs), the trials as Parquet and CSV; all are
 logged as artifacts of the sweep's parent run. ``report`` draws loss-vs-LR curves (a panel per
-depth, one curve per stabilizer, crashed runs marked) and a heatmap of the max stable LR.
+depth, one curve per cell, crashed runs marked) and a heatmap of the max stable LR.
 """
 
 from __future__ import annotations
@@ -283,6 +283,22 @@ def _row_fields(cell_fields: list[str]) -> list[str]:
     return [f for f in cell_fields if f not in ("depth", "warmup_steps")]
 
 
+def _row_key(r: dict, row_fields: list[str]) -> tuple:
+    return tuple(r[f] for f in row_fields)
+
+
+def _row_labels(rs: list[dict], row_fields: list[str]) -> dict[tuple, str]:
+    """The rows (cells without depth and warmup) of ``rs`` (trials or table rows), in order, each
+    with its label: the stabilizer and every other field that varies (``none, width=64``)."""
+    keys = sorted({_row_key(r, row_fields) for r in rs},
+                  key=lambda k: tuple((v is None, v) for v in k))  # numbers as numbers
+    for text in (_fmt, str):  # str where _fmt's rounding would give two cells one label
+        labels = {k: ", ".join([str(k[0])] + [f"{f}={text(v)}" for f, v in zip(row_fields[1:], k[1:])]) for k in keys}
+        if len(set(labels.values())) == len(keys):
+            break
+    return labels
+
+
 def pivot_max_stable(rows: list[dict], cell_fields: list[str]) -> tuple[list[str], list[list[str]]]:
     """Stabilizer (and other fields) as rows, depth as columns; cell text 'lr [stable, crash]'."""
     row_fields = _row_fields(cell_fields)
@@ -424,9 +440,17 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _loss_panels(plt, rows: list[dict], warmup, depths: list, stabs: list[str], colors: dict, crit: str):
+def _loss_panels(plt, rows: list[dict], warmup, depths: list, cell_fields: list[str], crit: str):
+    """The loss-vs-LR figure of one warmup: a panel per depth, a curve per cell without its depth
+    (the stabilizer and every other field that varies, labelled as on the crash-boundary figure:
+    ``none, width=64``), each in its own colour (kept across the warmups' figures), its runs marked
+    by class."""
     from matplotlib.lines import Line2D
 
+    row_fields = _row_fields(cell_fields)
+    labels = _row_labels(rows, row_fields)  # every warmup's cells: one colour per cell in all figures
+    cmap = plt.cm.tab10 if len(labels) <= 10 else plt.cm.tab20
+    colors = {k: cmap(i % cmap.N) for i, k in enumerate(labels)}
     fig, axes = plt.subplots(1, len(depths), figsize=(3.6 * len(depths) + 2.4, 4.0), squeeze=False, sharey=True)
     for ax, d in zip(axes[0], depths):
         sub = [r for r in rows if r["warmup_steps"] == warmup and r["depth"] == d]
@@ -434,22 +458,22 @@ def _loss_panels(plt, rows: list[dict], warmup, depths: list, stabs: list[str], 
         bases = [r["baseline_loss"] for r in sub if r["baseline_loss"]]
         l0 = float(np.mean(l0s)) if l0s else None
         top = (l0 or max([r["final_loss"] for r in sub if r["final_loss"] and math.isfinite(r["final_loss"])] or [1]))
-        for s in stabs:
-            mine = [r for r in sub if r["stabilizer"] == s]
+        for k, name in labels.items():
+            mine = [r for r in sub if _row_key(r, row_fields) == k]
             if not mine:
                 continue
-            by_lr = defaultdict(list)
+            by_lr = defaultdict(list)  # the cell's seeds at one LR
             for r in mine:
                 if r["final_loss"] is not None and math.isfinite(r["final_loss"]) and r["outcome"] != "diverged":
                     by_lr[r["lr"]].append(r["final_loss"])
             xs = sorted(by_lr)
-            ax.plot(xs, [np.mean(by_lr[x]) for x in xs], "-", color=colors[s], lw=1.2)
+            ax.plot(xs, [np.mean(by_lr[x]) for x in xs], "-", color=colors[k], lw=1.2, label=name)
             for cls, style in MARKERS.items():
                 # a diverged run ended at or above l_0 (or non-finite): drawn on the top edge, off the scale
                 pts = [(r["lr"], 1.08 * top if cls == "diverged" else r["final_loss"])
                        for r in mine if r["outcome"] == cls]
                 if pts:
-                    ax.plot(*zip(*pts), color=colors[s], ms=6, **{"ls": "none", **style})
+                    ax.plot(*zip(*pts), color=colors[k], ms=6, label=f"_{name} {cls}", **{"ls": "none", **style})
         if l0 is not None:
             ax.axhline(l0, color="0.3", lw=0.8, ls="--")
         if bases:
@@ -459,7 +483,8 @@ def _loss_panels(plt, rows: list[dict], warmup, depths: list, stabs: list[str], 
         ax.set_ylim(top=1.12 * top)
         ax.set_title(f"depth {d}, warmup {warmup}" if d is not None else f"warmup {warmup}")
     axes[0][0].set_ylabel("final validation loss")
-    handles = [Line2D([], [], color=colors[s], lw=1.2, label=s) for s in stabs]
+    here = {_row_key(r, row_fields) for r in rows if r["warmup_steps"] == warmup}
+    handles = [Line2D([], [], color=colors[k], lw=1.2, label=name) for k, name in labels.items() if k in here]
     handles += [Line2D([], [], color="k", ls="none", ms=6, label=c if c != "diverged" else "diverged (off scale)",
                        **{k: v for k, v in MARKERS[c].items() if k != "ls"}) for c in MARKERS]
     handles += [Line2D([], [], color="0.3", ls="--", lw=0.8, label="l_0 (before training)"),
@@ -486,14 +511,10 @@ def boundary_grid(msl: list[dict], cell_fields: list[str]) -> BoundaryGrid:
     and every other field that varies (``none, width=64``), so that cells differing only in e.g.
     width stay apart; depth as the columns."""
     row_fields = _row_fields(cell_fields)
-    keyed = {(tuple(c[f] for f in row_fields), c.get("depth")): c for c in msl}
-    keys = sorted({k for k, _ in keyed}, key=lambda k: tuple((v is None, v) for v in k))  # numbers as numbers
-    for text in (_fmt, str):  # str where _fmt's rounding would give two cells one label
-        labels = {k: ", ".join([str(k[0])] + [f"{f}={text(v)}" for f, v in zip(row_fields[1:], k[1:])]) for k in keys}
-        if len(set(labels.values())) == len(keys):
-            break
+    keyed = {(_row_key(c, row_fields), c.get("depth")): c for c in msl}
+    labels = _row_labels(msl, row_fields)
     depths = sorted({d for _, d in keyed}, key=lambda d: (d is None, d))
-    return BoundaryGrid([labels[k] for k in keys], depths, {(labels[k], d): c for (k, d), c in keyed.items()})
+    return BoundaryGrid(list(labels.values()), depths, {(labels[k], d): c for (k, d), c in keyed.items()})
 
 
 def _boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
@@ -587,12 +608,10 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
             r["depth"] = None
     warmups = sorted({r["warmup_steps"] for r in rows})
     depths = sorted({r["depth"] for r in rows}, key=lambda d: (d is None, d))
-    stabs = sorted({r["stabilizer"] for r in rows})
-    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(stabs)}
     crit = criterion_label(crash, kappa)
     files: list[Path] = []
     for w in warmups:
-        fig = _loss_panels(plt, rows, w, depths, stabs, colors, crit)
+        fig = _loss_panels(plt, rows, w, depths, ex.tables.cell_fields, crit)
         files += _save(fig, out, f"loss_vs_lr_warmup{w}")
         plt.close(fig)
         grid = boundary_grid(ex.tables.max_stable_lr.get(w, []), ex.tables.cell_fields)

@@ -1,24 +1,31 @@
-"""The report's crash-boundary figure on a synthetic trials table (no Ray, no MLflow): every cell
-keeps its own point, also where cells differ in a field other than the stabilizer and depth."""
+"""The report's figures on a synthetic trials table (no Ray, no MLflow): every cell keeps its own
+point on the crash-boundary figure and its own curve on the loss-vs-LR figure, also where cells
+differ in a field other than the stabilizer and depth."""
 
 import math
 
 import pyarrow as pa
 
-from orchestrator.export import (SCHEMA, _boundary_heatmap, _boundary_points, ablation_tables, boundary_grid)
+from orchestrator.export import (SCHEMA, _boundary_heatmap, _boundary_points, _loss_panels, ablation_tables,
+                                 boundary_grid, with_outcomes)
 
 L0, BASE = 5.0, 3.0
 
 
-def table(cells: dict[tuple, float], warmup: int = 0) -> pa.Table:
-    """Trials of cells {(stabilizer, width, depth): boundary}: stable below the boundary, diverged above."""
+LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
+
+
+def table(cells: dict[tuple, float], warmup: int = 0, losses: dict[tuple, float] | None = None) -> pa.Table:
+    """Trials of cells {(stabilizer, width, depth): boundary}: stable below the boundary (final loss
+    ``losses[cell]``, 2.0 by default), diverged above."""
     rows = []
     for (stab, width, depth), boundary in cells.items():
-        for lr in (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2):
+        for lr in LRS:
             crashed = lr > boundary
+            final = math.inf if crashed else (losses or {}).get((stab, width, depth), 2.0)
             rows.append({"status": "diverged" if crashed else "stable", "stabilizer": stab, "width": width,
                          "depth": depth, "warmup_steps": warmup, "lr": lr, "seed": 0, "initial_loss": L0,
-                         "baseline_loss": BASE, "final_loss": math.inf if crashed else 2.0})
+                         "baseline_loss": BASE, "final_loss": final})
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
@@ -67,3 +74,56 @@ def test_a_fixed_warmup_names_its_table_and_figure():
     tabs = ablation_tables(table({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3}, warmup=100))
     assert tabs.cell_fields == ["stabilizer"] and list(tabs.max_stable_lr) == [100]
     assert boundary_grid(tabs.max_stable_lr[100], tabs.cell_fields).rows == ["none", "qk_norm"]
+
+
+def loss_figure(cells, losses=None):
+    """The report's loss-vs-LR figure (depth does not vary: one panel) and its curves by label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = with_outcomes(table(cells, losses=losses))
+    rows = [dict(r, depth=None) for r in t.to_pylist()]  # as report() does when depth is fixed
+    fig = _loss_panels(plt, rows, 0, [None], ablation_tables(t).cell_fields, "crit")
+    ax = fig.axes[0]
+    curves = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    return plt, fig, ax, curves, legend
+
+
+def points(ax, color) -> set[tuple[float, float]]:
+    """The class markers drawn in one colour (the lines without a legend label)."""
+    return {(float(x), float(y)) for line in ax.lines if line.get_label().startswith("_")
+            and line.get_color() == color and line.get_marker() not in (None, "None", "")
+            for x, y in zip(line.get_xdata(), line.get_ydata())}
+
+
+def test_loss_curves_keep_cells_of_one_stabilizer_that_differ_in_width_apart():
+    """Two cells of "none", widths 64 and 128: a curve each (not their mean at each LR), labelled
+    apart in the legend, in colours of their own, each with its own runs' markers."""
+    plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("none", 128, 2): 5e-3},
+                                               losses={("none", 64, 2): 2.0, ("none", 128, 2): 1.5})
+    assert sorted(curves) == ["none, width=128", "none, width=64"]
+    narrow, wide = curves["none, width=64"], curves["none, width=128"]
+    assert list(narrow.get_xdata()) == [1e-3, 2e-3] and list(narrow.get_ydata()) == [2.0, 2.0]
+    assert list(wide.get_xdata()) == [1e-3, 2e-3, 4e-3] and list(wide.get_ydata()) == [1.5, 1.5, 1.5]
+    assert narrow.get_color() != wide.get_color()
+    off_scale = 1.08 * L0  # diverged runs sit on the top edge
+    assert points(ax, narrow.get_color()) == {(1e-3, 2.0), (2e-3, 2.0), (4e-3, off_scale), (8e-3, off_scale),
+                                              (1.6e-2, off_scale)}
+    assert points(ax, wide.get_color()) == {(1e-3, 1.5), (2e-3, 1.5), (4e-3, 1.5), (8e-3, off_scale),
+                                            (1.6e-2, off_scale)}
+    assert legend[:2] == ["none, width=64", "none, width=128"]
+    assert legend[2:] == ["stable", "degraded", "collapsed", "diverged (off scale)", "l_0 (before training)",
+                          "marginal baseline"]
+    assert sorted(line.get_ydata()[0] for line in ax.lines if line.get_linestyle() in ("--", ":")) == [BASE, L0]
+    plt.close(fig)
+
+
+def test_loss_curves_are_one_per_stabilizer_when_only_stabilizer_and_lr_vary():
+    plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3})
+    assert sorted(curves) == ["none", "qk_norm"] and legend[:2] == ["none", "qk_norm"]
+    assert list(curves["none"].get_xdata()) == [1e-3, 2e-3]
+    assert list(curves["qk_norm"].get_xdata()) == [1e-3, 2e-3, 4e-3]
+    plt.close(fig)

@@ -28,7 +28,9 @@ SPEC = {
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # a new instance of the tests' own: without an address ray.init() attaches to a cluster already
+    # running on this machine (RAY_ADDRESS, <RAY_TMPDIR or /tmp>/ray/ray_current_cluster)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
