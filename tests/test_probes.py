@@ -218,3 +218,21 @@ def test_attention_stats_read_the_device_once(monkeypatch):
     assert len(stats.layers) == 4 and calls["tolist"] == 1
     stats.add_qk(q, q, 0.5)  # a layer added after a read is converted at the next read
     assert len(stats.layers) == 5 and calls["tolist"] == 2
+
+
+def test_weight_probes_of_a_diverged_layer_are_nan_and_do_not_raise():
+    """A probe step can see weights that are already non-finite (the loop reads the loss in blocks):
+    that layer's spectra are NaN, the other layers of the same batched solve keep their values."""
+    from workloads.probes import layer_head_singular_values
+
+    g = torch.Generator().manual_seed(0)
+    good = (torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g), 4)
+    bad_q = good[0].clone()
+    bad_q[3, 5] = float("nan")
+    low_rank = torch.randn(32, 2, generator=g) @ torch.randn(2, 16, generator=g)  # eigh fallback path
+    out = layer_head_singular_values([good, (bad_q, good[1], 4), (low_rank, good[1], 4)])
+    torch.testing.assert_close(out[0], head_singular_values(*good))
+    assert torch.isnan(out[1][0]).all() and torch.isfinite(out[1][1:]).all()  # head 0 holds the NaN
+    assert torch.isfinite(out[2]).all()
+    conc = spectral_concentration(bad_q, good[1], 4)
+    assert torch.isnan(conc[0]) and torch.isfinite(conc[1:]).all()

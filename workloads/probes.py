@@ -127,7 +127,16 @@ def _squared_singular_values(g_q: Tensor, g_k: Tensor) -> Tensor:
 
     ``L`` is the Cholesky factor where ``G_q`` is positive definite; for a rank-deficient ``G_q``
     (MLRA's rank-r heads) it is ``Q diag(sqrt(lambda))`` from ``eigh``, which any ``L L^T = G_q``
-    may be: the nonzero eigenvalues of ``L^T G_k L`` are those of ``G_q G_k`` either way."""
+    may be: the nonzero eigenvalues of ``L^T G_k L`` are those of ``G_q G_k`` either way.
+
+    A pair with a non-finite entry (a run whose weights have diverged: the loop reads the loss in
+    blocks, so a probe step can see such weights before the run stops) gets NaN values; the other
+    pairs of the batch are computed as usual."""
+    finite = (torch.isfinite(g_q).all(dim=(-2, -1)) & torch.isfinite(g_k).all(dim=(-2, -1)))[:, None, None]
+    if not bool(finite.all()):  # probe steps only: one host sync is fine here
+        eye = torch.eye(g_q.shape[-1], dtype=g_q.dtype, device=g_q.device)
+        s2 = _squared_singular_values(torch.where(finite, g_q, eye), torch.where(finite, g_k, eye))
+        return torch.where(finite[:, :, 0], s2, float("nan"))
     lower, info = torch.linalg.cholesky_ex(g_q)
     bad = info != 0
     if bool(bad.any()):  # probe steps only: one host sync is fine here
