@@ -6,7 +6,9 @@ detector's code (``workloads.divergence.replay``) on each trial's recorded per-s
 and prints:
 
 - the confusion matrix "stopped early / ran to the end" x final class for the default rule
-  (``DivergenceConfig()``), and the fraction of the crashed trials' steps that stopping saves;
+  (``DivergenceConfig()``), and the fraction of the crashed trials' steps that stopping saves
+  (counted from the trial loop's loss read after the stopping step: it reads every
+  ``sync_interval`` steps);
 - a search over the rule's parameters (grace, window, margin): for each, how many trials it would
   stop whose final class is not ``diverged`` (must be 0: a stopped trial is classed diverged) and
   the steps saved; the safest most-saving setting is printed.
@@ -38,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workloads.divergence import DivergenceConfig, replay  # noqa: E402
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Point, classify  # noqa: E402
+from workloads.trial import TrialConfig  # noqa: E402
+
+SYNC_INTERVAL = TrialConfig().sync_interval
 
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 STABILIZERS = ["none", "weyl", "sigma_reparam", "mlra", "qk_norm"]
@@ -62,7 +67,7 @@ SIZES = {
 
 def _one(args: tuple[str, dict]) -> dict:
     name, fields = args
-    from workloads.trial import TrialConfig, run
+    from workloads.trial import run
 
     cfg = TrialConfig(**fields, stop_on=("nonfinite",))
     r = run(cfg)
@@ -106,15 +111,23 @@ def final_classes(records: list[dict], kappa: float = DEFAULT_KAPPA) -> list[str
     return classes
 
 
+def read_point(step: int, total: int, sync_interval: int) -> int:
+    """The step at which the trial loop reads the loss of ``step`` (it reads every ``sync_interval``
+    steps and at the last; probe and evaluation steps may read earlier, so this is conservative):
+    a stop at ``step`` ends the run there."""
+    return min(total - 1, -(-step // sync_interval) * sync_interval)
+
+
 def evaluate(records: list[dict], classes: list[str], cfg: DivergenceConfig,
-             crash: tuple[str, ...] = DEFAULT_CRASH) -> dict:
-    """Replay the detector on every curve: confusion matrix, wrong stops, steps saved."""
+             crash: tuple[str, ...] = DEFAULT_CRASH, sync_interval: int = SYNC_INTERVAL) -> dict:
+    """Replay the detector on every curve: confusion matrix, wrong stops, steps saved (the steps
+    after the loss read that follows the stopping step)."""
     matrix: Counter = Counter()
     wrong, saved, crashed_steps, stops = 0, 0, 0, []
     for r, c in zip(records, classes):
         losses = [_f(x) for x in r["losses"]]
         if r["stop_reason"] == "nonfinite":  # stopped by the non-finite rule in the full run too
-            ev_step, kind = len(losses) - 1, "nonfinite"
+            ev_step, kind = next(i for i, x in enumerate(losses) if not math.isfinite(x)), "nonfinite"
         else:
             ev = replay(losses, r["initial_loss"], r["steps"], cfg)
             ev_step, kind = (ev.step, ev.kind) if ev else (None, None)
@@ -125,7 +138,7 @@ def evaluate(records: list[dict], classes: list[str], cfg: DivergenceConfig,
         if c in crash:
             crashed_steps += r["steps"]
             if stopped:
-                saved += r["steps"] - (ev_step + 1)
+                saved += r["steps"] - (read_point(ev_step, r["steps"], sync_interval) + 1)
         if stopped:
             stops.append((r, kind, ev_step))
     return {"matrix": matrix, "wrong": wrong, "saved": saved / crashed_steps if crashed_steps else 0.0,
