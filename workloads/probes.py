@@ -193,9 +193,16 @@ def concentration(s: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def token_embedding_variability(weight: Tensor) -> Tensor:
-    """TEV: std of each embedding row (over the hidden dimension), then ``[mean, std]`` over the
-    vocabulary, on the weight's device (read it with :func:`read`)."""
+def token_embedding_variability(weight: Tensor) -> tuple[float, float]:
+    """TEV: std of each embedding row (over the hidden dimension), then mean and std over vocab."""
+    mean, std = token_embedding_variability_t(weight).tolist()
+    return mean, std
+
+
+@torch.no_grad()
+def token_embedding_variability_t(weight: Tensor) -> Tensor:
+    """:func:`token_embedding_variability` as a ``[mean, std]`` tensor on the weight's device (the
+    probe step reads it with the other probes, :func:`read`)."""
     per_token = weight.float().std(dim=1)
     return torch.stack((per_token.mean(), per_token.std()))
 

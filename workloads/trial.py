@@ -303,7 +303,7 @@ def weight_probes(model: nn.Module) -> dict[str, torch.Tensor]:
         m[f"{name}/max"] = torch.stack([v for k, v in m.items() if k.startswith(f"{name}/layer")]).max()
     emb = model.token_embedding()
     if emb is not None:
-        m["tev/mean"], m["tev/std"] = probes.token_embedding_variability(emb.detach()).unbind()
+        m["tev/mean"], m["tev/std"] = probes.token_embedding_variability_t(emb.detach()).unbind()
     m["param_norm"] = probes.param_norm(model.parameters())
     return m
 
