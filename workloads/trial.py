@@ -406,6 +406,7 @@ class Trainer:
                 metrics["weyl/fire_rate_cum"] = opt.fired_total / max(1, opt.matrix_steps_total)
         return loss, metrics, stats
 
+
 def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
     """Train one trial. Calls ``reporter(step, metrics, events)`` every ``probe_interval`` steps, at
     the last step and at an event. Stops early only on a stopping event (``workloads.divergence``:
