@@ -6,7 +6,8 @@ from torch import nn
 
 from workloads.attention import MLRA, CausalSelfAttention, LowRankQKV, effective_weight
 from workloads.models import GPT, GPTConfig
-from workloads.stabilizers import REGISTRY, SigmaReparamLinear, WeylAdamW, apply_sigma_reparam, resolve
+from workloads.stabilizers import REGISTRY, SigmaReparamLinear, WeylAdamW, apply_sigma_reparam, resolve, sigma_reparam
+from workloads.trial import Trainer, TrialConfig, build_model
 
 
 # ------------------------------------------------------------------------------ sigmaReparam
@@ -108,6 +109,151 @@ def test_apply_sigma_reparam_to_gpt_blocks_only():
     assert not any(type(m) is nn.Linear for m in model.blocks.modules())
     assert model.lm_head.weight is model.wte.weight  # tied head untouched
     torch.testing.assert_close(model(x).detach(), before, rtol=1e-4, atol=1e-5)
+
+
+# sigmaReparam's batched power step (issue 12): the model's pre-hook runs the power step of all
+# same-shape layers at once; the per-layer path (``model.sigma_reparam_batched = False``) is the
+# reference for losses, gradients and u/v buffers.
+def _count_batched_steps(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = sigma_reparam.batched_power_step
+
+    def counted(layers):
+        calls.append(len(layers))
+        return real(layers)
+
+    monkeypatch.setattr(sigma_reparam, "batched_power_step", counted)
+    return calls
+
+
+def _assert_same_state(batched: nn.Module, reference: nn.Module, none_is_zero: bool = False) -> None:
+    for (name, p), (_, q) in zip(batched.named_parameters(), reference.named_parameters(), strict=True):
+        if none_is_zero and q.grad is None and p.grad is not None:
+            assert not p.grad.any(), name
+            continue
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:  # float rounding (sums in another order): relative to the whole gradient
+            err = float((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-30))
+            assert err <= 1e-5, f"grad of {name}: relative error {err:.2e}"  # measured <= 5.2e-6 (GPT), 1.9e-6 (ViT)
+    for (name, b), (_, c) in zip(batched.named_buffers(), reference.named_buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"buffer {name}: {m}")
+
+
+def test_sigma_reparam_batched_gpt_training_equals_per_layer(monkeypatch):
+    calls = _count_batched_steps(monkeypatch)
+    cfg = TrialConfig(workload="gpt", depth=3, width=32, heads=2, seq_len=16, batch_size=4, steps=20,
+                      stabilizers=("sigma_reparam",), device="cpu")
+    batched, reference = Trainer(cfg), Trainer(cfg)
+    reference.model.sigma_reparam_batched = False
+    for step in range(4):
+        loss_b, _, _ = batched.step(step, probe=step == 3)  # the probe step too (capture hooks)
+        loss_r, _, _ = reference.step(step, probe=step == 3)
+        torch.testing.assert_close(loss_b, loss_r, rtol=1e-5, atol=0)
+        _assert_same_state(batched.model, reference.model)
+    # GPT's four shapes (qkv, attn proj, fc, mlp proj), each a group of `depth` layers, once a step
+    assert calls == [3] * 4 * 4
+    assert all(m._batched_weight is None for m in batched.model.modules() if isinstance(m, SigmaReparamLinear))
+
+
+def test_sigma_reparam_batched_vit_training_equals_per_layer(monkeypatch):
+    calls = _count_batched_steps(monkeypatch)
+    cfg = TrialConfig(workload="vit", depth=2, width=32, heads=2, img_size=16, patch_size=4,
+                      stabilizers=("sigma_reparam",), device="cpu")
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(cfg))
+    batched, reference = models
+    reference.sigma_reparam_batched = False
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+        losses = []
+        for model, opt in zip(models, opts):
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss(x, y)
+            loss.backward()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+        _assert_same_state(batched, reference)
+        for opt in opts:
+            opt.step()
+    assert calls == [2] * 4 * 3
+    # eval after training: no power step either way, the same outputs
+    for m in models:
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(batched(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 4 * 3
+
+
+class _TwoLayers(nn.Module):
+    """Two same-shape Linears; ``mode`` picks which run: both, the first twice, or a raise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.mode = "both"
+
+    def forward(self, x):
+        if self.mode == "raise":
+            raise RuntimeError("boom")
+        if self.mode == "a_twice":
+            return self.a(self.a(x))
+        return self.b(self.a(x))
+
+
+def _two_layer_pair() -> tuple[_TwoLayers, _TwoLayers]:
+    """The same reparametrised ``_TwoLayers`` twice: batched, and per layer (the reference)."""
+    pair = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        pair.append(apply_sigma_reparam(_TwoLayers()))
+    pair[1].sigma_reparam_batched = False
+    return pair[0], pair[1]
+
+
+@pytest.mark.parametrize("mode", ["a_twice", "raise"])
+def test_sigma_reparam_batched_unused_or_reused_layer_equals_per_layer(mode):
+    """A layer that does not run in a forward keeps its u, v and its batched W_hat is dropped (its
+    gradients are zeros, not None: the stacked weights reach it); one that runs twice steps twice,
+    as per layer."""
+    batched, reference = models = _two_layer_pair()
+    x = torch.randn(3, 8)
+    outs = []
+    for m in models:
+        m.mode = mode
+        if mode == "raise":
+            with pytest.raises(RuntimeError, match="boom"):
+                m(x)
+        else:
+            outs.append(m(x))
+            outs[-1].square().sum().backward()
+    if outs:
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-7)
+    _assert_same_state(batched, reference, none_is_zero=True)
+    assert batched.a._batched_weight is None and batched.b._batched_weight is None
+    # the next forward starts clean
+    batched.mode = reference.mode = "both"
+    torch.testing.assert_close(batched(x), reference(x), rtol=1e-5, atol=1e-7)
+    _assert_same_state(batched, reference, none_is_zero=True)
+
+
+def test_sigma_reparam_batched_power_step_is_fp32_under_bf16_autocast():
+    batched, reference = models = _two_layer_pair()
+    x = torch.randn(3, 8)
+    outs = []
+    for m in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(m(x))
+    assert outs[0].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-2, atol=1e-2)  # bf16 matmuls
+    for name in ("a", "b"):
+        for buf in ("u", "v"):
+            got, want = getattr(getattr(batched, name), buf), getattr(getattr(reference, name), buf)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------ Weyl
