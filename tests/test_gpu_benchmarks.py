@@ -2,6 +2,8 @@
 variant's ``Trainer``, the loss reads, the packed worker processes) at tiny sizes on the CPU, so
 that the scripts still work when a GPU session runs them. Their figures are not checked here."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,31 @@ def test_gpu_step_script_runs_every_variant():
     assert "probes at interval 25" in out and "CPU smoke run" in out
 
 
-def test_gpu_packing_script_runs_packed_workers():
+def test_gpu_packing_script_runs_packed_workers_and_kills_slow_ones(tmp_path):
     out = _run("benchmarks/gpu_packing.py", "--cpu-smoke", "--stabilizers", "none,weyl", "--packing", "1,2",
-               "--steps", "3", "--warmup", "1")
+               "--steps", "3", "--warmup", "1", "--json", str(tmp_path / "p.json"))
     assert "| none |" in out and "| weyl |" in out and "(" in out.split("| weyl |")[1]  # the 2-trial ratio
+    got = json.loads((tmp_path / "p.json").read_text())["tokens_per_s"]
+    assert set(got) == {"none", "weyl"} and all(v > 0 for s in got.values() for v in s.values())
+    out = _run("benchmarks/gpu_packing.py", "--cpu-smoke", "--stabilizers", "none", "--packing", "1",
+               "--steps", "100000", "--warmup", "1", "--timeout", "2")
+    assert "| none | timed out (> 2 s) |" in out
+
+
+def test_gpu_session_script_parts_run_without_the_orchestrator(tmp_path):
+    """``gpu_session.sh`` is what a session with a lent GPU runs: its parts must work with only the
+    GPU image's packages (no Ray, MLflow or Optuna) and leave their figures in $OUT."""
+    shadow = tmp_path / "shadow"  # make the orchestrator's packages unimportable
+    shadow.mkdir()
+    for mod in ("ray", "mlflow", "optuna"):
+        (shadow / f"{mod}.py").write_text(f"raise ImportError('{mod} is not on the GPU image')\n")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=str(shadow))
+    for part in ("step", "packing"):
+        out = subprocess.run(["bash", "benchmarks/gpu_session.sh", part, "--cpu-smoke"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["env.txt", "packing.json", "packing.log", "step.json", "step.log"]
+    step = json.loads((tmp_path / "out" / "step.json").read_text())["workloads"]
+    assert set(step) == {"gpt", "vit"} and {"weyl", "none/bare", "probes"} <= set(step["gpt"]["ratios"])
+    assert "| weyl |" in (tmp_path / "out" / "step.log").read_text()
