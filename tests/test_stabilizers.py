@@ -328,6 +328,21 @@ def _reference_weyl_step(opt_state, params, lr, betas, eps, weight_decay, tau, t
                                                value=-step_lr / bc1)
 
 
+@pytest.mark.parametrize("head, tail", [(3, 1), (1, 4), (2, 2)])
+def test_power_iteration_split_equals_separate_calls(head, tail):
+    """WeylAdamW's update and weight iterations share one batch: same numbers as two calls."""
+    from workloads.stabilizers.weyl import power_iteration, power_iteration_split
+
+    g = torch.Generator().manual_seed(0)
+    a, v = torch.randn(5, 12, 9, generator=g), torch.randn(5, 2, 9, generator=g)
+    s, vs = power_iteration_split(a, v, 2, head, tail)
+    s_head, v_head = power_iteration(a[:2], v[:2], head)
+    s_tail, v_tail = power_iteration(a[2:], v[2:], tail)
+    torch.testing.assert_close(s, torch.cat((s_head, s_tail)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(vs, torch.cat((v_head, v_tail)), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(s_head, power_iteration(a[:2], v[:2], head + 3)[0], rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("tau", [0.02, 1e9])
 def test_weyl_batched_step_equals_per_matrix_reference(tau):
     """Same-shape matrices stacked, MLRA's per-head batch, a conv kernel, timm-like tokens."""
