@@ -1,12 +1,14 @@
 """Step-time overhead of each stabilizer against plain AdamW, and of probe steps, side by side.
 
 For GPT and ViT at the default small sizes, every variant gets its own ``Trainer`` (the trial
-loop's real step). The variants' steps are interleaved round-robin, so that machine noise hits them
-alike, and each variant's step time is the median over rounds. Ratios are against ``none`` measured
-in the same run. The probe overhead is the extra time of a probe step (capture forward, gradient
-and weight probes) over an ordinary step, spread over the default probe interval:
+loop's real step). The variants' steps are interleaved round-robin (each round starting one
+variant further on), so that machine noise hits them alike. A ratio is the median over rounds of
+the variant's time over ``none``'s in the same round: paired, so that the machine's slow drifts
+(the plain ViT step measured between 71 and 93 ms on one day here) cancel. The probe overhead is the
+extra time of a probe step (capture forward, gradient and weight probes) over an ordinary step of
+the same round, spread over the default probe interval:
 
-    probe_ratio = 1 + (t_probe - t_step) / (probe_interval * t_step)
+    probe_ratio = 1 + (t_probe / t_step - 1) / probe_interval
 
 Targets (issue #2): weyl <= 1.15x, sigma_reparam <= 1.25x, probes <= 1.05x.
 
@@ -38,8 +40,10 @@ def measure(workload: str, rounds: int, per_round: int, device: str) -> dict[str
     probe_trainer = Trainer(base)
     times: dict[str, list[float]] = {v: [] for v in (*VARIANTS, "probe_step", "plain_step")}
     step = 0
+    names = list(trainers)
     for r in range(rounds + 1):  # round 0 warms up (allocations, power-iteration vectors)
-        for v, tr in trainers.items():
+        for v in names[r % len(names):] + names[:r % len(names)]:  # each round starts one further on
+            tr = trainers[v]
             _sync(tr.device)
             t0 = time.perf_counter()
             for _ in range(per_round):
@@ -56,10 +60,14 @@ def measure(workload: str, rounds: int, per_round: int, device: str) -> dict[str
                 times[kind].append(time.perf_counter() - t0)
         step += 1
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {v: med[v] / med["none"] for v in VARIANTS}
-    out["probes"] = 1 + (med["probe_step"] - med["plain_step"]) / (base.probe_interval * med["plain_step"])
+
+    def paired(a: str, b: str) -> float:  # median over rounds of a / b in the same round
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    out = {v: paired(v, "none") for v in VARIANTS}
+    out["probe_step_x"] = paired("probe_step", "plain_step")
+    out["probes"] = 1 + (out["probe_step_x"] - 1) / base.probe_interval
     out["step_ms"] = med["none"] * 1e3
-    out["probe_step_x"] = med["probe_step"] / med["plain_step"]
     return out
 
 

@@ -29,17 +29,6 @@ BOUNDARY = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # a new instance of the tests' own: without an address ray.init() attaches to a cluster already
-    # running on this machine (RAY_ADDRESS, <RAY_TMPDIR or /tmp>/ray/ray_current_cluster)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_ablate_boundary_brackets_every_cell_with_few_trials(ray_local, tmp_path):
     spec_path = tmp_path / "boundary.yaml"
     spec_path.write_text(yaml.safe_dump(BOUNDARY))

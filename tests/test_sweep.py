@@ -24,17 +24,6 @@ SPEC = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # a new instance of the tests' own: without an address ray.init() attaches to a cluster already
-    # running on this machine (RAY_ADDRESS, <RAY_TMPDIR or /tmp>/ray/ray_current_cluster)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _trial_runs(client, exp_name, sweep):
     exp = client.get_experiment_by_name(exp_name)
     return client.search_runs([exp.experiment_id],
