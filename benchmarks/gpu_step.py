@@ -17,9 +17,8 @@ compiled bare >= 1.25x the eager bare's throughput.
 eager ``none`` and ``bare`` (the references of the ratios), ``--mode both`` (default) all of them.
 ``--budget-s`` ends the timed rounds of the i-th of n workloads once (i + 1) / n of that many seconds
 have passed since the start (after at least one timed round), so that a run inside a time limit
-still reports; ``--json`` writes the
-figures after each workload. ``benchmarks/gpu_session.sh`` runs the whole GPU measurement in parts
-that each fit one call of a lent GPU machine.
+still reports; ``--json`` writes the figures after each workload. ``benchmarks/gpu_session.sh``
+runs the whole GPU measurement in parts that each fit one call of a lent GPU machine.
 
     python benchmarks/gpu_step.py [--workloads gpt,vit] [--variants none,weyl,...] [--mode both]
                                   [--rounds 10] [--steps-per-round 25] [--budget-s S] [--json F]

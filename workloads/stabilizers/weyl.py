@@ -29,10 +29,9 @@ sigma_1 is estimated by block power iteration with two vectors and a Rayleigh-Ri
 (:func:`power_iteration`), batched over all matrices of the same shape (``torch.bmm`` on stacked
 matrices; the updates and the weights of a shape share one batch for the iterations both take,
 :func:`power_iteration_split`), with a basis that persists in the optimizer state across steps
-(warm start). The
-estimate is a lower bound of sigma_1; the second vector keeps it tight when the top two singular
-values are close or swap between steps, which a single warm-started vector misses (it overshot
-the cap by up to 74 % on a GPT at two iterations). ``power_iters``
+(warm start). The estimate is a lower bound of sigma_1; the second vector keeps it tight when the
+top two singular values are close or swap between steps, which a single warm-started vector misses
+(it overshot the cap by up to 74 % on a GPT at two iterations). ``power_iters``
 iterations are spent on the update direction, which changes every step, ``weight_power_iters`` on
 the weight, which moves slowly (an underestimate of sigma_1(W) only makes the bound stricter), and
 at least ``init_power_iters`` on both at a matrix's first step, where no warm vector exists yet. With the
