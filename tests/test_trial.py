@@ -37,16 +37,22 @@ VIT = dict(workload="vit", depth=2, width=64, heads=2, img_size=16, patch_size=4
 
 
 @pytest.mark.slow
-def test_smoke_trial_at_lr_0_1_spikes_recovers_and_is_classed_by_its_end():
-    """The smoke sweep's GPT at lr 0.1: its loss passes 1.5 x l_0 in the first steps, yet the run
-    ends far below l_0; the old rule stopped it at step 3 and called it diverged."""
-    events = []
-    res = run(TrialConfig(lr=0.1, **SMOKE), lambda step, m, ev: events.extend(ev))
-    assert res.steps_run == 200 and res.stop_reason is None and res.first_event is None
-    assert any(e.kind == "loss_ratio" and e.step < 10 for e in events)  # the spike, recorded
-    assert max(res.train_losses[:10]) > 1.5 * res.initial_loss
-    assert res.final_loss < 0.75 * res.initial_loss
-    assert res.outcome == trial_class(res.final_loss, res.initial_loss, res.baseline_loss) != "diverged"
+def test_smoke_trials_that_spike_early_and_recover_run_to_the_end_and_are_classed_by_it():
+    """The smoke sweep's GPT at lr 0.1 to 0.2: the loss passes 1.5 x l_0 in the first steps, yet
+    the runs end far below l_0; the old rule stopped them at step 3 and called them diverged. How
+    far the first steps spike moves with the torch version (lr 0.1: 1.84 x l_0 on torch 2.14, 1.24
+    x on 2.11), so three learning rates are run and at least two must spike."""
+    spiked = 0
+    for lr in (0.1, 0.15, 0.2):
+        events = []
+        res = run(TrialConfig(lr=lr, **SMOKE), lambda step, m, ev: events.extend(ev))
+        assert res.steps_run == 200 and res.stop_reason is None and res.first_event is None, lr
+        assert res.final_loss < 0.75 * res.initial_loss, lr
+        assert res.outcome == trial_class(res.final_loss, res.initial_loss, res.baseline_loss) != "diverged"
+        if max(res.train_losses[:10]) > 1.5 * res.initial_loss:
+            spiked += 1
+            assert any(e.kind == "loss_ratio" and e.step < 10 for e in events), lr  # the spike, recorded
+    assert spiked >= 2
     assert res.baseline_loss == pytest.approx(3.26, abs=0.05)
 
 
