@@ -7,7 +7,8 @@ Each variant is a ``Trainer`` (the trial loop's real step, read once per ``sync_
 the loop does); ``bare`` is the same model as ``none`` stepped without the loop (forward, backward,
 optimizer only, no loss read). With compilation each variant also runs with ``compile: true``. Variants run
 interleaved round-robin; each one's time is the median over rounds; ratios are against ``none``
-in the same run. Probes: ``1 + (t_probe - t_step) / (probe_interval * t_step)``. MFU uses
+in the same run, paired by round (the median over rounds of the variant's time over ``none``'s in
+the same round). Probes: ``1 + (t_probe / t_step - 1) / probe_interval``. MFU uses
 nanoGPT's FLOP count (6 N + 12 L d T per token, per image token for the ViT) over ``--peak-tflops``.
 
 Targets: weyl, sigma_reparam <= 1.10x; qk_norm, mlra, probes <= 1.05x; none <= 1.02x bare;
@@ -127,28 +128,35 @@ def measure(workload: str, rounds: int, per_round: int, mode: str, lr: float, de
             _log(f"{workload}: time budget reached after {r - 1} timed round(s)")
             break
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"med": med, "flops": flops, "interval": base.probe_interval, "rounds": len(times["none"])}
+    return {"med": med, "times": times, "flops": flops, "interval": base.probe_interval,
+            "rounds": len(times["none"])}
 
 
 def report(w: str, r: dict, size: dict, peak_tflops: float) -> tuple[dict, list[str]]:
-    """Print one workload's table; return its figures (for --json) and the targets it missed."""
-    med, none = r["med"], r["med"]["none"]
+    """Print one workload's table; return its figures (for --json) and the targets it missed.
+    Ratios are paired: the median over rounds of one variant's time over another's in the same
+    round (as ``step_overhead.py``), so that drifts of the machine cancel."""
+    med, times = r["med"], r["times"]
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     print(f"\n{w}: {size} (median of {r['rounds']} timed rounds)")
     print("| variant | ms / step | x none | MFU |\n| --- | --- | --- | --- |")
     for k, t in med.items():
-        print(f"| {k} | {t * 1e3:.1f} | {t / none:.3f} | {r['flops'] / t / (peak_tflops * 1e12):.1%} |")
-    ratios = {v: med[v] / none for v in VARIANTS[1:] if v in med}
-    ratios["none/bare"] = none / med["bare"]
+        print(f"| {k} | {t * 1e3:.1f} | {paired(k, 'none'):.3f} | {r['flops'] / t / (peak_tflops * 1e12):.1%} |")
+    ratios = {v: paired(v, "none") for v in VARIANTS[1:] if v in med}
+    ratios["none/bare"] = paired("none", "bare")
     if "probe_step" in med:
-        ratios["probes"] = 1 + (med["probe_step"] - none) / (r["interval"] * none)
+        ratios["probes"] = 1 + (paired("probe_step", "none") - 1) / r["interval"]
         print(f"probes at interval {r['interval']}: {ratios['probes']:.3f}x")
     failed = [f"{w}/{k} {ratios[k]:.3f}x > {t}x" for k, t in TARGETS.items() if k in ratios and ratios[k] > t]
     if "bare (compiled)" in med:
-        speed = ratios["compiled bare/bare speed-up"] = med["bare"] / med["bare (compiled)"]
+        speed = ratios["compiled bare/bare speed-up"] = paired("bare", "bare (compiled)")
         print(f"compiled bare loop: {speed:.2f}x the eager bare loop's throughput (target >= 1.25x)")
         for v in VARIANTS:
             if f"{v} (compiled)" in med:
-                ratios[f"{v} (compiled)"] = med[f"{v} (compiled)"] / med["none (compiled)"]
+                ratios[f"{v} (compiled)"] = paired(f"{v} (compiled)", "none (compiled)")
         if speed < 1.25:
             failed.append(f"{w}/compile {speed:.2f}x < 1.25x")
     figures = {"size": size, "rounds": r["rounds"], "ms_per_step": {k: t * 1e3 for k, t in med.items()},
