@@ -57,7 +57,7 @@ step() {
         run 280 "$PY" benchmarks/gpu_step.py --mode eager --rounds 10 --budget-s 240 --json "$OUT/step.json"
     else
         run 300 "$PY" benchmarks/gpu_step.py --mode eager --rounds 1 --steps-per-round 2 \
-            --variants none,weyl "${smoke[@]}" --json "$OUT/step.json"
+            --workloads gpt --variants none,weyl "${smoke[@]}" --json "$OUT/step.json"
     fi
 }
 
@@ -78,7 +78,7 @@ packing() {
         run 270 "$PY" benchmarks/gpu_packing.py --steps 60 --warmup 5 --timeout 40 --mps \
             --json "$OUT/packing_mps.json"
     else
-        run 300 "$PY" benchmarks/gpu_packing.py --stabilizers none --packing 1 --steps 3 \
+        run 300 "$PY" benchmarks/gpu_packing.py --stabilizers weyl --packing 1,2 --steps 3 \
             --warmup 1 --timeout 120 "${smoke[@]}" --json "$OUT/packing.json"
     fi
 }

@@ -24,12 +24,7 @@ def test_gpu_step_script_runs_every_variant():
     assert "probes at interval 25" in out and "CPU smoke run" in out
 
 
-def test_gpu_packing_script_runs_packed_workers_and_kills_slow_ones(tmp_path):
-    out = _run("benchmarks/gpu_packing.py", "--cpu-smoke", "--stabilizers", "weyl", "--packing", "1,2",
-               "--steps", "3", "--warmup", "1", "--json", str(tmp_path / "p.json"))
-    assert "| weyl |" in out and "(" in out.split("| weyl |")[1]  # the 2-trial ratio
-    got = json.loads((tmp_path / "p.json").read_text())["tokens_per_s"]
-    assert set(got) == {"weyl"} and set(got["weyl"]) == {"1", "2"} and all(v > 0 for v in got["weyl"].values())
+def test_gpu_packing_script_kills_packed_runs_past_their_timeout():
     out = _run("benchmarks/gpu_packing.py", "--cpu-smoke", "--stabilizers", "none", "--packing", "1",
                "--steps", "100000", "--warmup", "1", "--timeout", "2")
     assert "| none | timed out (> 2 s) |" in out
@@ -50,5 +45,9 @@ def test_gpu_session_script_parts_run_without_the_orchestrator(tmp_path):
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["env.txt", "packing.json", "packing.log", "step.json", "step.log"]
     step = json.loads((tmp_path / "out" / "step.json").read_text())["workloads"]
-    assert set(step) == {"gpt", "vit"} and {"weyl", "none/bare", "probes"} <= set(step["gpt"]["ratios"])
+    assert set(step) == {"gpt"} and {"weyl", "none/bare", "probes"} <= set(step["gpt"]["ratios"])
     assert "| weyl |" in (tmp_path / "out" / "step.log").read_text()
+    packing = (tmp_path / "out" / "packing.log").read_text()
+    assert "(" in packing.split("| weyl |")[1]  # packed workers ran: the 2-trial ratio to one trial
+    got = json.loads((tmp_path / "out" / "packing.json").read_text())["tokens_per_s"]
+    assert set(got) == {"weyl"} and set(got["weyl"]) == {"1", "2"} and all(v > 0 for v in got["weyl"].values())
