@@ -4,7 +4,7 @@
 # its tables, JSON and log under $OUT (the folder that comes back), and every command in it runs
 # under `timeout`, so a part that overruns still returns what it measured.
 #
-#   bash benchmarks/gpu_session.sh step      # ~9 min: CUDA tests of the workloads, eager step ratios (GPT, ViT)
+#   bash benchmarks/gpu_session.sh step      # ~9 min: eager step ratios (GPT, ViT), then the workload tests on CUDA
 #   bash benchmarks/gpu_session.sh compile   # ~7 min: compiled GPT steps against the eager bare loop
 #   bash benchmarks/gpu_session.sh packing   # ~9 min: 1, 2, 4 trials per GPU, without and with CUDA MPS
 #   bash benchmarks/gpu_session.sh all       # the three in turn (a machine without a 10-minute limit)
@@ -49,12 +49,13 @@ environment() {
 
 step() {
     if [[ ${#smoke[@]} == 0 ]]; then
+        run 270 "$PY" benchmarks/gpu_step.py --mode eager --rounds 10 --budget-s 230 --json "$OUT/step.json"
         # the workload tests on CUDA (TrialConfig's device "auto" is the GPU there): the sync-debug
-        # test, compile, the stabilizers' and probes' maths, the trial loop (~100 s on 2 CPU cores)
-        run 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_launch_count.py tests/test_compile.py \
+        # test, compile, the stabilizers' and probes' maths, the trial loop (2 min on 2 CPU cores,
+        # compile tests included); -v names each test as it ends, should the limit cut the run
+        run 270 "$PY" -m pytest -v -p no:cacheprovider tests/test_launch_count.py tests/test_compile.py \
             tests/test_stabilizers.py tests/test_probes.py tests/test_models.py tests/test_trial.py \
             tests/test_divergence.py tests/test_outcome.py tests/test_data.py
-        run 280 "$PY" benchmarks/gpu_step.py --mode eager --rounds 10 --budget-s 240 --json "$OUT/step.json"
     else
         run 300 "$PY" benchmarks/gpu_step.py --mode eager --rounds 1 --steps-per-round 2 \
             --workloads gpt --variants none,weyl "${smoke[@]}" --json "$OUT/step.json"
