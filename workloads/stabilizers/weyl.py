@@ -50,6 +50,7 @@ the stabilizer.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 
@@ -79,16 +80,10 @@ def matrix_shape(p: Tensor) -> tuple[int, int, int] | None:
     return 1, p.shape[0], math.prod(p.shape[1:])
 
 
-_REFILL: dict[tuple, Tensor] = {}
-
-
-def _refill_vector(n: int, device, dtype) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def _refill_vector(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """A fixed dense vector of length ``n`` (cached per length, device and dtype)."""
-    key = (n, str(device), dtype)
-    r = _REFILL.get(key)
-    if r is None:
-        r = _REFILL[key] = torch.cos(torch.arange(n, device=device, dtype=dtype) * 2.39996323)
-    return r
+    return torch.cos(torch.arange(n, device=device, dtype=dtype) * 2.39996323)
 
 
 def _orth2(x: Tensor, refill: bool = False) -> Tensor:
