@@ -36,35 +36,62 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator import psychometric as psy
 from orchestrator.spec import SpecError, SweepSpec
-from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Bracket, Point, bracket
+from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Bracket, Point, bracket, classify
 from workloads.trial import TrialConfig
 
 log = logging.getLogger("ablate")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+METHODS = ("psi", "bisect")
+DEFAULTS = {"psi": {"resolution": 1.5, "max_trials_per_cell": 40},
+            "bisect": {"resolution": 2 ** 0.25, "max_trials_per_cell": 12}}
+"""Per method: ``resolution`` is the largest LR50 interval (high / low, 90 %) that stops a cell for
+``psi``, the largest bracket (crash / stable) for ``bisect``."""
+
+
 class BoundaryConfig(BaseModel):
-    """The spec's ``boundary:`` block."""
+    """The spec's ``boundary:`` block (``seed_offset``, ``crash`` and ``kappa`` come from the rest of
+    the spec)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     lr_range: tuple[float, float]
-    resolution: float = Field(2 ** 0.25, gt=1)
-    max_trials_per_cell: int = Field(12, ge=2)
+    method: Literal["psi", "bisect"] = "psi"
+    resolution: float | None = Field(None, gt=1)
+    max_trials_per_cell: int | None = Field(None, ge=2)
+    min_trials_per_cell: int = Field(8, ge=1)
+    """psi: the interval may stop a cell only after this many finished trials (with fewer, a sharp
+    transition and a wide one can look alike: see benchmarks/boundary_efficiency.py)."""
     seeds: int = Field(1, ge=1)
+    """bisect only: the final bracket's ends are repeated with this many seeds."""
     max_in_flight_per_cell: int = Field(1, ge=1)
+    seed_offset: int = 0
+    """From the spec's ``fixed.seed``: every seed of the search is offset by it."""
     crash: tuple[str, ...] = DEFAULT_CRASH
     """From the spec's top-level ``crash:`` (not part of the boundary block)."""
     kappa: float = DEFAULT_KAPPA
     """From the spec's top-level ``degraded_kappa:``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method", "psi") in DEFAULTS:
+            data = {**data}
+            for k, v in DEFAULTS[data.get("method", "psi")].items():
+                if data.get(k) is None:
+                    data[k] = v
+        return data
 
 
 def boundary_config(spec: SweepSpec) -> BoundaryConfig:
@@ -75,12 +102,27 @@ def boundary_config(spec: SweepSpec) -> BoundaryConfig:
             raise SpecError(f"boundary.{old}: not a boundary setting; which outcome classes count as a crash "
                             "is the spec's top-level crash: [diverged, collapsed, degraded] and "
                             "degraded_kappa: (see workloads/outcome.py)")
+    for axis in ("lr", "seed"):
+        if axis in spec.axes:
+            raise SpecError(f"axes.{axis}: not allowed in a boundary search: the search chooses every trial's "
+                            + ("learning rate inside boundary.lr_range" if axis == "lr" else
+                               "seed (a fresh one per trial, offset by fixed.seed)")
+                            + "; remove it (a grid over it is ablate sweep's)")
+    if spec.seeds > 1:
+        raise SpecError(f"seeds: {spec.seeds}: not used by a boundary search; method psi gives every trial a "
+                        "fresh seed, method bisect repeats its bracket's ends with boundary.seeds")
+    if spec.boundary.get("method", "psi") == "psi" and spec.boundary.get("seeds", 1) != 1:
+        raise SpecError(f"boundary.seeds: {spec.boundary['seeds']!r}: only for method: bisect; method psi "
+                        "gives every trial a fresh seed (fixed.seed offsets them)")
+    offset = spec.fixed.get("seed", 0)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise SpecError(f"fixed.seed: {offset!r}: a boundary search's seed offset must be an integer >= 0")
     try:
-        cfg = BoundaryConfig(**spec.boundary, crash=spec.crash, kappa=spec.degraded_kappa)
+        cfg = BoundaryConfig(**spec.boundary, crash=spec.crash, kappa=spec.degraded_kappa, seed_offset=offset)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        allowed = ", ".join(BoundaryConfig.model_fields)
+        allowed = ", ".join(k for k in BoundaryConfig.model_fields if k not in ("crash", "kappa", "seed_offset"))
         raise SpecError(f"boundary.{loc}: {err.get('input')!r}: {err['msg']} (keys: {allowed})") from None
     lo, hi = cfg.lr_range
     if not 0 < lo < hi:
@@ -94,10 +136,11 @@ def cell_bracket(points: list[Point], cfg: BoundaryConfig, seed: int | None = No
 
 
 def next_lr(points: list[Point], cfg: BoundaryConfig) -> float | None:
-    """The next LR to try in the bisection phase (seed 0), or None when the bracket is done."""
+    """The next LR to try in the bisection phase (its first seed, ``seed_offset``), or None when the
+    bracket is done."""
     lo, hi = cfg.lr_range
-    seen = {p.lr for p in points if p.seed == 0}
-    b = cell_bracket(points, cfg, seed=0)
+    seen = {p.lr for p in points if p.seed == cfg.seed_offset}
+    b = cell_bracket(points, cfg, seed=cfg.seed_offset)
     if b.crash_lr is None:  # nothing crashed above the largest stable LR
         return None if hi in seen else hi
     if b.stable_lr is None:  # nothing stable: everything run so far crashed
@@ -112,8 +155,8 @@ def next_lr(points: list[Point], cfg: BoundaryConfig) -> float | None:
 
 
 class BoundarySampler(BaseSampler):
-    """Optuna sampler for the ``lr`` of a boundary study: bisection of the stable/crashed bracket
-    read from the study's finished trials (see :func:`study_observations`)."""
+    """Optuna sampler for the ``lr`` of a boundary study (``method: bisect``): bisection of the
+    stable/crashed bracket read from the study's finished trials (see :func:`study_observations`)."""
 
     def __init__(self, cfg: BoundaryConfig):
         self.cfg = cfg
@@ -132,6 +175,44 @@ class BoundarySampler(BaseSampler):
             b = cell_bracket(study_observations(study), self.cfg)
             nxt = b.boundary or math.sqrt(self.cfg.lr_range[0] * self.cfg.lr_range[1])
         return nxt
+
+
+def crashes(points: list[Point], cfg: BoundaryConfig) -> list[bool]:
+    """Crashed or not, per point: the classes of ``workloads.outcome`` (decided over the whole cell,
+    as export does) against the spec's ``crash:``."""
+    return [c in cfg.crash for c in classify(points, cfg.kappa)]
+
+
+def cell_fit(points: list[Point], cfg: BoundaryConfig, grid: psy.Grid | None = None) -> psy.Fit:
+    """The cell's psychometric fit (:mod:`orchestrator.psychometric`) from every finished run."""
+    return psy.fit(cfg.lr_range, [p.lr for p in points], crashes(points, cfg), grid)
+
+
+class PsiSampler(BaseSampler):
+    """Optuna sampler for the ``lr`` of a boundary study (``method: psi``, the default): the LR that
+    minimises the expected entropy of LR50's posterior (:func:`orchestrator.psychometric.next_lr`),
+    given the study's finished trials and the LRs of its trials still running (their outcomes
+    unknown, averaged over)."""
+
+    def __init__(self, cfg: BoundaryConfig):
+        self.cfg = cfg
+        self.grid = psy.make_grid(cfg.lr_range)
+        self.cands = psy.candidates(cfg.lr_range)
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if param_name != "lr":
+            raise ValueError(f"PsiSampler samples only 'lr', not {param_name!r}")
+        pts = study_observations(study)
+        pending = [t.params["lr"] for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number != trial.number and "lr" in t.params]
+        rng = np.random.default_rng([self.cfg.seed_offset, trial.number])
+        return psy.next_lr(self.grid, [p.lr for p in pts], crashes(pts, self.cfg), pending, self.cands, rng)
 
 
 INF_VALUE = 1e30  # Optuna values must be finite: a non-finite final loss is told as this
@@ -158,14 +239,19 @@ class Cell:
 
 
 class CellSearch:
-    """The state machine of one cell: bisection (seed 0), then the bracket's ends with more seeds."""
+    """The state machine of one cell. ``psi``: Psi-method proposals, a fresh seed per trial
+    (``seed_offset`` + the trial's number in the cell's study), up to ``max_in_flight_per_cell`` at
+    once, until LR50's interval is narrower than ``resolution``, LR50 is outside the range, or the
+    budget is spent. ``bisect``: bisection at one seed, then the bracket's ends with more seeds."""
 
-    def __init__(self, cell: Cell, cfg: BoundaryConfig, storage: str, prefix: str):
+    def __init__(self, cell: Cell, cfg: BoundaryConfig, storage: str | None, prefix: str):
         self.cell, self.cfg = cell, cfg
+        sampler = PsiSampler(cfg) if cfg.method == "psi" else BoundarySampler(cfg)
         self.study = optuna.create_study(storage=storage, study_name=f"{prefix}::{cell.key}",
-                                         sampler=BoundarySampler(cfg), direction="minimize",
-                                         load_if_exists=True)
+                                         sampler=sampler, direction="minimize", load_if_exists=True)
+        self.grid = sampler.grid if cfg.method == "psi" else psy.make_grid(cfg.lr_range)
         self.study.set_user_attr("cell", cell.values)
+        self.study.set_user_attr("method", cfg.method)
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             self.study.tell(t.number, state=TrialState.FAIL)  # cut off by an interruption: not counted
         self.in_flight = 0
@@ -179,22 +265,43 @@ class CellSearch:
                     if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)])
 
     def _pending_repeats(self, obs: list[Point]) -> list[tuple[float, int]]:
-        if self.cfg.seeds <= 1:
+        if self.cfg.method != "bisect" or self.cfg.seeds <= 1:
             return []
         b = cell_bracket(obs, self.cfg)
         have = {(o.lr, o.seed) for o in obs}
         running = {(t.params.get("lr"), t.user_attrs.get("seed"))
                    for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        return [(lr, s) for lr in (b.stable_lr, b.crash_lr) if lr is not None
-                for s in range(1, self.cfg.seeds) if (lr, s) not in have and (lr, s) not in running]
+        off = self.cfg.seed_offset
+        return [(lr, off + s) for lr in (b.stable_lr, b.crash_lr) if lr is not None
+                for s in range(1, self.cfg.seeds) if (lr, off + s) not in have and (lr, off + s) not in running]
+
+    def settled(self, obs: list[Point] | None = None) -> str | None:
+        """Why the cell needs no more trials (``interval`` / ``range_edge``), from its finished
+        trials; None if it does. The budget is not counted here."""
+        obs = self.observations() if obs is None else obs
+        if self.cfg.method == "psi":
+            if len(obs) < self.cfg.min_trials_per_cell:
+                return None
+            return psy.stop_reason(cell_fit(obs, self.cfg, self.grid), self.cfg.resolution)
+        if next_lr(obs, self.cfg) is None and not self._pending_repeats(obs):
+            b = cell_bracket(obs, self.cfg)
+            return "interval" if b.width <= self.cfg.resolution else "range_edge"
+        return None
 
     def done(self) -> bool:
         if self._finished or self.in_flight:
             return self._finished
-        obs = self.observations()
-        self._finished = (self.trials_used() >= self.cfg.max_trials_per_cell
-                          or (next_lr(obs, self.cfg) is None and not self._pending_repeats(obs)))
+        self._finished = (self.trials_used() >= self.cfg.max_trials_per_cell or self.settled() is not None)
         return self._finished
+
+    def stop_reason(self) -> str:
+        """Why the cell's search stopped (or would stop now): ``interval`` (the LR50 interval, or for
+        bisect the bracket, is narrower than ``resolution``), ``range_edge`` (the boundary lies
+        outside ``lr_range``), ``budget`` (``max_trials_per_cell`` spent first)."""
+        reason = self.settled()
+        if reason is None:
+            return "budget" if self.trials_used() >= self.cfg.max_trials_per_cell else "running"
+        return reason
 
     def ask(self) -> tuple[optuna.trial.Trial, float, int] | None:
         """The next trial to run, or None when the cell must wait for trials in flight (or is done).
@@ -203,19 +310,26 @@ class CellSearch:
                 or self.trials_used() >= self.cfg.max_trials_per_cell):  # budget, trials in flight counted
             return None
         obs = self.observations()
-        lr_next = next_lr(obs, self.cfg)
-        if lr_next is not None:
-            if self.in_flight:  # bisection is sequential: the next point depends on the running one
+        dist = {"lr": FloatDistribution(*self.cfg.lr_range, log=True)}
+        if self.cfg.method == "psi":
+            if self.settled(obs) is not None:  # trials still in flight finish; no new ones
                 return None
-            seed = 0
-            trial = self.study.ask({"lr": FloatDistribution(*self.cfg.lr_range, log=True)})
+            trial = self.study.ask(dist)
+            seed = self.cfg.seed_offset + trial.number
         else:
-            repeats = self._pending_repeats(obs)
-            if not repeats:
-                return None
-            lr_next, seed = repeats[0]
-            self.study.enqueue_trial({"lr": lr_next}, user_attrs={"seed": seed})
-            trial = self.study.ask({"lr": FloatDistribution(*self.cfg.lr_range, log=True)})
+            lr_next = next_lr(obs, self.cfg)
+            if lr_next is not None:
+                if self.in_flight:  # bisection is sequential: the next point depends on the running one
+                    return None
+                seed = self.cfg.seed_offset
+                trial = self.study.ask(dist)
+            else:
+                repeats = self._pending_repeats(obs)
+                if not repeats:
+                    return None
+                lr_next, seed = repeats[0]
+                self.study.enqueue_trial({"lr": lr_next}, user_attrs={"seed": seed})
+                trial = self.study.ask(dist)
         trial.set_user_attr("seed", seed)
         self.in_flight += 1
         return trial, float(trial.params["lr"]), seed
@@ -238,6 +352,8 @@ class CellSearch:
         self.study.tell(trial, final if math.isfinite(final) else INF_VALUE)
 
     def report(self) -> dict[str, Any]:
+        """The cell's row: the fit (``lr50`` with its interval, ``lr10``, ``lr90``), how the search
+        ended (``converged``, ``stop_reason``), what it used, and the old bracket beside it."""
         obs = self.observations()
         b = cell_bracket(obs, self.cfg)
         ends = {}
@@ -245,12 +361,19 @@ class CellSearch:
             crashed, runs = b.crashed.get(lr, (0, 0))
             ends[name] = {"lr": lr, "seeds": runs, "crashed": crashed}
         lo, hi = self.cfg.lr_range
+        f = cell_fit(obs, self.cfg, self.grid)
+        reason = self.stop_reason()
         return {
             "cell": self.cell.key, **self.cell.values,
+            "method": self.cfg.method, "resolution": self.cfg.resolution,
+            **f.as_dict(), "n_trials": len(obs), "n_seeds": len({o.seed for o in obs}),
+            "converged": reason == "interval", "stop_reason": reason,
             "stable_lr": b.stable_lr, "crash_lr": b.crash_lr, "boundary_lr": b.boundary,
-            "bracket_width": b.width, "converged": b.width <= self.cfg.resolution,
-            "above_range": b.crash_lr is None and b.stable_lr is not None and b.stable_lr >= hi,
-            "below_range": b.stable_lr is None and b.crash_lr is not None and b.crash_lr <= lo,
+            "bracket_width": b.width,
+            "above_range": (f.p_above_range >= 0.5 if self.cfg.method == "psi" else
+                            b.crash_lr is None and b.stable_lr is not None and b.stable_lr >= hi),
+            "below_range": (f.p_below_range >= 0.5 if self.cfg.method == "psi" else
+                            b.stable_lr is None and b.crash_lr is not None and b.crash_lr <= lo),
             "non_monotonic": b.non_monotonic,
             "stable_end_crashed": ends["stable"]["crashed"], "stable_end_seeds": ends["stable"]["seeds"],
             "crash_end_crashed": ends["crash"]["crashed"], "crash_end_seeds": ends["crash"]["seeds"],
@@ -284,19 +407,23 @@ def dense_grid_size(cfg: BoundaryConfig) -> int:
 
 
 # -------------------------------------------------------------------- search without Ray (tests)
-def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str, prefix: str,
+def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str | None, prefix: str,
                  evaluate: Callable[[TrialConfig], dict]) -> list[dict]:
-    """Run the same cell searches sequentially in this process: ``evaluate(config)`` returns the
-    trial's result as a dict with ``final_loss``, ``initial_loss``, ``baseline_loss`` and
-    ``stop_reason`` (``TrialResult.to_dict()`` does). Used by the synthetic benchmark and tests."""
+    """Run the same cell searches in this process: ``evaluate(config)`` returns the trial's result
+    as a dict with ``final_loss``, ``initial_loss``, ``baseline_loss`` and ``stop_reason``
+    (``TrialResult.to_dict()`` does). Each round asks a cell for as many trials as it takes at once
+    (``max_in_flight_per_cell``), then tells their outcomes, as a cluster would. ``storage`` None:
+    an in-memory Optuna store. Used by the synthetic benchmark and tests."""
     searches = [CellSearch(c, cfg, storage, prefix) for c in cells]
     for s in searches:
         while not s.done():
-            nxt = s.ask()
-            if nxt is None:
+            batch = []
+            while (nxt := s.ask()) is not None:
+                batch.append(nxt)
+            if not batch:
                 break
-            trial, lr, seed = nxt
-            s.tell(trial, evaluate(TrialConfig(**{**s.cell.base, "lr": lr, "seed": seed})))
+            for trial, lr, seed in batch:
+                s.tell(trial, evaluate(TrialConfig(**{**s.cell.base, "lr": lr, "seed": seed})))
     return [s.report() for s in searches]
 
 
