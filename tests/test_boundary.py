@@ -6,7 +6,7 @@ from orchestrator.boundary import BoundaryConfig, Cell, CellSearch, dense_grid_s
 from orchestrator.spec import SpecError, parse_spec
 from workloads.outcome import Point
 
-CFG = BoundaryConfig(lr_range=(1e-4, 1.0), resolution=2 ** 0.25, max_trials_per_cell=20)
+CFG = BoundaryConfig(lr_range=(1e-4, 1.0), method="bisect", resolution=2 ** 0.25, max_trials_per_cell=20)
 L0 = 5.0
 
 
@@ -42,12 +42,12 @@ def test_a_stable_reprobe_moves_the_bracket_up():
 
 
 def test_collapsed_is_a_crash_by_default_and_degraded_is_not():
-    cfg = BoundaryConfig(lr_range=(1e-4, 1.0))
+    cfg = BoundaryConfig(lr_range=(1e-4, 1.0), method="bisect")
     obs = [P(1.0, False, loss=3.5), P(1e-4, False, loss=2.0)]  # 3.5 >= the baseline 3.0: collapsed
     assert next_lr(obs, cfg) == pytest.approx(1e-2)
     degraded = [P(1.0, False, loss=2.9), P(1e-4, False, loss=2.0)]  # (2.9-2)/(5-2) = 0.3 <= 0.5
     assert next_lr(degraded, cfg) is None  # stable at the top
-    strict = BoundaryConfig(lr_range=(1e-4, 1.0), crash=("diverged", "collapsed", "degraded"), kappa=0.2)
+    strict = BoundaryConfig(lr_range=(1e-4, 1.0), method="bisect", crash=("diverged", "collapsed", "degraded"), kappa=0.2)
     assert next_lr(degraded, strict) == pytest.approx(1e-2)
 
 
@@ -68,7 +68,7 @@ def test_synthetic_boundary_is_bracketed_within_resolution(tmp_path, truth):
 
 
 def test_seeds_repeat_the_bracket_ends_and_count_crashes(tmp_path):
-    cfg = BoundaryConfig(lr_range=(1e-3, 1.0), resolution=1.5, seeds=3, max_trials_per_cell=30)
+    cfg = BoundaryConfig(lr_range=(1e-3, 1.0), method="bisect", resolution=1.5, seeds=3, max_trials_per_cell=30)
 
     def noisy(c):  # seed 2 crashes one step lower than the others
         limit = 0.05 if c.seed != 2 else 0.03
@@ -97,6 +97,7 @@ def test_interrupted_search_resumes_from_the_optuna_store(tmp_path):
     first.ask()
     rep = search_local([cell], CFG, storage, "t", fake)[0]
     assert rep["converged"] and rep["trials"] == len(calls) - 0 and rep["failed_trials"] == 1
+    assert rep["stop_reason"] == "interval" and rep["method"] == "bisect"
     again = len(calls)
     search_local([cell], CFG, storage, "t", fake)
     assert len(calls) == again  # a finished cell runs nothing more
@@ -116,11 +117,143 @@ def test_boundary_spec_errors():
         boundary_config(parse_spec({**base, "boundary": {"lr_range": [0.1, 1.0], "seedz": 2}}))
     with pytest.raises(SpecError, match="boundary.degraded_ratio: not a boundary setting.*top-level crash"):
         boundary_config(parse_spec({**base, "boundary": {"lr_range": [0.1, 1.0], "degraded_ratio": 1.5}}))
-    # a spec's lr axis (its grid for `ablate sweep`) is ignored by the search: it makes no cells
+    # the search chooses every LR and seed: a grid over either is refused, with the reason
+    for axes, field in (({"lr": [0.1, 0.2]}, "axes.lr"), ({"seed": [0, 1]}, "axes.seed")):
+        with pytest.raises(SpecError, match=rf"{field}: not allowed in a boundary search: the search chooses"):
+            boundary_config(parse_spec({**base, "axes": {**base["axes"], **axes},
+                                        "boundary": {"lr_range": [0.1, 1.0]}}))
+    with pytest.raises(SpecError, match="boundary.seeds: 3: only for method: bisect"):
+        boundary_config(parse_spec({**base, "boundary": {"lr_range": [0.1, 1.0], "seeds": 3}}))
+    with pytest.raises(SpecError, match="seeds: 2: not used by a boundary search"):
+        boundary_config(parse_spec({**base, "seeds": 2, "boundary": {"lr_range": [0.1, 1.0]}}))
+    with pytest.raises(SpecError, match="boundary.method: 'grid'"):
+        boundary_config(parse_spec({**base, "boundary": {"lr_range": [0.1, 1.0], "method": "grid"}}))
     from orchestrator.boundary import cells_of
 
-    spec = parse_spec({**base, "axes": {"lr": [0.1, 0.2], "stabilizers": ["none", "weyl"], "depth": [1, 2]},
+    spec = parse_spec({**base, "axes": {"stabilizers": ["none", "weyl"], "depth": [1, 2]},
                        "boundary": {"lr_range": [0.1, 1.0]}})
     cells = cells_of(spec, boundary_config(spec))
     assert sorted(c.key for c in cells) == ["stabilizers=none depth=1", "stabilizers=none depth=2",
                                             "stabilizers=weyl depth=1", "stabilizers=weyl depth=2"]
+
+
+# ------------------------------------------------------------------------------- method: psi
+def logistic_cell(mu: float, s: float):
+    """A synthetic cell: P(crash | lr) = F((log lr - mu) / s), each outcome drawn from the trial's
+    seed (so the search's seeds decide the draws: exact and repeatable)."""
+    import numpy as np
+
+    def fake(c):
+        u = np.random.default_rng(c.seed).random()
+        return result(u < 1 / (1 + math.exp(-(math.log(c.lr) - mu) / s)))
+
+    return fake
+
+
+def test_psi_gives_every_trial_a_fresh_seed_offset_by_fixed_seed():
+    base = {"name": "b", "workload": "gpt", "steps": 5, "axes": {"stabilizers": ["none"]},
+            "boundary": {"lr_range": [1e-3, 1.0], "max_trials_per_cell": 10}}
+    from orchestrator.boundary import boundary_config, cells_of
+
+    runs = {}
+    for offset in (0, 100):
+        spec = parse_spec({**base, "fixed": {"seed": offset}})
+        cfg = boundary_config(spec)
+        assert cfg.seed_offset == offset and cfg.method == "psi"
+        seen = []
+
+        def fake(c, seen=seen):
+            seen.append((c.lr, c.seed))
+            return logistic_cell(math.log(0.1), 0.3)(c)
+
+        search_local(cells_of(spec, cfg), cfg, None, f"o{offset}", fake)
+        runs[offset] = seen
+        assert [s for _, s in seen] == list(range(offset, offset + len(seen)))
+    assert not {s for _, s in runs[0]} & {s for _, s in runs[100]}  # two searches share no run
+
+
+@pytest.mark.parametrize("mu_lr, s", [(0.02, 0.04), (0.15, 0.366)])  # a sharp and a wide (band x5) cell
+def test_psi_converges_on_a_synthetic_cell(mu_lr, s):
+    cfg = BoundaryConfig(lr_range=(1e-3, 1.0), resolution=1.6, max_trials_per_cell=60)
+    cell = Cell("synthetic", {}, {"workload": "gpt", "steps": 1})
+    rep = search_local([cell], cfg, None, "t", logistic_cell(math.log(mu_lr), s))[0]
+    assert rep["converged"] and rep["stop_reason"] == "interval"
+    assert cfg.min_trials_per_cell <= rep["n_trials"] < cfg.max_trials_per_cell
+    assert rep["lr50_high"] / rep["lr50_low"] <= 1.6
+    assert rep["lr50_low"] <= mu_lr <= rep["lr50_high"]
+    assert rep["lr10_low"] <= rep["lr10"] <= rep["lr50"] <= rep["lr90"] <= rep["lr90_high"]
+    assert rep["n_seeds"] == rep["n_trials"]
+    # the same search again is the same search: exact
+    again = search_local([cell], cfg, None, "t2", logistic_cell(math.log(mu_lr), s))[0]
+    assert again["lr50"] == rep["lr50"] and again["n_trials"] == rep["n_trials"]
+
+
+def test_psi_stops_at_the_budget_and_at_the_range_edge_and_says_which():
+    cell = Cell("c", {}, {"workload": "gpt", "steps": 1})
+    tight = BoundaryConfig(lr_range=(1e-3, 1.0), resolution=1.05, max_trials_per_cell=12)
+    rep = search_local([cell], tight, None, "b", logistic_cell(math.log(0.1), 0.3))[0]
+    assert rep["stop_reason"] == "budget" and not rep["converged"] and rep["n_trials"] == 12
+    cfg = BoundaryConfig(lr_range=(1e-3, 1.0), max_trials_per_cell=40)
+    rep = search_local([cell], cfg, None, "e", lambda c: result(False))[0]  # nothing ever crashes
+    assert rep["stop_reason"] == "range_edge" and rep["above_range"] and not rep["converged"]
+    assert rep["lr50_high"] > 1.0 and rep["n_trials"] < 40
+
+
+def test_psi_proposals_in_flight_spread_and_resume_from_the_store(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    cell = Cell("c", {}, {"workload": "gpt", "steps": 1})
+    cfg = BoundaryConfig(lr_range=(1e-3, 1.0), max_in_flight_per_cell=4, max_trials_per_cell=24)
+    fake = logistic_cell(math.log(0.05), 0.2)
+    first = CellSearch(cell, cfg, storage, "t")
+    for _ in range(2):  # two rounds of 4 in flight, told
+        batch = [first.ask() for _ in range(4)]
+        assert first.ask() is None  # at most max_in_flight_per_cell at once
+        lrs = [lr for _, lr, _ in batch]
+        assert len(set(lrs)) > 1  # pending trials counted: the proposals do not all coincide
+        for trial, lr, seed in batch:
+            first.tell(trial, fake(type("C", (), {"lr": lr, "seed": seed})))
+    first.ask()  # "the driver dies" with one trial asked and never told
+    rep = search_local([cell], cfg, storage, "t", fake)[0]
+    assert rep["failed_trials"] == 1 and rep["n_trials"] >= 8
+    assert rep["stop_reason"] in ("interval", "budget")
+    seeds = [t.user_attrs["seed"] for t in CellSearch(cell, cfg, storage, "t").study.get_trials()]
+    assert len(set(seeds)) == len(seeds)  # the resumed search does not reuse a seed
+
+
+def test_grid_posterior_equals_the_direct_likelihood():
+    import numpy as np
+
+    from orchestrator import psychometric as psy
+
+    rng = np.random.default_rng(3)
+    grid = psy.make_grid((1e-3, 1.0), n_mu=31, n_s=7)
+    lrs = list(np.exp(rng.uniform(math.log(1e-3), 0, 25))) + [0.01, 0.01, 0.01]
+    crashed = list(rng.random(28) < 0.5)
+    post = psy.posterior(grid, lrs, crashed)
+    # direct: for every grid point the product of Bernoulli probabilities of the model's formula
+    direct = np.zeros(grid.shape)
+    for i, mu in enumerate(grid.mu):
+        for j, ls in enumerate(grid.log_s):
+            lik = 1.0
+            for lr, c in zip(lrs, crashed):
+                p = psy.LAPSE + (1 - 2 * psy.LAPSE) / (1 + math.exp(-(math.log(lr) - mu) / math.exp(ls)))
+                lik *= p if c else 1 - p
+            direct[i, j] = lik
+    direct /= direct.sum()
+    np.testing.assert_allclose(post, direct, rtol=1e-9, atol=1e-300)
+    ll = psy.log_likelihood(grid, lrs, crashed)
+    np.testing.assert_allclose(np.exp(ll - ll.max()) / np.exp(ll - ll.max()).sum(), direct, rtol=1e-9)
+    # the expected entropy of one candidate, by hand, from the two posteriors it can lead to
+    cand = 0.02
+    e = psy.expected_entropy(grid, post, [cand])[0]
+    p1 = psy.p_crash(grid, math.log(cand))
+    by_hand = 0.0
+    for lik in (p1, 1 - p1):
+        joint = post * lik
+        z = joint.sum()
+        m = joint.sum(axis=1) / z
+        by_hand += z * -(m[m > 0] * np.log(m[m > 0])).sum()
+    assert e == pytest.approx(by_hand, rel=1e-12)
+    # and the fit's quantiles: LR50's interval holds its median, lr10 < lr50 < lr90
+    f = psy.summarize(grid, post, len(lrs))
+    assert f.lr50_low < f.lr50 < f.lr50_high and f.lr10 < f.lr50 < f.lr90
