@@ -361,11 +361,12 @@ class CellSearch:
             crashed, runs = b.crashed.get(lr, (0, 0))
             ends[name] = {"lr": lr, "seeds": runs, "crashed": crashed}
         lo, hi = self.cfg.lr_range
-        f = cell_fit(obs, self.cfg, self.grid)
+        f = cell_fit(obs, self.cfg, self.grid)  # export recomputes the same fit from MLflow's runs
         reason = self.stop_reason()
         return {
-            "cell": self.cell.key, **self.cell.values,
-            "method": self.cfg.method, "resolution": self.cfg.resolution,
+            "cell": self.cell.key, **self.cell.values, "values": self.cell.values,
+            "method": self.cfg.method, "resolution": self.cfg.resolution, "lr_range": list(self.cfg.lr_range),
+            "seed_offset": self.cfg.seed_offset,
             **f.as_dict(), "n_trials": len(obs), "n_seeds": len({o.seed for o in obs}),
             "converged": reason == "interval", "stop_reason": reason,
             "stable_lr": b.stable_lr, "crash_lr": b.crash_lr, "boundary_lr": b.boundary,
@@ -401,9 +402,11 @@ def cells_of(spec: SweepSpec, cfg: BoundaryConfig) -> list[Cell]:
 
 
 def dense_grid_size(cfg: BoundaryConfig) -> int:
-    """Trials per cell of a log-spaced grid over lr_range at the same resolution."""
+    """Trials per cell (per seed) of a log-spaced grid over lr_range: at the bracket's resolution
+    for bisect, at 2^(1/4) for psi (whose resolution is an interval's, not a grid step)."""
     lo, hi = cfg.lr_range
-    return math.ceil(math.log(hi / lo) / math.log(cfg.resolution)) + 1
+    step = cfg.resolution if cfg.method == "bisect" else 2 ** 0.25
+    return math.ceil(math.log(hi / lo) / math.log(step)) + 1
 
 
 # -------------------------------------------------------------------- search without Ray (tests)

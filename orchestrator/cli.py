@@ -201,7 +201,7 @@ def sweep(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAM
 def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a boundary: block, e.g. search_spaces/boundary_smoke.yaml."),
              max_trials: Optional[int] = MAX_TRIALS,
              workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, address: Optional[str] = ADDRESS):
-    """Find each cell's maximum stable learning rate (Optuna bisection on Ray Tune; resumable).
+    """Find each cell's crash boundary, LR50 with its interval (Psi-method Optuna sampler on Ray Tune; resumable).
 
     Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
     import yaml
@@ -214,19 +214,21 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
         boundary_config(s)
         out = run_boundary(s, yaml.safe_load(spec.read_text()), workdir=workdir, tracking_uri=tracking_uri,
                            address=address)
-    typer.echo(f"\nboundary {out.name}: {len(out.cells)} cells in {out.wall_time:.0f}s "
-               f"(a dense grid at this resolution: {out.dense_grid_trials} trials a cell)")
-    typer.echo(f"{'cell':<40} {'max stable lr':>14} {'crash lr':>10} {'trials':>7}  notes")
+    method = out.cells[0]["method"] if out.cells else "psi"
+    typer.echo(f"\nboundary {out.name}: {len(out.cells)} cells in {out.wall_time:.0f}s, method {method}"
+               + (" (a one-seed look)" if method == "bisect" else "")
+               + f" (a dense grid at 2^(1/4) over the range: {out.dense_grid_trials} trials a cell per seed)")
+    fmt = lambda v: f"{v:.4g}" if v else "-"  # noqa: E731
+    typer.echo(f"{'cell':<36} {'LR50 [90 % interval]':>26} {'band lr10-lr90':>18} {'trials':>6}  stopped")
     for c in out.cells:
-        notes = [n for n in ("non_monotonic", "above_range", "below_range") if c[n]]
-        if not c["converged"] and not (c["above_range"] or c["below_range"]):
-            notes.append("not converged (budget spent)")
+        notes = [c["stop_reason"] + ("" if c["converged"] else " (not converged)")]
+        notes += [n for n in ("non_monotonic", "above_range", "below_range") if c[n]]
         if c["stable_end_seeds"] > 1 or c["crash_end_seeds"] > 1:
             notes.append(f"seeds crashed: {c['stable_end_crashed']}/{c['stable_end_seeds']} at stable end, "
                          f"{c['crash_end_crashed']}/{c['crash_end_seeds']} at crash end")
-        fmt = lambda v: f"{v:.4g}" if v else "-"  # noqa: E731
-        typer.echo(f"{c['cell']:<40} {fmt(c['stable_lr']):>14} {fmt(c['crash_lr']):>10} {c['trials']:>7}  "
-                   + ", ".join(notes))
+        interval = f"{fmt(c['lr50'])} [{fmt(c['lr50_low'])}, {fmt(c['lr50_high'])}]"
+        band = f"{fmt(c['lr10'])}-{fmt(c['lr90'])}"
+        typer.echo(f"{c['cell']:<36} {interval:>26} {band:>18} {c['n_trials']:>6}  " + ", ".join(notes))
     typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}; tables: ablate export")
 
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from orchestrator import psychometric as psy
 from orchestrator.tracking import TAG_KIND, TAG_SWEEP, TAG_TRIAL, Tracker
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Point, bracket, classify, criterion_label, lr_sensitivity
 from workloads.stabilizers import label as stabilizer_label
@@ -175,11 +176,54 @@ def with_outcomes(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT_K
 # --------------------------------------------------------------------------------- the tables
 @dataclasses.dataclass
 class Tables:
-    max_stable_lr: dict[Any, list[dict]]   # warmup -> rows
+    max_stable_lr: dict[Any, list[dict]]   # warmup -> rows (the boundary: lr50 with intervals, ...)
     lr_sensitivity: list[dict]
     best_loss: list[dict]
     cell_fields: list[str]
     final_loss: list[dict] = dataclasses.field(default_factory=list)  # one row per cell: lr -> (loss, class)
+    fit_data: dict[tuple, tuple] = dataclasses.field(default_factory=dict)
+    """(warmup, cell key) -> (lrs, crashed, lr_range): what each row's fit was computed from (figures)."""
+
+
+BOUNDARY_FIELDS = ("lr50", "lr50_low", "lr50_high", "lr10", "lr10_low", "lr10_high", "lr90", "lr90_low",
+                   "lr90_high", "interval_ratio", "band", "n_trials", "n_seeds", "converged", "stop_reason",
+                   "method", "resolution")
+"""The fields of a boundary row (``max_stable_lr.json``, ``boundary.parquet``) besides the cell and
+the old bracket (``max_stable_lr``, ``crash_lr``, ...)."""
+STOP_REASONS = {"interval": "the LR50 interval (bisect: the bracket) reached the resolution",
+                "budget": "the cell's trial budget was spent first",
+                "range_edge": "the boundary lies outside the LR range",
+                "grid": "a grid sweep, no search",
+                "running": "the search had not finished"}
+
+
+def search_records(tracking_uri: str, experiment: str, sweep: str | None) -> list[dict]:
+    """The cell reports that ``ablate boundary`` logged on its parent runs (``boundary/cells.json``),
+    each with its sweep's name; none for a grid sweep."""
+    import tempfile
+
+    tr = Tracker(tracking_uri, experiment)
+    parents = tr.sweep_runs(sweep) if sweep else tr.find_runs(f"tags.`{TAG_KIND}` = 'sweep'")
+    out = []
+    for p in parents:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = tr._call(tr.client.download_artifacts, p.info.run_id, "boundary/cells.json", tmp)
+                cells = json.loads(Path(path).read_text())
+            except Exception:  # noqa: BLE001 - no such artifact: not a boundary search
+                continue
+        out += [{**c, "sweep": p.data.tags.get(TAG_SWEEP)} for c in cells]
+    return out
+
+
+def _matches(record: dict, ident: dict) -> bool:
+    """Whether a search's cell report is the export cell ``ident`` (stabilizer + varying fields)."""
+    for k, v in record.get("values", {}).items():
+        if k == "stabilizers":
+            k, v = "stabilizer", stabilizer_label(tuple(str(v).split("+")))
+        if k in ident and str(ident[k]) != str(v):
+            return False
+    return True
 
 
 def _varying(table: pa.Table, exclude: set[str]) -> list[str]:
@@ -194,7 +238,11 @@ def _varying(table: pa.Table, exclude: set[str]) -> list[str]:
 
 
 def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA,
-                    sensitivity_range: tuple[float, float] | None = None) -> Tables:
+                    sensitivity_range: tuple[float, float] | None = None,
+                    searches: list[dict] | None = None) -> Tables:
+    """``searches``: the boundary search's cell reports (:func:`search_records`), which say how
+    each cell's search ended (method, resolution, LR range, stop reason); a cell without one came
+    from a grid sweep (its fit's range: the table's LRs)."""
     rows = [r for r in table.to_pylist() if r["status"] in FINISHED]
     cell_fields = cell_fields_of(table)
     cells: dict[tuple, list[dict]] = defaultdict(list)
@@ -203,18 +251,36 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
     all_lrs = [r["lr"] for r in rows]
     srange = sensitivity_range or ((min(all_lrs), max(all_lrs)) if all_lrs else (1.0, 1.0))
 
-    msl, sens, best, finals = defaultdict(list), [], [], []
+    msl, sens, best, finals, fit_data = defaultdict(list), [], [], [], {}
     for key, rs in sorted(cells.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         ident = dict(zip(cell_fields, key))
         pts = [_point(r) for r in rs]
         b = bracket(pts, crash, kappa)
         se, ce = b.crashed.get(b.stable_lr, (0, 0)), b.crashed.get(b.crash_lr, (0, 0))
         lrs_run = sorted({p.lr for p in pts})
-        msl[rs[0]["warmup_steps"]].append({  # the cell's warmup, also where it is fixed (not a cell field)
-            **ident, "max_stable_lr": b.stable_lr, "crash_lr": b.crash_lr,
+        warmup = rs[0]["warmup_steps"]  # the cell's warmup, also where it is fixed (not a cell field)
+        crashed = [c in crash for c in classify(pts, kappa)]
+        recs = [c for c in (searches or []) if _matches(c, ident) and (c.get("sweep") in {r["sweep"] for r in rs})]
+        method = "+".join(sorted({c.get("method", "bisect") for c in recs})) or "grid"
+        frange = tuple(recs[0]["lr_range"]) if recs and recs[0].get("lr_range") else srange
+        res = recs[0].get("resolution") if recs else None
+        res = res or psy_default_resolution(method)
+        fit = psy.fit(frange, [p.lr for p in pts], crashed)
+        reasons = sorted({c.get("stop_reason") or ("interval" if c.get("converged") else "budget") for c in recs})
+        stop = "+".join(reasons) if recs else "grid"
+        converged = (fit.width <= res) if method != "bisect" else (b.width <= res)
+        if recs and stop != "interval":
+            converged = False
+        fit_data[(warmup, key)] = ([p.lr for p in pts], crashed, frange)
+        msl[warmup].append({
+            **ident, **{k: v for k, v in fit.as_dict().items() if k in BOUNDARY_FIELDS},
+            "n_trials": len(pts), "n_seeds": len({p.seed for p in pts}), "converged": bool(converged),
+            "stop_reason": stop, "method": method, "resolution": res,
+            "max_stable_lr": b.stable_lr, "crash_lr": b.crash_lr,
             "stable_end": f"{se[0]}/{se[1]}" if se[1] else "", "crash_end": f"{ce[0]}/{ce[1]}" if ce[1] else "",
             "non_monotonic": b.non_monotonic, "lrs": len(lrs_run), "trials": len(pts),
-            "above_range": b.crash_lr is None, "below_range": b.stable_lr is None})
+            "above_range": fit.p_above_range >= 0.5, "below_range": fit.p_below_range >= 0.5,
+            "bracket_above_range": b.crash_lr is None, "bracket_below_range": b.stable_lr is None})
         value, covers = lr_sensitivity(pts, srange)
         l0s = [p.initial_loss for p in pts if p.initial_loss is not None]
         sens.append({**ident, "lr_sensitivity": value, "covers_range": covers,
@@ -230,7 +296,15 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
         for p, c in zip(pts, classes):
             by_lr[p.lr].append((p.final_loss, c))
         finals.append({**ident, "by_lr": dict(by_lr)})
-    return Tables(dict(msl), sens, best, cell_fields, finals)
+    return Tables(dict(msl), sens, best, cell_fields, finals, fit_data)
+
+
+def psy_default_resolution(method: str) -> float:
+    """The resolution a row is judged converged at when its search did not record one: the boundary
+    search's default for the method (a grid is judged as psi would be)."""
+    from orchestrator.boundary import DEFAULTS
+
+    return DEFAULTS.get(method, DEFAULTS["psi"])["resolution"]
 
 
 MAX_GRID_LRS = 12
@@ -299,33 +373,68 @@ def _row_labels(rs: list[dict], row_fields: list[str]) -> dict[tuple, str]:
     return labels
 
 
+MARKS = {"budget": "†", "range_edge": "‡", "running": "§"}
+"""The mark of a row whose search did not reach its interval, per stop reason (footnoted)."""
+
+
+def boundary_text(r: dict, with_trials: bool = False) -> str:
+    """One cell's boundary: 'LR50 [low, high]' (90 % interval), '>' / '<' when LR50 lies outside
+    the LR range, the stop mark when not converged."""
+    text = f"{_fmt(r['lr50'])} [{_fmt(r['lr50_low'])}, {_fmt(r['lr50_high'])}]"
+    if r["above_range"]:
+        text = f"> {_fmt(r['lr50_low'])} (above range)"
+    elif r["below_range"]:
+        text = f"< {_fmt(r['lr50_high'])} (below range)"
+    if not r["converged"]:
+        text += "".join(MARKS.get(x, "") for x in str(r["stop_reason"]).split("+"))
+    if with_trials:
+        text += f" ({r['n_trials']})"
+    return text
+
+
+def _method_label(m: str) -> str:
+    return {"bisect": "bisect (one-seed look)", "psi": "psi", "grid": "grid"}.get(m, m)
+
+
 def pivot_max_stable(rows: list[dict], cell_fields: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Stabilizer (and other fields) as rows, depth as columns; cell text 'lr [stable, crash]'."""
+    """Stabilizer (and other fields) as rows, depth as columns. One depth: columns LR50 [90 %
+    interval], the band lr10-lr90, trials (seeds), the search (method: stop reason), and the old
+    one-seed-vote bracket; several depths: 'LR50 [low, high] (trials)' per depth."""
     row_fields = _row_fields(cell_fields)
     depths = sorted({r.get("depth") for r in rows}, key=lambda d: (d is None, d))
     one = len(depths) == 1
-    header = row_fields + [f"depth {d}" if d is not None else "max stable lr [bracket]" for d in depths]
-    header += ["trials"] if one else []
+    if one:
+        header = row_fields + ["LR50 [90 % interval]", "band lr10–lr90", "trials (seeds)", "search",
+                               "bracket [stable, crashed]"]
+        body = []
+        for r in sorted(rows, key=lambda r: tuple(str(r[f]) for f in row_fields)):
+            br = f"[{_fmt(r['max_stable_lr'])}, {_fmt(r['crash_lr'])}]" + (" *" if r["non_monotonic"] else "")
+            body.append([_fmt(r[f]) for f in row_fields] + [
+                boundary_text(r), f"{_fmt(r['lr10'])}–{_fmt(r['lr90'])} (x{r['band']:.2g})",
+                f"{r['n_trials']} ({r['n_seeds']})", f"{_method_label(r['method'])}: {r['stop_reason']}", br])
+        return header, body
+    header = row_fields + [f"depth {d}" if d is not None else "LR50 [90 % interval]" for d in depths]
     grid: dict[tuple, dict] = defaultdict(dict)
-    trials: dict[tuple, int] = {}
     for r in rows:
-        text = _fmt(r["max_stable_lr"]) if not r["above_range"] else f"≥ {_fmt(r['max_stable_lr'])}"
-        if r["below_range"]:
-            text = f"< {_fmt(r['crash_lr'])}"
-        elif r["crash_lr"] is not None:
-            text += f" [{_fmt(r['max_stable_lr'])}, {_fmt(r['crash_lr'])}]"
-        seeds = [s for s in (r["stable_end"], r["crash_end"]) if s]
-        if any(int(s.split("/")[1]) > 1 for s in seeds):
-            text += f" (crashed {r['stable_end'] or '-'}, {r['crash_end'] or '-'})"
-        if r["non_monotonic"]:
-            text += " *"
-        if not one:
-            text += f" ({r['trials']})"
-        grid[tuple(r[f] for f in row_fields)][r.get("depth")] = text
-        trials[tuple(r[f] for f in row_fields)] = r["trials"]
-    body = [[_fmt(k) for k in key] + [grid[key].get(d, "") for d in depths] + ([str(trials[key])] if one else [])
-            for key in grid]
+        grid[tuple(r[f] for f in row_fields)][r.get("depth")] = boundary_text(r, with_trials=True)
+    body = [[_fmt(k) for k in key] + [grid[key].get(d, "") for d in depths] for key in grid]
     return header, body
+
+
+def boundary_caption(name: str, warmup, rows: list[dict], crit: str) -> str:
+    methods = sorted({r["method"] for r in rows})
+    res = sorted({r["resolution"] for r in rows if r.get("resolution")})
+    marks = "; ".join(f"{m} = not converged: {STOP_REASONS[k]}" for k, m in MARKS.items()
+                      if any(k in str(r["stop_reason"]).split("+") and not r["converged"] for r in rows))
+    bis = ("; method bisect is a one-seed look, its interval is the same fit over the few LRs bisection ran"
+           if "bisect" in methods else "")
+    return (f"Crash boundary, {name}, warmup {warmup} steps: LR50 (P(crash) = 0.5) with its 90 % interval, "
+            f"from a logistic in log-LR with a {psy.LAPSE:g} lapse fitted to every run of the cell (grid "
+            f"posterior, orchestrator/psychometric.py); band = LR where P(crash) is 0.1 and 0.9; "
+            f"{crit}; converged = interval narrower than x{'/'.join(f'{v:.3g}' for v in res)}"
+            + (f"; {marks}" if marks else "") + bis
+            + "; the bracket is the older one-seed-vote summary (largest stable LR, smallest crashed LR above "
+              "it, * = a crashed LR below the stable one)")
 
 
 def to_markdown(header: list[str], body: list[list[str]], caption: str = "") -> str:
@@ -381,16 +490,17 @@ def export(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
     files = [out / "trials.parquet", out / "trials.csv"]
     pq.write_table(table, files[0])
     pacsv.write_csv(table, files[1])
-    tabs = ablation_tables(table, crash, kappa, sensitivity_range)
+    tabs = ablation_tables(table, crash, kappa, sensitivity_range, search_records(tracking_uri, experiment, sweep))
     name = sweep or experiment
     crit = criterion_label(crash, kappa)
     for warmup, rows in sorted(tabs.max_stable_lr.items(), key=lambda kv: str(kv[0])):
         h, b = pivot_max_stable(rows, tabs.cell_fields)
-        cap = (f"Max stable learning rate, {name}, warmup {warmup} steps: the largest stable LR [and the smallest "
-               f"crashed LR above it]; {crit}; a cell's seeds vote per LR, a tie is a crash; "
-               "(crashed seeds at the stable, crash end) where an end ran with several seeds; "
-               "* = a crashed LR below the stable one (non-monotonic)")
-        files += _write(out, f"max_stable_lr_warmup{warmup}", h, b, cap)
+        files += _write(out, f"max_stable_lr_warmup{warmup}", h, b, boundary_caption(name, warmup, rows, crit))
+    brows = [{"warmup_steps": w, **r} for w, rs in sorted(tabs.max_stable_lr.items(), key=lambda kv: str(kv[0]))
+             for r in rs]
+    pq.write_table(pa.Table.from_pylist([{k: (str(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()}
+                                         for r in brows]), out / "boundary.parquet")
+    files.append(out / "boundary.parquet")
     cols = tabs.cell_fields + ["lr_sensitivity", "covers_range", "lrs", "initial_loss"]
     lo, hi = (tabs.lr_sensitivity[0]["range_min"], tabs.lr_sensitivity[0]["range_max"]) if tabs.lr_sensitivity else (0, 0)
     files += _write(out, "lr_sensitivity", *flat_table(tabs.lr_sensitivity, cols),
@@ -406,7 +516,8 @@ def export(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
     files += _write(out, "best_loss", *flat_table(tabs.best_loss, cols),
                     f"Best final validation loss per cell, {name} (runs that neither diverged nor collapsed)")
     (out / "max_stable_lr.json").write_text(json.dumps(
-        {"crash": list(crash), "kappa": kappa, "criterion": crit, "tables": tabs.max_stable_lr}, indent=1, default=str))
+        {"crash": list(crash), "kappa": kappa, "criterion": crit, "lapse": psy.LAPSE, "level": psy.LEVEL,
+         "stop_reasons": STOP_REASONS, "tables": tabs.max_stable_lr}, indent=1, default=str))
     files.append(out / "max_stable_lr.json")
     if log_to_mlflow and sweep:
         _log_artifacts(tracking_uri, experiment, sweep, files, "tables")
@@ -518,26 +629,28 @@ def boundary_grid(msl: list[dict], cell_fields: list[str]) -> BoundaryGrid:
 
 
 def _boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
-    """One-dimensional cells: the max stable LR per cell with its bracket as an error bar."""
+    """One-dimensional cells: LR50 per cell with its 90 % interval as an error bar (a triangle where
+    LR50 lies outside the LR range), the band lr10-lr90 as a faint bar, the stop mark of a cell that
+    did not converge, and its trial count."""
     rows = grid.rows
     fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.9 * len(rows)), 3.8))
     for i, s in enumerate(rows):
         c = grid.cells.get((s, None))  # depth does not vary: not part of the cell
         if not c:
             continue
-        lo, hi = c["max_stable_lr"], c["crash_lr"]
-        if lo is not None and hi is not None:
-            ax.errorbar([i], [lo], yerr=[[0], [hi - lo]], fmt="o", color="C0", capsize=4)
-        elif lo is not None:  # stable at the top of the range
-            ax.plot([i], [lo], "^", color="C2", ms=8)
-            ax.annotate("stable at the\ntop of the range", (i, lo), textcoords="offset points", xytext=(0, -24),
-                        ha="center", fontsize=7)
-        elif hi is not None:  # crashed at the bottom of the range
-            ax.plot([i], [hi], "v", color="C3", ms=8)
-            ax.annotate("crashed at bottom", (i, hi), textcoords="offset points", xytext=(0, -14), ha="center",
-                        fontsize=7)
-        if c["non_monotonic"]:
-            ax.annotate("*", (i, lo or hi), textcoords="offset points", xytext=(6, 0), fontsize=10)
+        if c["above_range"] or c["below_range"]:
+            y = c["lr50_low"] if c["above_range"] else c["lr50_high"]
+            ax.plot([i], [y], "^" if c["above_range"] else "v", color="C2" if c["above_range"] else "C3", ms=8)
+            ax.annotate("above the range" if c["above_range"] else "below the range", (i, y),
+                        textcoords="offset points", xytext=(0, -16), ha="center", fontsize=7)
+        else:
+            ax.plot([i, i], [c["lr10"], c["lr90"]], color="C0", lw=6, alpha=0.18, solid_capstyle="butt")
+            ax.errorbar([i], [c["lr50"]], yerr=[[c["lr50"] - c["lr50_low"]], [c["lr50_high"] - c["lr50"]]],
+                        fmt="o", color="C0", capsize=4)
+            y = c["lr50_high"]
+        mark = "" if c["converged"] else "".join(MARKS.get(x, "") for x in str(c["stop_reason"]).split("+"))
+        ax.annotate(f"{c['n_trials']}{mark}", (i, y), textcoords="offset points", xytext=(0, 5), ha="center",
+                    fontsize=7)
     from matplotlib.ticker import FuncFormatter
 
     ax.set_yscale("log")
@@ -546,15 +659,61 @@ def _boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
     ax.grid(True, which="both", axis="y", lw=0.3, alpha=0.5)
     ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
     ax.set_xlim(-0.6, len(rows) - 0.4)
-    ax.set_ylabel("max stable LR (bar: up to the\nsmallest crashed LR)")
-    ax.set_title(f"crash boundary, warmup {warmup}", fontsize=9)
+    ax.set_ylabel("LR50 (bar: 90 % interval;\nshade: lr10-lr90)")
+    ax.set_title(f"crash boundary, warmup {warmup} (number: trials; † budget spent)", fontsize=9)
     fig.text(0.01, 0.01, crit, fontsize=6)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
 
+def _boundary_fits(plt, tabs: Tables, warmup, crit: str):
+    """A panel per cell: the fraction of runs that crashed at each LR (marker area ~ runs), the
+    fitted P(crash) (posterior median) with its 90 % band, LR50's interval shaded."""
+    rows = tabs.max_stable_lr.get(warmup, [])
+    n = len(rows)
+    ncol = min(n, 3)
+    nrow = math.ceil(n / ncol) if n else 1
+    fig, axes = plt.subplots(nrow, max(ncol, 1), figsize=(3.3 * max(ncol, 1), 2.6 * nrow + 0.4), squeeze=False,
+                             sharey=True)
+    cf = tabs.cell_fields
+    for ax, r in zip(axes.ravel(), rows):
+        lrs, crashed, frange = tabs.fit_data[(warmup, tuple(r[f] for f in cf))]
+        grid = psy.make_grid(frange)
+        post = psy.posterior(grid, lrs, crashed)
+        xs = np.geomspace(frange[0] / 1.5, frange[1] * 1.5, 120)
+        p = psy.p_crash(grid, np.log(xs))                                # (X, M, S)
+        q = np.array([psy.weighted_quantiles(p[i], post, (0.05, 0.5, 0.95)) for i in range(len(xs))])
+        ax.fill_between(xs, q[:, 0], q[:, 2], color="C0", alpha=0.2, lw=0)
+        ax.plot(xs, q[:, 1], color="C0", lw=1.2)
+        if not (r["above_range"] or r["below_range"]):
+            ax.axvspan(r["lr50_low"], r["lr50_high"], color="C1", alpha=0.15, lw=0)
+        by: dict[float, list[bool]] = defaultdict(list)
+        for lr, c in zip(lrs, crashed):
+            by[lr].append(c)
+        ux = sorted(by)
+        ax.scatter(ux, [np.mean(by[x]) for x in ux], s=[12 * len(by[x]) for x in ux], color="k", zorder=3)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        label = ", ".join(_fmt(r[f]) for f in cf if f not in ("warmup_steps",))
+        mark = "" if r["converged"] else " " + "".join(MARKS.get(x, "") for x in str(r["stop_reason"]).split("+"))
+        ax.set_title(f"{label}: LR50 {_fmt(r['lr50'])} [{_fmt(r['lr50_low'])}, {_fmt(r['lr50_high'])}]{mark}",
+                     fontsize=7)
+        ax.set_xlabel("learning rate", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("P(crash)", fontsize=7)
+    fig.text(0.01, 0.01, f"dots: fraction of runs crashed per LR (area ~ runs); line and blue band: fitted "
+             f"P(crash), median and 90 %; orange: LR50's 90 % interval; warmup {warmup}; {crit}",
+             fontsize=5.5, wrap=True)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
 def _boundary_heatmap(plt, grid: BoundaryGrid, warmup, crit: str):
-    """Two axes (cell without its depth x depth): a heatmap of the max stable LR on a log colour scale."""
+    """Two axes (cell without its depth x depth): a heatmap of LR50 on a log colour scale, each cell
+    with its interval and stop mark written in."""
     from matplotlib.colors import LogNorm
 
     rows, depths = grid.rows, grid.depths
@@ -562,8 +721,8 @@ def _boundary_heatmap(plt, grid: BoundaryGrid, warmup, crit: str):
     for i, s in enumerate(rows):
         for j, d in enumerate(depths):
             c = grid.cells.get((s, d))
-            if c and c["max_stable_lr"]:
-                lrs[i, j] = c["max_stable_lr"]
+            if c and not (c["above_range"] or c["below_range"]):
+                lrs[i, j] = c["lr50"]
     fig, ax = plt.subplots(figsize=(3.4 + 1.3 * len(depths), 1.4 + 0.5 * len(rows)))
     finite = lrs[np.isfinite(lrs)]
     norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size and finite.min() < finite.max() else None
@@ -575,13 +734,12 @@ def _boundary_heatmap(plt, grid: BoundaryGrid, warmup, crit: str):
             c = grid.cells.get((rows[i], depths[j]))
             if not c:
                 continue
-            txt = ("≥ " if c["above_range"] else "") + _fmt(c["max_stable_lr"]) if c["max_stable_lr"] else \
-                f"< {_fmt(c['crash_lr'])}"
+            txt = boundary_text(c).replace(" [", "\n[")
             rgba = im.cmap(im.norm(lrs[i, j])) if np.isfinite(lrs[i, j]) else (1, 1, 1, 1)
             lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
             ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="k" if lum > 0.5 else "w")
-    fig.colorbar(im, ax=ax, label="max stable LR")
-    ax.set_title(f"max stable LR, warmup {warmup}", fontsize=9)
+    fig.colorbar(im, ax=ax, label="LR50")
+    ax.set_title(f"crash boundary LR50 [90 % interval], warmup {warmup}", fontsize=9)
     fig.text(0.01, 0.01, crit, fontsize=6)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
@@ -590,8 +748,9 @@ def _boundary_heatmap(plt, grid: BoundaryGrid, warmup, crit: str):
 def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str | Path,
            crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA, sensitivity_range: tuple[float, float] | None = None,
            log_to_mlflow: bool = True) -> list[Path]:
-    """Loss-vs-LR panels (classes marked, l_0 and the baseline drawn) and the crash boundary (points
-    with bracket error bars; a heatmap when depth varies too), as PNG and PDF; and the forensic
+    """Loss-vs-LR panels (classes marked, l_0 and the baseline drawn), the crash boundary (LR50 with
+    its interval; a heatmap when depth varies too) and the fitted curves (crash fraction per LR with
+    the fit and its band, a panel per cell), as PNG and PDF; and the forensic
     figures (``orchestrator.forensics``: AUC of each probe against the fraction of training, and one
     figure per crashed run with its probes, warnings and crash step)."""
     import matplotlib
@@ -617,6 +776,9 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
         grid = boundary_grid(ex.tables.max_stable_lr.get(w, []), ex.tables.cell_fields)
         fig = (_boundary_heatmap if vary_depth else _boundary_points)(plt, grid, w, crit)
         files += _save(fig, out, f"max_stable_lr_warmup{w}")
+        plt.close(fig)
+        fig = _boundary_fits(plt, ex.tables, w, crit)
+        files += _save(fig, out, f"boundary_fit_warmup{w}")
         plt.close(fig)
     from orchestrator.forensics import forensics
 

@@ -22,48 +22,67 @@ TINY = {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "wa
 SMOKE = {"depth": 2, "width": 64, "heads": 2, "seq_len": 64, "batch_size": 16, "warmup_steps": 0,
          "schedule": "constant", "eval_interval": 0, "eval_batches": 2}
 BOUNDARY = {
-    "name": "t-boundary", "workload": "gpt", "steps": 150, "fixed": SMOKE,
+    "name": "t-boundary", "workload": "gpt", "steps": 150, "fixed": {**SMOKE, "seed": 50},
     "axes": {"stabilizers": ["none", "mlra"]}, "probe_interval": 20,
     "resources": {"cpus": 1, "gpus": 0}, "concurrency": 2,
-    "boundary": {"lr_range": [1e-3, 3.0], "resolution": 2 ** 0.25, "max_trials_per_cell": 14},
+    "boundary": {"lr_range": [1e-3, 3.0], "resolution": 1.5, "max_trials_per_cell": 9, "min_trials_per_cell": 6,
+                 "max_in_flight_per_cell": 2},
 }
 
 
-def test_ablate_boundary_brackets_every_cell_with_few_trials(ray_local, tmp_path):
+def test_ablate_boundary_fits_every_cell_and_export_shows_how_each_search_ended(ray_local, tmp_path):
     spec_path = tmp_path / "boundary.yaml"
     spec_path.write_text(yaml.safe_dump(BOUNDARY))
     spec = parse_spec(BOUNDARY)
     cfg = boundary_config(spec)
+    assert cfg.method == "psi" and cfg.seed_offset == 50
     from orchestrator.boundary import run_boundary
 
     out = run_boundary(spec, BOUNDARY, workdir=tmp_path, progress=False)
     assert len(out.cells) == 2
-    dense = dense_grid_size(cfg)
-    assert dense == math.ceil(math.log(3.0 / 1e-3) / math.log(2 ** 0.25)) + 1 == 48
+    assert dense_grid_size(cfg) == math.ceil(math.log(3.0 / 1e-3) / math.log(2 ** 0.25)) + 1 == 48
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(out.tracking_uri)
     exp = client.get_experiment_by_name(out.experiment)
     runs = client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", max_results=1000)
     for cell in out.cells:
-        assert cell["converged"], cell
-        assert cell["crash_lr"] / cell["stable_lr"] <= cfg.resolution
-        # the boundary lies inside [stable, crashed] of trials that were actually run
         mine = [r for r in runs if r.data.params["stabilizer"] == cell["stabilizers"]]
-        stable = [float(r.data.params["lr"]) for r in mine if r.data.tags["status"] == "stable"]
-        crashed = [float(r.data.params["lr"]) for r in mine if r.data.tags["status"] in ("diverged", "collapsed")]
-        assert cell["stable_lr"] in stable
-        assert cell["crash_lr"] in crashed
-        assert cell["stable_lr"] <= cell["boundary_lr"] <= cell["crash_lr"]
-        assert not any(lr > cell["stable_lr"] for lr in stable)  # the largest stable LR run
-        assert len(mine) == cell["trials"] <= dense / 4
+        seeds = sorted(int(r.data.params["seed"]) for r in mine)
+        assert seeds == list(range(50, 50 + len(mine)))  # a fresh seed per trial, offset by fixed.seed
+        assert len(mine) == cell["n_trials"] == cell["n_seeds"] <= cfg.max_trials_per_cell
+        assert cell["stop_reason"] in ("interval", "budget", "range_edge")
+        assert cell["converged"] == (cell["stop_reason"] == "interval")
+        if cell["stop_reason"] == "budget":
+            assert cell["n_trials"] == cfg.max_trials_per_cell
+        assert cell["lr50_low"] <= cell["lr50"] <= cell["lr50_high"] and cell["lr10"] <= cell["lr90"]
         assert cell["crash_criterion"] == ["diverged", "collapsed"]
-    # the CLI prints the same map
+    # export recomputes every fit from MLflow's runs alone and carries how each search ended
+    res = export(out.tracking_uri, out.experiment, spec.name, tmp_path / "export")
+    rows = {r["stabilizer"]: r for r in res.tables.max_stable_lr[0]}
+    for cell in out.cells:
+        row = rows[cell["stabilizers"]]
+        for k in ("lr50", "lr50_low", "lr50_high", "lr10", "lr90", "n_trials", "converged", "stop_reason"):
+            assert row[k] == (pytest.approx(cell[k], rel=1e-9) if isinstance(cell[k], float) else cell[k]), k
+        assert row["method"] == "psi" and row["resolution"] == 1.5
+    import json
+
+    saved = json.loads((tmp_path / "export" / "max_stable_lr.json").read_text())["tables"]["0"]
+    assert {r["stabilizer"]: (r["converged"], r["stop_reason"]) for r in saved} == {
+        c["stabilizers"]: (c["converged"], c["stop_reason"]) for c in out.cells}
+    parquet = pq.read_table(tmp_path / "export" / "boundary.parquet").to_pylist()
+    assert {r["stabilizer"]: r["lr50"] for r in parquet} == {r: rows[r]["lr50"] for r in rows}
+    md = (tmp_path / "export" / "max_stable_lr_warmup0.md").read_text()
+    assert "LR50 [90 % interval]" in md and "band lr10–lr90" in md
+    for cell in out.cells:
+        line = next(x for x in md.splitlines() if x.startswith(f"| {cell['stabilizers']} |"))
+        assert f"psi: {cell['stop_reason']}" in line
+        assert ("†" in line) == (cell["stop_reason"] == "budget")
+    # the CLI prints the same map; resumed from the Optuna store, the finished cells run nothing more
     res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "boundary", str(spec_path),
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "stabilizers=none" in res.stdout and f"{dense} trials a cell" in res.stdout
-    # resumed from the Optuna store: converged cells ran nothing more
+    assert "stabilizers=none" in res.stdout and "LR50 [90 % interval]" in res.stdout
     assert len(client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", max_results=1000)) == len(runs)
 
 
@@ -134,7 +153,8 @@ def test_report_writes_plots(ray_local, tmp_path):
 
     files = report(out.tracking_uri, out.experiment, spec.name, tmp_path / "rep")
     names = sorted(f.name for f in files if f.parent.name == "rep")
-    assert names == ["forensics_auc.pdf", "forensics_auc.png", "loss_vs_lr_warmup0.pdf", "loss_vs_lr_warmup0.png",
+    assert names == ["boundary_fit_warmup0.pdf", "boundary_fit_warmup0.png", "forensics_auc.pdf",
+                     "forensics_auc.png", "loss_vs_lr_warmup0.pdf", "loss_vs_lr_warmup0.png",
                      "max_stable_lr_warmup0.pdf", "max_stable_lr_warmup0.png"]
     crashed = [r for r in pq.read_table(tmp_path / "rep" / "trials.parquet").to_pylist() if r["crashed"]]
     per_run = [f for f in files if f.parent.name == "forensics_runs"]

@@ -257,3 +257,23 @@ def test_grid_posterior_equals_the_direct_likelihood():
     # and the fit's quantiles: LR50's interval holds its median, lr10 < lr50 < lr90
     f = psy.summarize(grid, post, len(lrs))
     assert f.lr50_low < f.lr50 < f.lr50_high and f.lr10 < f.lr50 < f.lr90
+
+
+def test_efficiency_benchmark_runs_at_a_tiny_size(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "boundary_efficiency.py"
+    spec = importlib.util.spec_from_file_location("boundary_efficiency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "eff.md"
+    summary = bench.main(["--cells-per-kind", "2", "--max-grid-seeds", "2", "--budget", "30", "--out", str(out)])
+    assert summary["all"]["n"] == 6 and set(summary) == set(bench.KINDS) | {"all"}
+    for kind, v in summary.items():
+        assert 0 <= v["coverage"] <= 1 and bench.BoundaryConfig(lr_range=(1e-3, 1.0)).min_trials_per_cell <= v["trials"] <= 30
+    assert "coverage of the 90 % interval" in out.read_text()
+    # the cells' truths: the bands the kinds name
+    for kind, band in bench.KINDS.items():
+        s = bench.s_of_band(band)
+        assert math.exp(2 * s * math.log(9)) == pytest.approx(band)

@@ -44,11 +44,13 @@ def test_cells_of_one_stabilizer_that_differ_in_width_keep_their_own_points():
     assert fields == ["stabilizer", "width"]
     assert grid.rows == ["none, width=64", "none, width=128", "qk_norm, width=64"] and grid.depths == [None]
     assert [grid.cells[(r, None)]["max_stable_lr"] for r in grid.rows] == [2e-3, 4e-3, 8e-3]
+    lr50 = [grid.cells[(r, None)]["lr50"] for r in grid.rows]
+    assert lr50[0] < lr50[1] < lr50[2]
     fig = _boundary_points(plt, grid, 0, "crit")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == grid.rows
     drawn = {(float(x), float(y)) for line in ax.lines for x, y in zip(line.get_xdata(), line.get_ydata())}
-    assert {(0.0, 2e-3), (1.0, 4e-3), (2.0, 8e-3)} <= drawn  # a point per cell, at its own x
+    assert {(0.0, lr50[0]), (1.0, lr50[1]), (2.0, lr50[2])} <= drawn  # a point per cell (LR50), at its own x
     plt.close(fig)
 
 
@@ -64,7 +66,8 @@ def test_heatmap_rows_keep_width_apart_when_depth_varies_too():
     assert grid.rows == ["none, width=64", "none, width=128"]
     fig = _boundary_heatmap(plt, grid, 0, "crit")
     image = fig.axes[0].get_images()[0].get_array()
-    assert image.tolist() == [[2e-3, 8e-3], [4e-3, 1e-3]]
+    assert image.tolist() == [[grid.cells[(r, d)]["lr50"] for d in (1, 2)] for r in grid.rows]
+    assert image[0][0] < image[0][1] and image[1][1] < image[1][0]  # each cell its own LR50
     plt.close(fig)
 
 
