@@ -1,29 +1,44 @@
-"""Crash-boundary search: the maximum stable learning rate of every cell of an ablation.
+"""Crash-boundary search: where each cell of an ablation starts to crash, as a measured probability.
 
 A *cell* is one combination of the spec's non-LR axes (stabilizer x warmup x depth [x width ...]).
-For each cell an Optuna study (ask/tell, persisted in the workdir's Optuna SQLite store) searches
-the learning rate on a log scale inside ``boundary.lr_range``:
+Its boundary is not a line: at a given LR some seeds crash and some do not. The search models
+P(crash | lr) as a logistic in log-LR with a small lapse rate (``orchestrator/psychometric.py``:
+a grid posterior over its centre ``mu`` and width ``s``, numpy only) and reports, from every
+finished run of the cell (all seeds): ``lr50`` = exp(mu), where P(crash) = 0.5, with its 90 %
+interval (``lr50_low``, ``lr50_high``); ``lr10`` and ``lr90``, the band over which P(crash) goes
+from 0.1 to 0.9, with theirs; ``n_trials``, ``n_seeds``; ``converged`` and ``stop_reason``; and the
+older one-seed-vote bracket (``stable_lr``, ``crash_lr``) beside it for reference.
 
-* :class:`BoundarySampler` (an Optuna sampler) proposes the next LR from the study's finished
-  trials: the top of the range first, then the bottom, then the geometric midpoint of the bracket
-  [largest stable LR, smallest crashed LR]. Bisection in log-LR is the fastest search for a
-  threshold with a binary outcome: each trial halves the bracket, where a model-based sampler such
-  as TPE would spend trials on the flat (all-stable, all-crashed) parts of the range.
-* A cell stops when the bracket is narrower than ``resolution`` (default 2^(1/4)) or its budget
-  ``max_trials_per_cell`` is spent. Before it stops, the search re-probes once above the bracket's
-  crash end (at ``resolution``^2 x it): when that run is stable, the crash below it was not the
-  boundary, the bracket moves up and bisection goes on; the cell is flagged ``non_monotonic``.
-  With ``seeds: k`` both ends of the final bracket are then run with k seeds.
-* Outcomes are the classes of ``workloads.outcome`` (diverged, collapsed, degraded, stable), decided
-  by each run's final state; the spec's ``crash:`` says which count as a crash. The bracket is
-  ``workloads.outcome.bracket``, the same function export uses: seeds vote per LR, a tie is a crash.
+For each cell an Optuna study (ask/tell, persisted in the workdir's Optuna SQLite store) holds the
+trials; its sampler proposes the LR of the next one inside ``boundary.lr_range``:
+
+* ``method: psi`` (default), :class:`PsiSampler`: the Psi method (Kontsevich & Tyler 1999): the LR
+  whose outcome is expected to shrink the entropy of LR50's posterior most, given the finished
+  trials and those still running (``max_in_flight_per_cell`` proposals at once, each accounting for
+  the others). Every trial runs a fresh seed, ``fixed.seed`` + its number in the cell's study, so
+  replicates come for free and two searches with different offsets share no run. A cell stops when
+  LR50's 90 % interval is narrower than ``resolution`` (a ratio, default x1.5) after at least
+  ``min_trials_per_cell`` trials (``stop_reason`` ``interval``, ``converged``), when LR50 lies
+  outside ``lr_range`` with 90 % probability (``range_edge``), or when ``max_trials_per_cell`` is
+  spent (``budget``, not converged).
+* ``method: bisect``, :class:`BoundarySampler`: the older bisection at one seed (top of the range,
+  bottom, then the geometric middle of [largest stable LR, smallest crashed LR], one re-probe above
+  a converged crash end, with ``seeds: k`` the final ends repeated). A quick one-seed look: its
+  bracket is narrower than the noise of the cell (issue #17); every table labels it as such. The
+  same logistic fit is reported for it, over the few LRs it ran.
+
+Outcomes are the classes of ``workloads.outcome`` (decided over the whole cell, as export does);
+the spec's ``crash:`` says which count as a crash. A boundary spec's ``axes.lr`` and ``axes.seed``
+are refused (the search chooses both), as are ``seeds:`` and, for psi, ``boundary.seeds``.
 
 Ray Tune runs the proposed trials of all cells in parallel: :class:`BoundarySearcher` is a Tune
 ``Searcher`` that asks the cells' studies for trials and tells them the outcomes, inside one Tuner,
 so that the MLflow tracking and failure handling of ``ablate sweep`` apply unchanged. Why ask/tell
 with one study per cell rather than Ray's ``OptunaSearch`` over one space: cells are independent
-1-D problems, each needs its own bracket and stopping rule, and per-cell studies resume on their own.
-An interrupted search resumes from the Optuna store: re-run ``ablate boundary SPEC``.
+1-D problems, each needs its own posterior and stopping rule, and per-cell studies resume on their
+own. An interrupted search resumes from the Optuna store: re-run ``ablate boundary SPEC``. The
+cells' reports are logged on the search's MLflow parent run (``boundary/cells.json``), from which
+``ablate export`` takes how each search ended; the fit itself export recomputes from the runs.
 """
 
 from __future__ import annotations
