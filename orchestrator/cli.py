@@ -222,8 +222,10 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
     typer.echo(f"{'cell':<36} {'LR50 [90 % interval]':>26} {'band lr10-lr90':>18} {'trials':>6}  stopped")
     for c in out.cells:
         notes = [c["stop_reason"] + ("" if c["converged"] else " (not converged)")]
-        notes += [n for n in ("non_monotonic", "above_range", "below_range") if c[n]]
-        if c["stable_end_seeds"] > 1 or c["crash_end_seeds"] > 1:
+        notes += [n for n in ("above_range", "below_range") if c[n]]
+        if c["method"] == "bisect" and c["non_monotonic"]:
+            notes.append("non_monotonic")
+        if c["method"] == "bisect" and (c["stable_end_seeds"] > 1 or c["crash_end_seeds"] > 1):
             notes.append(f"seeds crashed: {c['stable_end_crashed']}/{c['stable_end_seeds']} at stable end, "
                          f"{c['crash_end_crashed']}/{c['crash_end_seeds']} at crash end")
         interval = f"{fmt(c['lr50'])} [{fmt(c['lr50_low'])}, {fmt(c['lr50_high'])}]"

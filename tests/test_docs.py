@@ -23,8 +23,10 @@ def test_shipped_results_carry_their_crash_criterion_and_trial_counts():
         "crash = diverged (non-finite, or final val loss >= l_0) or collapsed (final val loss >= marginal baseline)"}
     assert all(r["crashed"] == (r["outcome"] in ("diverged", "collapsed")) for r in smoke)
     table = (ROOT / "docs/results/boundary_smoke/max_stable_lr_warmup0.md").read_text()
-    assert "| trials |" in table and "crash = diverged" in table
+    assert "LR50 [90 % interval]" in table and "crash = diverged" in table
+    lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    col = lines[0].index("trials (seeds)")
     trials = pq.read_table(ROOT / "docs/results/boundary_smoke/trials.parquet").num_rows
-    shown = sum(int(line.rsplit("|", 2)[1]) for line in table.splitlines() if line.startswith("| ") and "---" not in line
-                and "trials" not in line)
-    assert shown == trials
+    assert sum(int(row[col].split()[0]) for row in lines[2:]) == trials
+    for row in lines[2:]:  # every row says how its search ended
+        assert row[lines[0].index("search")].split(": ")[1] in ("interval", "budget", "range_edge")
