@@ -45,7 +45,7 @@ from optuna.trial import TrialState
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.spec import SpecError, SweepSpec
-from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Bracket, Point, bracket
+from workloads.outcome import SIZE_FIELDS, DEFAULT_CRASH, DEFAULT_KAPPA, Bracket, Point, best_gain, bracket
 from workloads.trial import TrialConfig
 
 log = logging.getLogger("ablate")
@@ -89,15 +89,18 @@ def boundary_config(spec: SweepSpec) -> BoundaryConfig:
 
 
 # ------------------------------------------------------------------------------ the decisions
-def cell_bracket(points: list[Point], cfg: BoundaryConfig, seed: int | None = None) -> Bracket:
-    return bracket(points, cfg.crash, cfg.kappa, seed=seed)
+def cell_bracket(points: list[Point], cfg: BoundaryConfig, seed: int | None = None,
+                 reference_gain: float | None = None) -> Bracket:
+    """``reference_gain``: the best gain over every cell of the search (the workload and size), the
+    scale of ``collapsed``'s margin (``workloads.outcome.classify``)."""
+    return bracket(points, cfg.crash, cfg.kappa, seed=seed, reference_gain=reference_gain)
 
 
-def next_lr(points: list[Point], cfg: BoundaryConfig) -> float | None:
+def next_lr(points: list[Point], cfg: BoundaryConfig, reference_gain: float | None = None) -> float | None:
     """The next LR to try in the bisection phase (seed 0), or None when the bracket is done."""
     lo, hi = cfg.lr_range
     seen = {p.lr for p in points if p.seed == 0}
-    b = cell_bracket(points, cfg, seed=0)
+    b = cell_bracket(points, cfg, seed=0, reference_gain=reference_gain)
     if b.crash_lr is None:  # nothing crashed above the largest stable LR
         return None if hi in seen else hi
     if b.stable_lr is None:  # nothing stable: everything run so far crashed
@@ -115,8 +118,9 @@ class BoundarySampler(BaseSampler):
     """Optuna sampler for the ``lr`` of a boundary study: bisection of the stable/crashed bracket
     read from the study's finished trials (see :func:`study_observations`)."""
 
-    def __init__(self, cfg: BoundaryConfig):
+    def __init__(self, cfg: BoundaryConfig, reference: Callable[[], float | None] = lambda: None):
         self.cfg = cfg
+        self.reference = reference  # the best gain over the search's cells (CellSearch.reference_gain)
 
     def infer_relative_search_space(self, study, trial):
         return {}
@@ -127,9 +131,10 @@ class BoundarySampler(BaseSampler):
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name != "lr":
             raise ValueError(f"BoundarySampler samples only 'lr', not {param_name!r}")
-        nxt = next_lr(study_observations(study), self.cfg)
+        ref = self.reference()
+        nxt = next_lr(study_observations(study), self.cfg, ref)
         if nxt is None:  # the caller checks first; fall back to the bracket's middle
-            b = cell_bracket(study_observations(study), self.cfg)
+            b = cell_bracket(study_observations(study), self.cfg, reference_gain=ref)
             nxt = b.boundary or math.sqrt(self.cfg.lr_range[0] * self.cfg.lr_range[1])
         return nxt
 
@@ -145,7 +150,7 @@ def study_observations(study: optuna.Study) -> list[Point]:
         loss = t.value if t.value is not None and t.value < INF_VALUE else math.inf
         a = t.user_attrs
         out.append(Point(t.params["lr"], int(a.get("seed", 0)), loss, a.get("initial_loss"), a.get("baseline"),
-                         a.get("stop_reason")))
+                         a.get("stop_reason"), a.get("eval_baseline"), a.get("final_loss_se")))
     return out
 
 
@@ -163,16 +168,22 @@ class CellSearch:
     def __init__(self, cell: Cell, cfg: BoundaryConfig, storage: str, prefix: str):
         self.cell, self.cfg = cell, cfg
         self.study = optuna.create_study(storage=storage, study_name=f"{prefix}::{cell.key}",
-                                         sampler=BoundarySampler(cfg), direction="minimize",
+                                         sampler=BoundarySampler(cfg, self.reference_gain), direction="minimize",
                                          load_if_exists=True)
         self.study.set_user_attr("cell", cell.values)
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             self.study.tell(t.number, state=TrialState.FAIL)  # cut off by an interruption: not counted
         self.in_flight = 0
         self._finished = False  # once done, a cell stays done: only its own tells change it
+        self.peers: list[CellSearch] = [self]
+        """The searches of the same workload and size (set by whoever runs them together): the
+        scale of ``collapsed``'s margin is the best gain over all of them."""
 
     def observations(self) -> list[Point]:
         return study_observations(self.study)
+
+    def reference_gain(self) -> float | None:
+        return best_gain(p for s in self.peers for p in s.observations())
 
     def trials_used(self) -> int:
         return len([t for t in self.study.get_trials(deepcopy=False)
@@ -181,7 +192,7 @@ class CellSearch:
     def _pending_repeats(self, obs: list[Point]) -> list[tuple[float, int]]:
         if self.cfg.seeds <= 1:
             return []
-        b = cell_bracket(obs, self.cfg)
+        b = cell_bracket(obs, self.cfg, reference_gain=self.reference_gain())
         have = {(o.lr, o.seed) for o in obs}
         running = {(t.params.get("lr"), t.user_attrs.get("seed"))
                    for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
@@ -193,7 +204,8 @@ class CellSearch:
             return self._finished
         obs = self.observations()
         self._finished = (self.trials_used() >= self.cfg.max_trials_per_cell
-                          or (next_lr(obs, self.cfg) is None and not self._pending_repeats(obs)))
+                          or (next_lr(obs, self.cfg, self.reference_gain()) is None
+                              and not self._pending_repeats(obs)))
         return self._finished
 
     def ask(self) -> tuple[optuna.trial.Trial, float, int] | None:
@@ -203,7 +215,7 @@ class CellSearch:
                 or self.trials_used() >= self.cfg.max_trials_per_cell):  # budget, trials in flight counted
             return None
         obs = self.observations()
-        lr_next = next_lr(obs, self.cfg)
+        lr_next = next_lr(obs, self.cfg, self.reference_gain())
         if lr_next is not None:
             if self.in_flight:  # bisection is sequential: the next point depends on the running one
                 return None
@@ -228,7 +240,8 @@ class CellSearch:
             self.study.tell(trial, state=TrialState.FAIL)
             return
         final = _num(result.get("final_loss"))
-        for attr, key in (("initial_loss", "initial_loss"), ("baseline", "baseline_loss")):
+        for attr, key in (("initial_loss", "initial_loss"), ("baseline", "baseline_loss"),
+                          ("eval_baseline", "eval_baseline"), ("final_loss_se", "final_loss_se")):
             v = _num(result.get(key))
             if math.isfinite(v):
                 trial.set_user_attr(attr, v)
@@ -239,7 +252,7 @@ class CellSearch:
 
     def report(self) -> dict[str, Any]:
         obs = self.observations()
-        b = cell_bracket(obs, self.cfg)
+        b = cell_bracket(obs, self.cfg, reference_gain=self.reference_gain())
         ends = {}
         for name, lr in (("stable", b.stable_lr), ("crash", b.crash_lr)):
             crashed, runs = b.crashed.get(lr, (0, 0))
@@ -283,6 +296,17 @@ def dense_grid_size(cfg: BoundaryConfig) -> int:
     return math.ceil(math.log(hi / lo) / math.log(cfg.resolution)) + 1
 
 
+def set_peers(searches: list[CellSearch]) -> None:
+    """Each search's peers: the searches of the same workload and size (``SIZE_FIELDS``), whose best
+    gain scales ``collapsed``'s margin (``workloads.outcome.classify``)."""
+    groups: dict[tuple, list[CellSearch]] = {}
+    for s in searches:
+        key = tuple(str(s.cell.base.get(f)) for f in SIZE_FIELDS)
+        groups.setdefault(key, []).append(s)
+    for s in searches:
+        s.peers = groups[tuple(str(s.cell.base.get(f)) for f in SIZE_FIELDS)]
+
+
 # -------------------------------------------------------------------- search without Ray (tests)
 def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str, prefix: str,
                  evaluate: Callable[[TrialConfig], dict]) -> list[dict]:
@@ -290,6 +314,7 @@ def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str, prefix: s
     trial's result as a dict with ``final_loss``, ``initial_loss``, ``baseline_loss`` and
     ``stop_reason`` (``TrialResult.to_dict()`` does). Used by the synthetic benchmark and tests."""
     searches = [CellSearch(c, cfg, storage, prefix) for c in cells]
+    set_peers(searches)
     for s in searches:
         while not s.done():
             nxt = s.ask()
@@ -414,6 +439,7 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     ses = open_session(spec, spec_raw, workdir, tracking_uri, address)
     optuna_storage = optuna_storage or f"sqlite:///{ses.workdir / 'optuna.db'}"
     searches = [CellSearch(c, cfg, optuna_storage, spec.name) for c in cells]
+    set_peers(searches)
     # Runs of an interrupted search that never finished are replaced by the resumed search.
     for r in ses.tracker.trial_runs(spec.name, "tags.status = 'running'"):
         ses.tracker.delete_run(r.info.run_id)
