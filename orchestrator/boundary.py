@@ -62,7 +62,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from orchestrator import psychometric as psy
 from orchestrator.spec import SpecError, SweepSpec
-from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Bracket, Point, bracket, classify
+from workloads.outcome import (SIZE_FIELDS, DEFAULT_CRASH, DEFAULT_KAPPA, Bracket, Point, best_gain, bracket,
+                               classify)
 from workloads.trial import TrialConfig
 
 log = logging.getLogger("ablate")
@@ -146,16 +147,19 @@ def boundary_config(spec: SweepSpec) -> BoundaryConfig:
 
 
 # ------------------------------------------------------------------------------ the decisions
-def cell_bracket(points: list[Point], cfg: BoundaryConfig, seed: int | None = None) -> Bracket:
-    return bracket(points, cfg.crash, cfg.kappa, seed=seed)
+def cell_bracket(points: list[Point], cfg: BoundaryConfig, seed: int | None = None,
+                 reference_gain: float | None = None) -> Bracket:
+    """``reference_gain``: the best gain over every cell of the search (the workload and size), the
+    scale of ``collapsed``'s margin (``workloads.outcome.classify``)."""
+    return bracket(points, cfg.crash, cfg.kappa, seed=seed, reference_gain=reference_gain)
 
 
-def next_lr(points: list[Point], cfg: BoundaryConfig) -> float | None:
+def next_lr(points: list[Point], cfg: BoundaryConfig, reference_gain: float | None = None) -> float | None:
     """The next LR to try in the bisection phase (its first seed, ``seed_offset``), or None when the
     bracket is done."""
     lo, hi = cfg.lr_range
     seen = {p.lr for p in points if p.seed == cfg.seed_offset}
-    b = cell_bracket(points, cfg, seed=cfg.seed_offset)
+    b = cell_bracket(points, cfg, seed=cfg.seed_offset, reference_gain=reference_gain)
     if b.crash_lr is None:  # nothing crashed above the largest stable LR
         return None if hi in seen else hi
     if b.stable_lr is None:  # nothing stable: everything run so far crashed
@@ -173,8 +177,9 @@ class BoundarySampler(BaseSampler):
     """Optuna sampler for the ``lr`` of a boundary study (``method: bisect``): bisection of the
     stable/crashed bracket read from the study's finished trials (see :func:`study_observations`)."""
 
-    def __init__(self, cfg: BoundaryConfig):
+    def __init__(self, cfg: BoundaryConfig, reference: Callable[[], float | None] = lambda: None):
         self.cfg = cfg
+        self.reference = reference  # the best gain over the search's cells (CellSearch.reference_gain)
 
     def infer_relative_search_space(self, study, trial):
         return {}
@@ -185,22 +190,24 @@ class BoundarySampler(BaseSampler):
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name != "lr":
             raise ValueError(f"BoundarySampler samples only 'lr', not {param_name!r}")
-        nxt = next_lr(study_observations(study), self.cfg)
+        ref = self.reference()
+        nxt = next_lr(study_observations(study), self.cfg, ref)
         if nxt is None:  # the caller checks first; fall back to the bracket's middle
-            b = cell_bracket(study_observations(study), self.cfg)
+            b = cell_bracket(study_observations(study), self.cfg, reference_gain=ref)
             nxt = b.boundary or math.sqrt(self.cfg.lr_range[0] * self.cfg.lr_range[1])
         return nxt
 
 
-def crashes(points: list[Point], cfg: BoundaryConfig) -> list[bool]:
+def crashes(points: list[Point], cfg: BoundaryConfig, reference_gain: float | None = None) -> list[bool]:
     """Crashed or not, per point: the classes of ``workloads.outcome`` (decided over the whole cell,
-    as export does) against the spec's ``crash:``."""
-    return [c in cfg.crash for c in classify(points, cfg.kappa)]
+    as export does; ``reference_gain`` as in :func:`cell_bracket`) against the spec's ``crash:``."""
+    return [c in cfg.crash for c in classify(points, cfg.kappa, reference_gain=reference_gain)]
 
 
-def cell_fit(points: list[Point], cfg: BoundaryConfig, grid: psy.Grid | None = None) -> psy.Fit:
+def cell_fit(points: list[Point], cfg: BoundaryConfig, grid: psy.Grid | None = None,
+             reference_gain: float | None = None) -> psy.Fit:
     """The cell's psychometric fit (:mod:`orchestrator.psychometric`) from every finished run."""
-    return psy.fit(cfg.lr_range, [p.lr for p in points], crashes(points, cfg), grid)
+    return psy.fit(cfg.lr_range, [p.lr for p in points], crashes(points, cfg, reference_gain), grid)
 
 
 class PsiSampler(BaseSampler):
@@ -209,8 +216,9 @@ class PsiSampler(BaseSampler):
     given the study's finished trials and the LRs of its trials still running (their outcomes
     unknown, averaged over)."""
 
-    def __init__(self, cfg: BoundaryConfig):
+    def __init__(self, cfg: BoundaryConfig, reference: Callable[[], float | None] = lambda: None):
         self.cfg = cfg
+        self.reference = reference  # the best gain over the search's cells (CellSearch.reference_gain)
         self.grid = psy.make_grid(cfg.lr_range)
         self.cands = psy.candidates(cfg.lr_range)
 
@@ -227,7 +235,8 @@ class PsiSampler(BaseSampler):
         pending = [t.params["lr"] for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                    if t.number != trial.number and "lr" in t.params]
         rng = np.random.default_rng([self.cfg.seed_offset, trial.number])
-        return psy.next_lr(self.grid, [p.lr for p in pts], crashes(pts, self.cfg), pending, self.cands, rng)
+        return psy.next_lr(self.grid, [p.lr for p in pts], crashes(pts, self.cfg, self.reference()), pending,
+                           self.cands, rng)
 
 
 INF_VALUE = 1e30  # Optuna values must be finite: a non-finite final loss is told as this
@@ -241,7 +250,7 @@ def study_observations(study: optuna.Study) -> list[Point]:
         loss = t.value if t.value is not None and t.value < INF_VALUE else math.inf
         a = t.user_attrs
         out.append(Point(t.params["lr"], int(a.get("seed", 0)), loss, a.get("initial_loss"), a.get("baseline"),
-                         a.get("stop_reason")))
+                         a.get("stop_reason"), a.get("eval_baseline"), a.get("final_loss_se")))
     return out
 
 
@@ -261,7 +270,7 @@ class CellSearch:
 
     def __init__(self, cell: Cell, cfg: BoundaryConfig, storage: str | None, prefix: str):
         self.cell, self.cfg = cell, cfg
-        sampler = PsiSampler(cfg) if cfg.method == "psi" else BoundarySampler(cfg)
+        sampler = (PsiSampler if cfg.method == "psi" else BoundarySampler)(cfg, self.reference_gain)
         self.study = optuna.create_study(storage=storage, study_name=f"{prefix}::{cell.key}",
                                          sampler=sampler, direction="minimize", load_if_exists=True)
         self.grid = sampler.grid if cfg.method == "psi" else psy.make_grid(cfg.lr_range)
@@ -271,9 +280,15 @@ class CellSearch:
             self.study.tell(t.number, state=TrialState.FAIL)  # cut off by an interruption: not counted
         self.in_flight = 0
         self._finished = False  # once done, a cell stays done: only its own tells change it
+        self.peers: list[CellSearch] = [self]
+        """The searches of the same workload and size (set by whoever runs them together): the
+        scale of ``collapsed``'s margin is the best gain over all of them."""
 
     def observations(self) -> list[Point]:
         return study_observations(self.study)
+
+    def reference_gain(self) -> float | None:
+        return best_gain(p for s in self.peers for p in s.observations())
 
     def trials_used(self) -> int:
         return len([t for t in self.study.get_trials(deepcopy=False)
@@ -282,7 +297,7 @@ class CellSearch:
     def _pending_repeats(self, obs: list[Point]) -> list[tuple[float, int]]:
         if self.cfg.method != "bisect" or self.cfg.seeds <= 1:
             return []
-        b = cell_bracket(obs, self.cfg)
+        b = cell_bracket(obs, self.cfg, reference_gain=self.reference_gain())
         have = {(o.lr, o.seed) for o in obs}
         running = {(t.params.get("lr"), t.user_attrs.get("seed"))
                    for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
@@ -297,9 +312,10 @@ class CellSearch:
         if self.cfg.method == "psi":
             if len(obs) < self.cfg.min_trials_per_cell:
                 return None
-            return psy.stop_reason(cell_fit(obs, self.cfg, self.grid), self.cfg.resolution)
-        if next_lr(obs, self.cfg) is None and not self._pending_repeats(obs):
-            b = cell_bracket(obs, self.cfg)
+            return psy.stop_reason(cell_fit(obs, self.cfg, self.grid, self.reference_gain()), self.cfg.resolution)
+        ref = self.reference_gain()
+        if next_lr(obs, self.cfg, ref) is None and not self._pending_repeats(obs):
+            b = cell_bracket(obs, self.cfg, reference_gain=ref)
             return "interval" if b.width <= self.cfg.resolution else "range_edge"
         return None
 
@@ -332,7 +348,7 @@ class CellSearch:
             trial = self.study.ask(dist)
             seed = self.cfg.seed_offset + trial.number
         else:
-            lr_next = next_lr(obs, self.cfg)
+            lr_next = next_lr(obs, self.cfg, self.reference_gain())
             if lr_next is not None:
                 if self.in_flight:  # bisection is sequential: the next point depends on the running one
                     return None
@@ -357,7 +373,8 @@ class CellSearch:
             self.study.tell(trial, state=TrialState.FAIL)
             return
         final = _num(result.get("final_loss"))
-        for attr, key in (("initial_loss", "initial_loss"), ("baseline", "baseline_loss")):
+        for attr, key in (("initial_loss", "initial_loss"), ("baseline", "baseline_loss"),
+                          ("eval_baseline", "eval_baseline"), ("final_loss_se", "final_loss_se")):
             v = _num(result.get(key))
             if math.isfinite(v):
                 trial.set_user_attr(attr, v)
@@ -370,13 +387,13 @@ class CellSearch:
         """The cell's row: the fit (``lr50`` with its interval, ``lr10``, ``lr90``), how the search
         ended (``converged``, ``stop_reason``), what it used, and the old bracket beside it."""
         obs = self.observations()
-        b = cell_bracket(obs, self.cfg)
+        b = cell_bracket(obs, self.cfg, reference_gain=self.reference_gain())
         ends = {}
         for name, lr in (("stable", b.stable_lr), ("crash", b.crash_lr)):
             crashed, runs = b.crashed.get(lr, (0, 0))
             ends[name] = {"lr": lr, "seeds": runs, "crashed": crashed}
         lo, hi = self.cfg.lr_range
-        f = cell_fit(obs, self.cfg, self.grid)  # export recomputes the same fit from MLflow's runs
+        f = cell_fit(obs, self.cfg, self.grid, self.reference_gain())  # export recomputes the same fit from MLflow's runs
         reason = self.stop_reason()
         return {
             "cell": self.cell.key, **self.cell.values, "values": self.cell.values,
@@ -424,6 +441,17 @@ def dense_grid_size(cfg: BoundaryConfig) -> int:
     return math.ceil(math.log(hi / lo) / math.log(step)) + 1
 
 
+def set_peers(searches: list[CellSearch]) -> None:
+    """Each search's peers: the searches of the same workload and size (``SIZE_FIELDS``), whose best
+    gain scales ``collapsed``'s margin (``workloads.outcome.classify``)."""
+    groups: dict[tuple, list[CellSearch]] = {}
+    for s in searches:
+        key = tuple(str(s.cell.base.get(f)) for f in SIZE_FIELDS)
+        groups.setdefault(key, []).append(s)
+    for s in searches:
+        s.peers = groups[tuple(str(s.cell.base.get(f)) for f in SIZE_FIELDS)]
+
+
 # -------------------------------------------------------------------- search without Ray (tests)
 def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str | None, prefix: str,
                  evaluate: Callable[[TrialConfig], dict]) -> list[dict]:
@@ -433,6 +461,7 @@ def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str | None, pr
     (``max_in_flight_per_cell``), then tells their outcomes, as a cluster would. ``storage`` None:
     an in-memory Optuna store. Used by the synthetic benchmark and tests."""
     searches = [CellSearch(c, cfg, storage, prefix) for c in cells]
+    set_peers(searches)
     for s in searches:
         while not s.done():
             batch = []
@@ -559,6 +588,7 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     ses = open_session(spec, spec_raw, workdir, tracking_uri, address)
     optuna_storage = optuna_storage or f"sqlite:///{ses.workdir / 'optuna.db'}"
     searches = [CellSearch(c, cfg, optuna_storage, spec.name) for c in cells]
+    set_peers(searches)
     # Runs of an interrupted search that never finished are replaced by the resumed search.
     for r in ses.tracker.trial_runs(spec.name, "tags.status = 'running'"):
         ses.tracker.delete_run(r.info.run_id)

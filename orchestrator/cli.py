@@ -297,7 +297,7 @@ OUT = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)
 CRASH = typer.Option(None, "--crash", help="Outcome classes that count as a crash, comma-separated: any of "
                                            "diverged, collapsed, degraded (default: the spec's crash:, else "
                                            "diverged,collapsed).")
-KAPPA = typer.Option(None, "--kappa", help="Degraded: (L - L*) / (l_0 - L*) > kappa (default: the spec's "
+KAPPA = typer.Option(None, "--kappa", help="Degraded: (L - L*) / (B - L*) > kappa, B the marginal baseline (default: the spec's "
                                            "degraded_kappa, else 0.5).")
 SENS = typer.Option(None, "--sensitivity-range", help="LR range of the LR-sensitivity integral, 'low,high' "
                                                      "(default: the smallest and largest LR of the table).")

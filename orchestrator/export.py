@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 
 from orchestrator import psychometric as psy
 from orchestrator.tracking import TAG_KIND, TAG_SWEEP, TAG_TRIAL, Tracker
-from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Point, bracket, classify, criterion_label, lr_sensitivity
+from workloads.outcome import (SIZE_FIELDS, DEFAULT_CRASH, DEFAULT_KAPPA, Point, best_gain, bracket, classify,
+                               criterion_label, lr_sensitivity)
 from workloads.stabilizers import label as stabilizer_label
 from workloads.trial import TrialConfig
 
@@ -54,7 +55,7 @@ def _config_fields() -> list[pa.Field]:
 
 
 RESULT_METRICS = ("initial_loss", "final_loss", "best_loss", "final_train_loss", "baseline_loss", "wall_time",
-                  "throughput")
+                  "throughput", "eval_baseline", "final_loss_se")
 PROBE_METRICS = ("loss", "val_loss", "grad_norm", "param_norm", "attn_entropy/min", "attn_entropy/mean",
                  "spectral_conc/max", "qk_sigma1/max", "max_logit", "tev/mean", "tev/std",
                  "weyl/fire_rate_cum")
@@ -76,8 +77,11 @@ or failed / running); ``outcome`` is its class within its cell (``degraded`` inc
 ``crashed`` whether that class counts as a crash under ``crash_criterion``; ``stop_reason`` is the
 early-stopping rule that ended it, if any. Config columns keep TrialConfig's names and types
 (tuples and mappings as JSON strings); ``final_loss`` is +inf when the loss became non-finite;
-``initial_loss`` is l_0 and ``baseline_loss`` the data's marginal baseline; ``last/*`` are the last
-probed values."""
+``initial_loss`` is l_0 and ``baseline_loss`` the data's marginal baseline (whole validation split);
+``eval_baseline`` is the baseline of the windows ``final_loss`` was measured on and ``final_loss_se``
+the standard error of their difference (None in runs recorded before they existed: the class then
+falls back to ``baseline_loss`` without a standard-error margin, and ``crash_criterion`` says so);
+``last/*`` are the last probed values."""
 
 
 def _typed(field: pa.Field, raw: str | None):
@@ -149,7 +153,30 @@ def _point(r: dict) -> Point:
     final = r["final_loss"]
     if final is None:  # no finite final loss was recorded: the loss became non-finite
         final = math.inf
-    return Point(r["lr"], r["seed"] or 0, final, r["initial_loss"], r["baseline_loss"], r["stop_reason"])
+    return Point(r["lr"], r["seed"] or 0, final, r["initial_loss"], r["baseline_loss"], r["stop_reason"],
+                 r.get("eval_baseline"), r.get("final_loss_se"))
+
+
+def reference_gains(rows: list[dict]) -> dict[tuple, float | None]:
+    """The best gain of each workload and size (``SIZE_FIELDS``) over the finished ``rows``: the
+    scale of ``collapsed``'s margin for every cell of it (``workloads.outcome.classify``)."""
+    groups: dict[tuple, list[Point]] = defaultdict(list)
+    for r in rows:
+        if r["status"] in FINISHED:
+            groups[size_key(r)].append(_point(r))
+    return {k: best_gain(v) for k, v in groups.items()}
+
+
+def size_key(r: dict) -> tuple:
+    return tuple(r.get(f) for f in SIZE_FIELDS)
+
+
+def table_criterion(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA) -> str:
+    """``criterion_label`` for the finished runs of ``table``, naming how many were recorded without
+    per-window baselines (old recordings: classed against the whole split's baseline)."""
+    old = sum(1 for r in table.select(["status", "eval_baseline"]).to_pylist()
+              if r["status"] in FINISHED and r["eval_baseline"] is None)
+    return criterion_label(crash, kappa, fallback=old)
 
 
 def with_outcomes(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA) -> pa.Table:
@@ -162,10 +189,12 @@ def with_outcomes(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT_K
         if r["status"] in FINISHED:
             cells[tuple(r[f] for f in fields)].append(i)
     outcome: list[str | None] = [None] * len(rows)
+    refs = reference_gains(rows)
     for idx in cells.values():
-        for i, c in zip(idx, classify([_point(rows[i]) for i in idx], kappa)):
+        ref = refs[size_key(rows[idx[0]])]
+        for i, c in zip(idx, classify([_point(rows[i]) for i in idx], kappa, reference_gain=ref)):
             outcome[i] = c
-    crit = criterion_label(crash, kappa)
+    crit = table_criterion(table, crash, kappa)
     table = table.set_column(table.schema.get_field_index("outcome"), "outcome", pa.array(outcome, pa.string()))
     table = table.set_column(table.schema.get_field_index("crashed"), "crashed",
                              pa.array([None if o is None else o in crash for o in outcome], pa.bool_()))
@@ -252,14 +281,16 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
     srange = sensitivity_range or ((min(all_lrs), max(all_lrs)) if all_lrs else (1.0, 1.0))
 
     msl, sens, best, finals, fit_data = defaultdict(list), [], [], [], {}
+    refs = reference_gains(rows)
     for key, rs in sorted(cells.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         ident = dict(zip(cell_fields, key))
         pts = [_point(r) for r in rs]
-        b = bracket(pts, crash, kappa)
+        ref = refs[size_key(rs[0])]
+        b = bracket(pts, crash, kappa, reference_gain=ref)
         se, ce = b.crashed.get(b.stable_lr, (0, 0)), b.crashed.get(b.crash_lr, (0, 0))
         lrs_run = sorted({p.lr for p in pts})
         warmup = rs[0]["warmup_steps"]  # the cell's warmup, also where it is fixed (not a cell field)
-        crashed = [c in crash for c in classify(pts, kappa)]
+        crashed = [c in crash for c in classify(pts, kappa, reference_gain=ref)]
         recs = [c for c in (searches or []) if _matches(c, ident) and (c.get("sweep") in {r["sweep"] for r in rs})]
         method = "+".join(sorted({c.get("method", "bisect") for c in recs})) or "grid"
         frange = tuple(recs[0]["lr_range"]) if recs and recs[0].get("lr_range") else srange
@@ -287,7 +318,7 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
                      "range_min": srange[0], "range_max": srange[1],
                      "lr_min": lrs_run[0], "lr_max": lrs_run[-1], "lrs": len(lrs_run),
                      "initial_loss": float(np.mean(l0s)) if l0s else None})
-        classes = classify(pts, kappa)
+        classes = classify(pts, kappa, reference_gain=ref)
         learned = [p for p, c in zip(pts, classes) if c not in ("diverged", "collapsed")]
         top = min(learned, key=lambda p: p.final_loss) if learned else None
         best.append({**ident, "best_final_loss": top.final_loss if top else None,
@@ -492,7 +523,7 @@ def export(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
     pacsv.write_csv(table, files[1])
     tabs = ablation_tables(table, crash, kappa, sensitivity_range, search_records(tracking_uri, experiment, sweep))
     name = sweep or experiment
-    crit = criterion_label(crash, kappa)
+    crit = table_criterion(table, crash, kappa)
     for warmup, rows in sorted(tabs.max_stable_lr.items(), key=lambda kv: str(kv[0])):
         h, b = pivot_max_stable(rows, tabs.cell_fields)
         files += _write(out, f"max_stable_lr_warmup{warmup}", h, b, boundary_caption(name, warmup, rows, crit))
@@ -767,7 +798,7 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
             r["depth"] = None
     warmups = sorted({r["warmup_steps"] for r in rows})
     depths = sorted({r["depth"] for r in rows}, key=lambda d: (d is None, d))
-    crit = criterion_label(crash, kappa)
+    crit = table_criterion(ex.table, crash, kappa)
     files: list[Path] = []
     for w in warmups:
         fig = _loss_panels(plt, rows, w, depths, ex.tables.cell_fields, crit)

@@ -18,7 +18,7 @@ grid is built as a ``TrialConfig`` once, so a bad combination fails now, not ins
     probe_interval: 10
     crash: [diverged, collapsed]      # which outcome classes count as a crash (workloads.outcome):
                                       # any of diverged, collapsed, degraded
-    degraded_kappa: 0.5               # degraded: (L - L*) / (l_0 - L*) > kappa, L* the cell's best
+    degraded_kappa: 0.5               # degraded: (L - L*) / (B - L*) > kappa, B the baseline, L* the cell's best
     divergence: {max_loss_ratio: 1.5, spike_ratio: 2.0, entropy_collapse: 0.05,   # events (recorded)
                  stop_grace: 0.25, stop_window: 20, stop_margin: 3.0,             # early stopping
                  stop_on: [nonfinite, above_initial]}

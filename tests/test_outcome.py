@@ -9,7 +9,8 @@ import torch
 
 from workloads import data as data_mod
 from workloads.divergence import replay
-from workloads.outcome import Point, bracket, classify, criterion_label, lr_sensitivity, trial_class, validate_crash
+from workloads.outcome import (Point, best_gain, bracket, classify, criterion_label, lr_sensitivity, paired_gap,
+                               trial_class, validate_crash)
 
 L0, BASE = 5.5, 3.26
 
@@ -131,3 +132,181 @@ def test_stdlib_baseline_is_the_byte_unigram_entropy():
     td = data_mod.stdlib_corpus()
     assert data_mod.text_baseline(td) == pytest.approx(3.26, abs=0.05)  # PAPERS.md: 3.26 nats
     assert data_mod.text_baseline(td) is data_mod.text_baseline(td) or True
+
+
+# ------------------------------------------------------------------ classes that do not flip on noise
+LN256 = math.log(256)  # l_0 of a byte-level GPT at initialisation
+
+
+def cell(lrs, losses, eval_baseline=None, se=None, l0=LN256, base=BASE):
+    return [Point(lr, 0, loss, l0, base, None, eval_baseline, se) for lr, loss in zip(lrs, losses)]
+
+
+H100_LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+H100 = {  # ../shared/PAPERS.md, "Measured here (an H100 ...)": final validation loss per LR
+    "none": [2.112, 2.515, 2.768, 3.172, 3.248],
+    "weyl": [1.714, 2.506, 2.996, 3.219, 3.291],
+    "qk_norm": [1.433, 1.583, 1.310, 1.118, 1.297],
+    "mlra": [1.835, 2.824, 3.196],
+}
+
+
+@pytest.mark.parametrize("shift", [-0.04, 0.0, 0.04])
+@pytest.mark.parametrize("se", [None, 0.01])
+def test_h100_none_and_weyl_at_lr_03_learned_nothing_and_get_the_same_class(shift, se):
+    """PAPERS.md's H100 table: none at lr 0.3 ends at 3.248 and weyl at 3.291, both at the byte
+    unigram's 3.26 nats. The old rule called the first stable and the second collapsed on 0.04
+    nats of eval noise. Whatever the eval windows' own baseline (3.26 +- 0.04) and with or without
+    a standard error, both are now collapsed, and runs that learned stay stable."""
+    eb = None if se is None else BASE + shift
+    cells = {k: cell(H100_LRS, v, eb, se) for k, v in H100.items()}
+    ref = best_gain(p for pts in cells.values() for p in pts)
+    got = {k: classify(pts, reference_gain=ref) for k, pts in cells.items()}
+    assert got["none"][4] == got["weyl"][4] == "collapsed"
+    assert got["none"][3] == got["weyl"][3] == "collapsed"  # 3.17 / 3.22: 0.04-0.09 nats of a 2.1-nat gap
+    assert got["qk_norm"] == ["stable"] * 5 and got["none"][0] == got["weyl"][0] == "stable"
+    # the cell's own best alone (no reference over the workload) gives the same verdict on the pair
+    assert classify(cells["none"])[4] == classify(cells["weyl"])[4] == "collapsed"
+
+
+SMOKE_LRS = (3e-3, 3e-2, 1e-1, 3e-1, 1.0)
+SMOKE = {  # README's smoke sweep table: final validation loss per LR (GPT 2 x 64, 200 steps)
+    "mlra": [2.458, 3.023, 3.234, 3.362, 27.89],
+    "none": [2.434, 2.9, 3.079, 3.353, 6.187],
+    "qk_norm": [2.475, 2.648, 2.791, 2.857, 4.706],
+    "sigma_reparam": [2.583, 2.549, 2.519, 2.74, 4.891],
+    "weyl": [2.468, 2.48, 2.596, 2.862, 3.327],
+}
+
+
+@pytest.mark.parametrize("eval_baseline, se", [(None, None), (BASE, 0.023), (3.273, 0.023), (3.273, 0.04)])
+def test_smoke_none_at_lr_01_is_degraded(eval_baseline, se):
+    """3.08 against a best of 2.43, baseline 3.26: it closed 22 % of the baseline-to-best gap. The
+    old normalisation by l_0 - L* (5.5 - 2.4) put degraded above 3.9 nats, past the baseline, so it
+    could never fire on bytes; normalised by B - L* it does. (se 0.023: the standard error measured
+    on the smoke config's 64 eval windows at lr 0.1.)"""
+    cells = {k: cell(SMOKE_LRS, v, eval_baseline, se) for k, v in SMOKE.items()}
+    ref = best_gain(p for pts in cells.values() for p in pts)
+    got = {k: classify(pts, reference_gain=ref) for k, pts in cells.items()}
+    assert got["none"] == ["stable", "degraded", "degraded", "collapsed", "diverged"]
+    assert got["sigma_reparam"][:4] == ["stable"] * 4  # 2.74 at lr 0.3 closed 70 % of its gap
+    assert got["weyl"][4] == "collapsed" and got["mlra"][4] == "diverged"
+    # degraded is relative to the cell's best at a lower LR: qk_norm's 2.79 at lr 0.1 closed 60 %
+    assert got["qk_norm"][2] == "stable"
+
+
+def test_degraded_is_normalised_by_the_gap_between_baseline_and_best():
+    # closes 60 % of the gap between B and L* (kappa 0.5: > 50 % needed): stable; 40 %: degraded
+    pts = cell((1e-2, 1e-1, 3e-1), [2.26, 2.26 + 0.4, 2.26 + 0.6], BASE, 0.01)
+    assert classify(pts) == ["stable", "stable", "degraded"]
+    assert classify(pts, kappa=0.3) == ["stable", "degraded", "degraded"]
+
+
+def test_collapsed_margin_is_two_standard_errors_of_the_paired_windows():
+    # a gain of 0.05 nats is learned with se 0.01 (5 se) and not with se 0.03 (1.7 se)
+    assert trial_class(BASE - 0.05, LN256, BASE, se=0.01) == "stable"
+    assert trial_class(BASE - 0.05, LN256, BASE, se=0.03) == "collapsed"
+    assert trial_class(BASE - 0.05, LN256, BASE) == "stable"  # no se recorded: no margin
+    # and within a cell, a run that closed less than a tenth of the best gain (1.0 nats) collapsed
+    pts = cell((1e-3, 0.3, 0.5), [BASE - 1.0, BASE - 0.09, BASE - 0.11], BASE, 0.01)
+    assert classify(pts) == ["stable", "collapsed", "degraded"]
+    # the workload's best sets that scale when it is larger than the cell's own
+    pts = cell((0.3, 0.5), [BASE - 0.3, BASE - 0.09], BASE, 0.01)
+    assert classify(pts) == ["stable", "degraded"]
+    assert classify(pts, reference_gain=1.0) == ["stable", "collapsed"]
+
+
+def test_the_baseline_of_the_eval_windows_is_what_a_run_is_compared_with():
+    # the windows' own unigram loss is 3.20 (easier than the split's 3.26): 3.22 learned nothing
+    assert trial_class(3.22, LN256, 3.20, se=0.02) == "collapsed"
+    p = Point(0.1, 0, 3.22, LN256, BASE, None, 3.20, 0.02)
+    assert p.reference == 3.20 and p.gain == pytest.approx(-0.02) and p.paired
+    old = Point(0.1, 0, 3.22, LN256, BASE)  # an old recording: the split's baseline, no margin
+    assert old.reference == BASE and not old.paired and classify([old]) == ["stable"]
+    assert "without per-window baselines" in criterion_label(("diverged", "collapsed"), fallback=3)
+    assert "without" not in criterion_label(("diverged", "collapsed"))
+
+
+def test_a_finite_run_below_l0_is_never_diverged():
+    rng = np.random.default_rng(17)
+    for _ in range(300):
+        n = int(rng.integers(1, 7))
+        lrs = sorted(rng.choice(np.geomspace(1e-3, 1, 13), size=n, replace=False))
+        pts = []
+        for lr in lrs:
+            final = float(rng.uniform(0.5, 1.2)) * LN256 if rng.random() < 0.8 else math.inf
+            stop = rng.choice([None, "above_initial", "nonfinite"])
+            pts.append(Point(float(lr), 0, final, LN256, BASE, stop,
+                             BASE + float(rng.normal(0, 0.05)) if rng.random() < 0.5 else None,
+                             float(rng.uniform(0, 0.1)) if rng.random() < 0.5 else None))
+        for p, c in zip(pts, classify(pts, reference_gain=float(rng.uniform(0, 2)))):
+            assert (c == "diverged") == (not math.isfinite(p.final_loss) or p.final_loss >= LN256), (p, c)
+            assert c == trial_class(p.final_loss, p.initial_loss, p.reference, p.stop_reason, se=p.final_loss_se) \
+                or c in ("collapsed", "degraded")
+    # the issue's case: qk_norm at lr 1 stopped by a loss rule at val 3.83 < l_0 was called diverged
+    assert trial_class(3.83, LN256, BASE, "above_initial") == "collapsed"
+    assert trial_class(2.9, LN256, BASE, "above_initial") == "stable"
+
+
+def test_paired_gap_is_the_mean_difference_and_its_standard_error():
+    loss, base = [3.0, 3.5, 2.5, 3.1], [3.2, 3.6, 2.9, 3.3]
+    d = np.subtract(loss, base)
+    gap, se = paired_gap(loss, base)
+    assert gap == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / 2)
+    assert all(math.isnan(x) for x in paired_gap([], []))
+    assert math.isnan(paired_gap([3.0], [3.1])[1])
+
+
+def _class_stability():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "class_stability.py"
+    spec = importlib.util.spec_from_file_location("class_stability", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_classes_of_recorded_sweeps_survive_a_resample_of_the_eval_windows():
+    """``docs/calibration/class_stability.json`` (``benchmarks/class_stability.py``): 60 real runs
+    (the smoke grid and the boundary smoke config at lr 0.1-0.8), each measured on its own eval
+    windows and on 20 fresh draws. Classed per draw by ``classify``, >= 95 % of (run, draw) pairs
+    keep their class in each grid; the rule it replaced did not on the boundary grid."""
+    import json
+    from pathlib import Path
+
+    cs = _class_stability()
+    rec = json.loads((Path(__file__).resolve().parent.parent / "docs/calibration/class_stability.json").read_text())
+    runs = rec["runs"]
+    for r in runs:
+        r["draws"] = [[float(x) for x in d] for d in r["draws"]]
+    assert len(runs) >= 50 and all(len(r["draws"]) >= 11 for r in runs)
+    for grid in ("smoke", "boundary_smoke"):
+        mine = [r for r in runs if r["grid"] == grid]
+        kept, _ = cs.stability(mine, "new")
+        assert kept >= 0.95, (grid, kept)
+    kept_old, _ = cs.stability([r for r in runs if r["grid"] == "boundary_smoke"], "old")
+    assert kept_old < 0.95
+    # and on the recorded smoke grid, none at lr 0.1 is degraded on its own windows
+    smoke = [r for r in runs if r["grid"] == "smoke"]
+    cls = cs.classes_per_draw(smoke)
+    i = next(i for i, r in enumerate(smoke) if r["stabilizer"] == "none" and r["lr"] == 0.1)
+    assert cls[i][0] == "degraded"
+
+
+def test_pairing_with_the_windows_baseline_cancels_window_noise():
+    """A real (small) run measured on 8 fresh draws of eval windows: its loss minus the draws'
+    baseline varies much less between draws than its loss does, and about as much as the standard
+    error it reports."""
+    cs = _class_stability()
+    fields = dict(workload="gpt", depth=1, width=32, heads=2, seq_len=32, batch_size=8, steps=60, lr=3e-3,
+                  schedule="constant", eval_interval=0, eval_batches=4, probe_interval=50, device="cpu",
+                  threads=1)
+    rec = cs._one(("t", fields, 8))
+    finals = np.array([d[0] for d in rec["draws"]])
+    gaps = finals - np.array([d[1] for d in rec["draws"]])
+    ses = np.array([d[2] for d in rec["draws"]])
+    assert np.all(np.isfinite(finals)) and finals.mean() < rec["baseline"] + 0.3
+    assert gaps.std(ddof=1) < 0.6 * finals.std(ddof=1)  # measured: 0.032 vs 0.078
+    assert 0.4 < gaps.std(ddof=1) / ses.mean() < 2.5

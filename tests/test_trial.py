@@ -48,7 +48,8 @@ def test_smoke_trials_that_spike_early_and_recover_run_to_the_end_and_are_classe
         res = run(TrialConfig(lr=lr, **SMOKE), lambda step, m, ev: events.extend(ev))
         assert res.steps_run == 200 and res.stop_reason is None and res.first_event is None, lr
         assert res.final_loss < 0.75 * res.initial_loss, lr
-        assert res.outcome == trial_class(res.final_loss, res.initial_loss, res.baseline_loss) != "diverged"
+        assert res.outcome == trial_class(res.final_loss, res.initial_loss, res.eval_baseline,
+                                          se=res.final_loss_se) != "diverged"
         if max(res.train_losses[:10]) > 1.5 * res.initial_loss:
             spiked += 1
             assert any(e.kind == "loss_ratio" and e.step < 10 for e in events), lr  # the spike, recorded
@@ -99,6 +100,31 @@ def test_a_run_that_ends_at_the_unigram_baseline_is_collapsed():
     assert res.steps_run == 200 and res.stop_reason is None
     assert res.baseline_loss <= res.final_loss < res.initial_loss
     assert res.outcome == "collapsed"
+
+
+def test_the_final_loss_and_its_baseline_are_measured_on_the_same_windows():
+    """``eval_baseline`` is the byte-unigram loss of exactly the eval windows (computed here with
+    numpy from the corpus), ``final_loss`` the mean of the per-window losses, ``final_loss_se`` the
+    standard error of their paired differences, and the class is decided from those."""
+    from workloads import data as data_mod
+
+    cfg = TrialConfig(steps=20, lr=3e-3, **FAST)
+    res = run(cfg)
+    td = data_mod.stdlib_corpus()
+    p = (np.bincount(td.train, minlength=256) + 1.0) / (td.train.size + 256)
+    rng = np.random.default_rng(10_000 + cfg.seed)  # the validation windows' generator (TokenBatches)
+    want = []
+    for _ in range(cfg.eval_batches):
+        for i in rng.integers(0, td.val.size - cfg.seq_len - 1, size=cfg.batch_size):
+            want.append(-np.log(p[td.val[i + 1:i + cfg.seq_len + 1]]).mean())
+    n = cfg.eval_batches * cfg.batch_size
+    assert len(res.window_losses) == len(res.window_baselines) == n
+    assert res.window_baselines == pytest.approx(want, rel=1e-9)
+    assert res.eval_baseline == pytest.approx(np.mean(want), rel=1e-9)
+    assert res.final_loss == pytest.approx(np.mean(res.window_losses), rel=1e-12)
+    d = np.subtract(res.window_losses, res.window_baselines)
+    assert res.final_loss_se == pytest.approx(d.std(ddof=1) / math.sqrt(n), rel=1e-9)
+    assert res.outcome == trial_class(res.final_loss, res.initial_loss, res.eval_baseline, se=res.final_loss_se)
 
 
 def test_same_seed_same_trajectory_on_cpu():

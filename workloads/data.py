@@ -15,8 +15,11 @@ Images (classification):
   ``synthetic``     Gaussian class-conditional images; only for tests, asked for explicitly.
 
 Marginal baselines (:func:`text_baseline`, :func:`image_baseline`): the loss of a model that ignores
-its inputs. A run whose final validation loss is at or above it learned nothing (outcome class
-``collapsed``, see ``workloads.outcome``). Computed once per data set and cached in the process.
+its inputs. A run whose final validation loss is not detectably below it learned nothing (outcome
+class ``collapsed``, see ``workloads.outcome``). Computed once per data set and cached in the process.
+The same marginal, as a per-item cost (:func:`text_marginal_nll`, :func:`image_marginal_nll`), gives
+the baseline of exactly the validation windows a trial measures its loss on
+(:func:`window_baselines`), so that which windows were drawn cancels out of the comparison.
 """
 
 from __future__ import annotations
@@ -131,12 +134,60 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int,
     return marginal_cross_entropy(counts(train), counts(val))
 
 
+def marginal_log_prob(train_counts: np.ndarray) -> np.ndarray:
+    """log p of each item under the training split's frequencies, add-one smoothed so that an item
+    unseen in training has a finite cost."""
+    tc = np.asarray(train_counts, np.float64)
+    return np.log(tc + 1.0) - math.log(tc.sum() + tc.size)
+
+
 def marginal_cross_entropy(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
     """Cross-entropy (nats per item) of the validation counts under the training split's
     frequencies, add-one smoothed so that an item unseen in training has a finite cost."""
-    tc, vc = np.asarray(train_counts, np.float64), np.asarray(val_counts, np.float64)
-    logp = np.log(tc + 1.0) - math.log(tc.sum() + tc.size)
-    return float(-(vc * logp).sum() / vc.sum())
+    vc = np.asarray(val_counts, np.float64)
+    return float(-(vc * marginal_log_prob(train_counts)).sum() / vc.sum())
+
+
+_MARGINALS: dict[str, np.ndarray] = {}
+
+
+def _token_counts(tokens: np.ndarray, vocab_size: int, max_tokens: int = BASELINE_MAX_TOKENS) -> np.ndarray:
+    n = tokens.size
+    if n <= max_tokens:
+        return np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    chunk, k = 1_000_000, max(1, max_tokens // 1_000_000)
+    out = np.zeros(vocab_size, dtype=np.int64)
+    for start in np.linspace(0, n - chunk, k).astype(np.int64):
+        out += np.bincount(np.asarray(tokens[start:start + chunk], dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    return out
+
+
+def text_marginal_nll(td: TokenData) -> np.ndarray:
+    """-log p(token) under the training split's unigram frequencies (add-one smoothed), per token
+    id: the marginal baseline's cost of each target (cached per corpus)."""
+    key = f"text:{td.description}:{td.vocab_size}"
+    if key not in _MARGINALS:
+        _MARGINALS[key] = -marginal_log_prob(_token_counts(td.train, td.vocab_size))
+    return _MARGINALS[key]
+
+
+def image_marginal_nll(im: ImageData) -> np.ndarray:
+    """-log p(class) under the training split's class frequencies (add-one smoothed), per class."""
+    key = f"image:{im.description}:{im.num_classes}"
+    if key not in _MARGINALS:
+        _MARGINALS[key] = -marginal_log_prob(torch.bincount(im.train_y.cpu(), minlength=im.num_classes).numpy())
+    return _MARGINALS[key]
+
+
+def window_baselines(nll: np.ndarray, batches) -> np.ndarray:
+    """The marginal baseline of each validation item (a text window: the mean cost of its targets;
+    an image: the cost of its label) of ``batches`` (``[(x, y), ...]``), in batch order: the loss a
+    model that ignores its inputs gets on exactly those items."""
+    out = []
+    for _, y in batches:
+        cost = nll[y.detach().cpu().numpy()]
+        out.append(cost.reshape(cost.shape[0], -1).mean(axis=1))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def _cached_baseline(key: str, compute) -> float:

@@ -5,19 +5,29 @@ final loss (LR sensitivity uses ``min(l(eta), l_0)``), Qi et al. (2025) by a los
 does not recover. ablate's classes, in order of precedence:
 
 ``diverged``   the loss became non-finite, or the final validation loss is >= ``l_0``, the
-               validation loss of the untrained model (the run ended no better than it started);
-``collapsed``  the final validation loss is >= the data's *marginal baseline* (the unigram
-               cross-entropy of the validation split under the training split's token frequencies,
-               or the cross-entropy of the class prior): the model learned nothing from its inputs;
+               validation loss of the untrained model (the run ended no better than it started).
+               Nothing else makes a run diverged: an early stop does not, a finite run below l_0
+               never is;
+``collapsed``  the run learned nothing detectable from its inputs. Its *gain*, the marginal baseline
+               minus the final validation loss, both measured on the same validation windows (the
+               baseline of a window: the unigram cross-entropy of its targets under the training
+               split's token frequencies, or the class prior's cross-entropy of its label; so the
+               windows' own noise cancels), is at most ``COLLAPSE_SE`` (2) standard errors of the
+               per-window differences, or less than ``COLLAPSE_FRACTION`` (a tenth) of the best
+               gain in the cell;
 ``degraded``   the run is finite and learned, but ended far from the cell's best at a higher LR:
-               ``(L - L*) / (l_0 - L*) > kappa``, with ``L*`` the best final loss of the cell
-               reached at a lower LR. Normalised by the span ``l_0 - L*``, so the same ``kappa``
-               means the same thing on bytes (l_0 5.5) and on digits (l_0 2.3);
+               ``(L - L*) / (B - L*) > kappa``, i.e. it closed less than ``1 - kappa`` of the gap
+               between the marginal baseline B and the cell's best L* (reached at a lower LR);
+               normalised by the baseline-to-best gap, so it can fire on byte-level text, whose
+               baseline (3.26) lies far below l_0 (5.5);
 ``stable``     none of these.
 
-:func:`trial_class` needs only the trial; ``degraded`` needs the cell (:func:`classify`). Which
-classes count as a crash is the spec's ``crash:`` field (default :data:`DEFAULT_CRASH`); every table,
-plot and MLflow run records the criterion it used (:func:`criterion_label`).
+:func:`trial_class` needs only the trial (the standard-error margin); the tenth-of-the-best margin
+and ``degraded`` need the cell (:func:`classify`). Runs recorded before per-window baselines existed
+(no ``eval_baseline``) are compared with the whole split's baseline, without the standard-error
+margin; :func:`criterion_label` says so. Which classes count as a crash is the spec's ``crash:``
+field (default :data:`DEFAULT_CRASH`); every table, plot and MLflow run records the criterion it
+used (:func:`criterion_label`).
 
 This module is pure Python: the trial loop, the boundary search, export and report all call it.
 """
@@ -32,7 +42,18 @@ from dataclasses import dataclass, field
 CLASSES = ("stable", "degraded", "collapsed", "diverged")
 DEFAULT_CRASH: tuple[str, ...] = ("diverged", "collapsed")
 DEFAULT_KAPPA = 0.5
-"""A run is degraded when it closes less than half of the gap between l_0 and the cell's best."""
+"""A run is degraded when it closes less than half of the gap between the marginal baseline and
+the cell's best."""
+COLLAPSE_SE = 2.0
+"""A run whose gain over the baseline is at most this many standard errors learned nothing
+detectable."""
+COLLAPSE_FRACTION = 0.1
+"""A run that closed less than this fraction of the gap between the baseline and the cell's best run
+learned nothing worth the name."""
+SIZE_FIELDS = ("workload", "depth", "width", "heads", "seq_len", "img_size", "patch_size", "window_size",
+               "mlp_ratio", "batch_size", "steps", "data", "data_path", "vocab_size", "eval_batches")
+"""The TrialConfig fields that make a *workload and size*: the runs over which the best gain, the
+scale of ``collapsed``'s margin, is taken (stabilizers, warmup, schedule, LR and seed vary within)."""
 
 
 def validate_crash(crash: Iterable[str]) -> tuple[str, ...]:
@@ -44,29 +65,62 @@ def validate_crash(crash: Iterable[str]) -> tuple[str, ...]:
     return crash
 
 
-def criterion_label(crash: Sequence[str], kappa: float = DEFAULT_KAPPA) -> str:
-    """How a crash was decided, for table captions, plot titles and MLflow tags."""
+def criterion_label(crash: Sequence[str], kappa: float = DEFAULT_KAPPA, fallback: int = 0) -> str:
+    """How a crash was decided, for table captions, plot titles and MLflow tags. ``fallback``: how
+    many runs were recorded without per-window baselines (compared with the whole split's)."""
     parts = []
     if "diverged" in crash:
         parts.append("diverged (non-finite, or final val loss >= l_0)")
     if "collapsed" in crash:
-        parts.append("collapsed (final val loss >= marginal baseline)")
+        parts.append(f"collapsed (final val loss not below the marginal baseline of the same eval windows "
+                     f"by more than {COLLAPSE_SE:g} standard errors and {COLLAPSE_FRACTION:g} of the "
+                     f"baseline-to-best gap)")
     if "degraded" in crash:
-        parts.append(f"degraded ((L - L*)/(l_0 - L*) > {kappa:g})")
-    return "crash = " + " or ".join(parts)
+        parts.append(f"degraded ((L - L*)/(B - L*) > {kappa:g}, B the baseline)")
+    label = "crash = " + " or ".join(parts)
+    if fallback:
+        label += (f"; {fallback} run(s) recorded without per-window baselines: compared with the whole "
+                  f"validation split's baseline, no standard-error margin")
+    return label
+
+
+def paired_gap(window_losses: Sequence[float], window_baselines: Sequence[float]) -> tuple[float, float]:
+    """``(mean(loss_i - base_i), its standard error)`` over paired validation windows: the final loss
+    minus the marginal baseline on the same windows, and ``sd / sqrt(n)`` (ddof 1) of the
+    differences. ``(nan, nan)`` without windows; the standard error is nan for one window."""
+    n = len(window_losses)
+    if n == 0 or n != len(window_baselines):
+        return math.nan, math.nan
+    d = [a - b for a, b in zip(window_losses, window_baselines)]
+    mean = sum(d) / n
+    if n < 2:
+        return mean, math.nan
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
 
 
 def trial_class(final_loss: float | None, initial_loss: float | None, baseline: float | None,
-                stop_reason: str | None = None) -> str:
-    """``diverged`` / ``collapsed`` / ``stable`` from one run's final state. A run that the
-    detector stopped (``stop_reason``: ``nonfinite`` or ``above_initial``, rules calibrated to stop
-    only runs that end diverged) is ``diverged``."""
-    if stop_reason or final_loss is None or not math.isfinite(final_loss):
+                stop_reason: str | None = None, *, se: float | None = None) -> str:
+    """``diverged`` / ``collapsed`` / ``stable`` from one run's final state.
+
+    ``baseline``: the marginal baseline of the windows the final loss was measured on (or, for old
+    recordings, of the whole validation split); ``se``: the standard error of the per-window
+    differences (:func:`paired_gap`), which sets the margin a run must clear to count as having
+    learned. ``stop_reason`` is accepted for the record and decides nothing: a run stopped on a
+    non-finite loss has a non-finite final loss, and a run stopped by a loss rule is classed by the
+    validation loss it was stopped at (a finite loss below l_0 is never ``diverged``)."""
+    if not _finite(final_loss):
         return "diverged"
-    if initial_loss is not None and math.isfinite(initial_loss) and final_loss >= initial_loss:
+    if _finite(initial_loss) and final_loss >= initial_loss:
         return "diverged"
-    if baseline is not None and math.isfinite(baseline) and final_loss >= baseline:
-        return "collapsed"
+    if _finite(baseline):
+        margin = COLLAPSE_SE * se if _finite(se) else 0.0
+        if baseline - final_loss <= margin:
+            return "collapsed"
     return "stable"
 
 
@@ -78,20 +132,69 @@ class Point:
     seed: int
     final_loss: float            # +inf when the loss became non-finite
     initial_loss: float | None   # l_0
-    baseline: float | None       # the data's marginal baseline
+    baseline: float | None       # the data's marginal baseline (whole validation split)
     stop_reason: str | None = None  # the early-stopping rule that ended the run, if any
+    eval_baseline: float | None = None  # the baseline of the windows final_loss was measured on
+    final_loss_se: float | None = None  # standard error of final_loss - eval_baseline over those windows
+
+    @property
+    def reference(self) -> float | None:
+        """The baseline this run is compared with: of its own eval windows when recorded, else of
+        the whole validation split."""
+        return self.eval_baseline if _finite(self.eval_baseline) else self.baseline
+
+    @property
+    def gain(self) -> float | None:
+        """What the run learned beyond the marginal baseline, in nats (None without a baseline or
+        a finite final loss)."""
+        ref = self.reference
+        if not _finite(ref) or not _finite(self.final_loss):
+            return None
+        return ref - self.final_loss
+
+    @property
+    def paired(self) -> bool:
+        """Whether the run recorded its eval windows' own baseline (else: the fallback)."""
+        return _finite(self.eval_baseline)
 
 
-def classify(points: Sequence[Point], kappa: float = DEFAULT_KAPPA) -> list[str]:
-    """The class of every point of one cell (``degraded`` is relative to the cell's best)."""
-    classes = [trial_class(p.final_loss, p.initial_loss, p.baseline, p.stop_reason) for p in points]
-    learned = [p for p, c in zip(points, classes) if c == "stable"]
+def best_gain(points: Iterable[Point]) -> float | None:
+    """The largest gain of the runs that learned (:func:`trial_class` ``stable``), or None: the
+    reference of :func:`classify`'s ``collapse_fraction`` margin, over a workload and size."""
+    gains = [p.gain for p in points
+             if p.gain is not None and trial_class(p.final_loss, p.initial_loss, p.reference,
+                                                   se=p.final_loss_se) == "stable"]
+    return max(gains) if gains else None
+
+
+def classify(points: Sequence[Point], kappa: float = DEFAULT_KAPPA,
+             collapse_fraction: float = COLLAPSE_FRACTION, reference_gain: float | None = None) -> list[str]:
+    """The class of every point of one cell. ``degraded`` is relative to the cell's best run (the
+    one with the largest gain); the ``collapse_fraction`` margin of ``collapsed`` to the best gain
+    of the workload and size, ``reference_gain`` (:func:`best_gain` over every cell of the same
+    workload and size), or the cell's own best where that is larger or not given."""
+    classes = [trial_class(p.final_loss, p.initial_loss, p.reference, p.stop_reason, se=p.final_loss_se)
+               for p in points]
+    learned = [i for i, c in enumerate(classes) if c == "stable"]
     if not learned:
         return classes
-    best = min(learned, key=lambda p: p.final_loss)
-    for i, (p, c) in enumerate(zip(points, classes)):
+    if all(points[i].gain is not None for i in learned):
+        b = max(learned, key=lambda i: (points[i].gain, -points[i].lr))
+        best, g_best = points[b], points[b].gain
+        g_ref = max(g_best, reference_gain or 0.0)
+        for i in learned:
+            p = points[i]
+            if p.gain < collapse_fraction * g_ref:
+                classes[i] = "collapsed"
+            elif p.lr > best.lr and (g_best - p.gain) / g_best > kappa:
+                classes[i] = "degraded"
+        return classes
+    # no baseline recorded: the gap to l_0 is the scale (the rule before baselines were recorded)
+    best = min((points[i] for i in learned), key=lambda p: p.final_loss)
+    for i in learned:
+        p = points[i]
         l0 = p.initial_loss if p.initial_loss is not None else best.initial_loss
-        if c != "stable" or p.lr <= best.lr or l0 is None or l0 <= best.final_loss:
+        if p.lr <= best.lr or l0 is None or l0 <= best.final_loss:
             continue
         if (p.final_loss - best.final_loss) / (l0 - best.final_loss) > kappa:
             classes[i] = "degraded"
@@ -133,10 +236,11 @@ class Bracket:
 
 
 def bracket(points: Sequence[Point], crash: Sequence[str] = DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA,
-            seed: int | None = None) -> Bracket:
+            seed: int | None = None, reference_gain: float | None = None) -> Bracket:
     """The bracket of one cell from its points (``seed``: only that seed's runs vote; the classes,
-    ``degraded`` included, are always decided over all points of the cell)."""
-    classes = classify(points, kappa)
+    ``degraded`` included, are always decided over all points of the cell; ``reference_gain`` as
+    in :func:`classify`)."""
+    classes = classify(points, kappa, reference_gain=reference_gain)
     by_lr: dict[float, list[str]] = defaultdict(list)
     votes: dict[float, list[bool]] = defaultdict(list)
     for p, c in zip(points, classes):

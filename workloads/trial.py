@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workloads import data as data_mod
@@ -24,7 +25,7 @@ from workloads import probes
 from workloads import stabilizers as stab
 from workloads.divergence import DivergenceConfig, DivergenceDetector, DivergenceEvent
 from workloads.models import WORKLOADS, GPT, GPTConfig, build_swin, build_vit
-from workloads.outcome import trial_class
+from workloads.outcome import paired_gap, trial_class
 from workloads.stabilizers.weyl import matrix_shape
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -183,7 +184,8 @@ class TrialResult:
     """``stable`` / ``collapsed`` / ``diverged`` (``workloads.outcome.trial_class``; ``degraded`` is
     decided against the other runs of a cell, not here)."""
     baseline_loss: float
-    """The data's marginal baseline: unigram (text) or class-prior (images) cross-entropy."""
+    """The data's marginal baseline: unigram (text) or class-prior (images) cross-entropy of the
+    whole validation split."""
     stop_reason: str | None
     """The early-stopping rule that ended the run (``nonfinite`` / ``above_initial``), or None."""
     first_event: DivergenceEvent | None
@@ -198,6 +200,16 @@ class TrialResult:
     final_metrics: dict[str, float] = field(default_factory=dict)
     train_losses: list[float] = field(default_factory=list)
     """The training loss of every step run (for calibration and forensics)."""
+    eval_baseline: float = math.nan
+    """The marginal baseline measured on exactly the validation windows ``final_loss`` is measured
+    on (``data.window_baselines``): the baseline the class compares with, window noise cancelled."""
+    final_loss_se: float = math.nan
+    """Standard error of ``final_loss - eval_baseline`` over the validation windows (the paired
+    per-window differences); nan when the final loss is non-finite."""
+    window_losses: list[float] = field(default_factory=list)
+    """The final validation loss of each window (text: one sequence; images: one image)."""
+    window_baselines: list[float] = field(default_factory=list)
+    """The marginal baseline of each of those windows, in the same order."""
 
     @property
     def diverged(self) -> bool:
@@ -277,6 +289,7 @@ class _Data:
             td = data_mod.load_text(cfg.data, cfg.data_path, cfg.vocab_size)
             self.vocab_size, self.num_classes, self.in_chans = td.vocab_size, 0, 0
             self.baseline = data_mod.text_baseline(td)
+            nll = data_mod.text_marginal_nll(td)
             self.train = data_mod.TokenBatches(td.train, cfg.batch_size, cfg.seq_len, cfg.seed, device)
             val = data_mod.TokenBatches(td.val, cfg.batch_size, cfg.seq_len, 10_000 + cfg.seed, device)
             self.items_per_batch, self.unit = cfg.batch_size * cfg.seq_len, "tokens/s"
@@ -284,10 +297,13 @@ class _Data:
             im = data_mod.load_images(cfg.data, cfg.img_size, cfg.data_path)
             self.vocab_size, self.num_classes, self.in_chans = 0, im.num_classes, im.in_chans
             self.baseline = data_mod.image_baseline(im)
+            nll = data_mod.image_marginal_nll(im)
             self.train = data_mod.ImageBatches(im.train_x, im.train_y, cfg.batch_size, cfg.seed, device)
             val = data_mod.ImageBatches(im.val_x, im.val_y, cfg.batch_size, 10_000 + cfg.seed, device)
             self.items_per_batch, self.unit = cfg.batch_size, "images/s"
         self.val_batches = [val.next() for _ in range(cfg.eval_batches)]
+        self.window_baselines = data_mod.window_baselines(nll, self.val_batches)
+        """The marginal baseline of each validation window (the batches every evaluation uses)."""
 
 
 # ------------------------------------------------------------------------------------- probing
@@ -334,6 +350,23 @@ def evaluate(model: nn.Module, batches, autocast) -> float:
     return float(np.mean(losses))
 
 
+@torch.no_grad()
+def evaluate_windows(model: nn.Module, batches, autocast) -> np.ndarray:
+    """The validation loss of each item of ``batches`` (a text window: the mean cross-entropy of
+    its targets; an image: its cross-entropy), in batch order; their mean is :func:`evaluate`'s
+    loss (equal-sized batches). One host read per batch, as :func:`evaluate`."""
+    was = model.training
+    model.eval()
+    out = []
+    with autocast():
+        for x, y in batches:
+            logits = model(x).float()
+            ce = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none")
+            out.append(ce.view(y.shape[0], -1).mean(dim=1).double().cpu().numpy())
+    model.train(was)
+    return np.concatenate(out)
+
+
 # ------------------------------------------------------------------------------------- the loop
 class Trainer:
     """The model, optimizer and data of one trial, and its training step (also used by benchmarks)."""
@@ -363,6 +396,9 @@ class Trainer:
 
     def evaluate(self) -> float:
         return evaluate(self.model, self.data.val_batches, self.autocast)
+
+    def evaluate_windows(self) -> np.ndarray:
+        return evaluate_windows(self.model, self.data.val_batches, self.autocast)
 
     def step(self, step: int, probe: bool) -> tuple[torch.Tensor, dict[str, float], probes.AttentionStats | None]:
         """One optimizer step at ``lr_at(step)``; returns the training loss as a detached 0-d tensor
@@ -480,24 +516,28 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
 
     stop_reason = first_stop.kind if first_stop is not None else None
     final_val = math.inf
+    base_w = tr.data.window_baselines
+    eval_base, window_losses = float(np.mean(base_w)), []
     if stop_reason != "nonfinite":  # the weights are finite: the run's end is measured
-        final_val = tr.evaluate()
+        window_losses = tr.evaluate_windows().tolist()
+        final_val = float(np.mean(window_losses))
         if not math.isfinite(final_val):
             stop_reason = stop_reason or "nonfinite"
-            final_val = math.inf
+            final_val, window_losses = math.inf, []
         else:
             best_val = min(best_val, final_val)
             last_metrics["val_loss"] = final_val
             if reporter is not None:
                 reporter(step, {"val_loss": final_val}, [])
     recent = losses[-10:]
+    se = paired_gap(window_losses, base_w.tolist())[1] if math.isfinite(final_val) else math.nan
     return TrialResult(
         initial_loss=initial_val,
         final_loss=final_val,
         best_loss=best_val,
         final_train_loss=float(np.mean(recent)) if recent else math.nan,
         steps_run=steps_run,
-        outcome=trial_class(final_val, initial_val, tr.data.baseline, stop_reason),
+        outcome=trial_class(final_val, initial_val, eval_base, stop_reason, se=se),
         baseline_loss=tr.data.baseline,
         stop_reason=stop_reason,
         first_event=first_stop,
@@ -509,6 +549,10 @@ def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
         num_params=tr.num_params,
         final_metrics=last_metrics,
         train_losses=losses,
+        eval_baseline=eval_base,
+        final_loss_se=se,
+        window_losses=window_losses,
+        window_baselines=base_w.tolist(),
     )
 
 
@@ -623,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     out = result.to_dict()
     out.pop("final_metrics")
     out.pop("train_losses")
+    out.pop("window_losses")
+    out.pop("window_baselines")
     print(json.dumps(out, indent=2, default=str))
     return 0
 
