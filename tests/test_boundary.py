@@ -238,10 +238,10 @@ def test_grid_posterior_equals_the_direct_likelihood():
             for lr, c in zip(lrs, crashed):
                 p = psy.LAPSE + (1 - 2 * psy.LAPSE) / (1 + math.exp(-(math.log(lr) - mu) / math.exp(ls)))
                 lik *= p if c else 1 - p
-            direct[i, j] = lik
+            direct[i, j] = lik * math.exp(ls) ** psy.S_POWER  # the prior: s ** S_POWER on the log grid
     direct /= direct.sum()
     np.testing.assert_allclose(post, direct, rtol=1e-9, atol=1e-300)
-    ll = psy.log_likelihood(grid, lrs, crashed)
+    ll = psy.log_likelihood(grid, lrs, crashed) + grid.log_prior
     np.testing.assert_allclose(np.exp(ll - ll.max()) / np.exp(ll - ll.max()).sum(), direct, rtol=1e-9)
     # the expected entropy of one candidate, by hand, from the two posteriors it can lead to
     cand = 0.02
