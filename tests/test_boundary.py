@@ -277,3 +277,30 @@ def test_efficiency_benchmark_runs_at_a_tiny_size(tmp_path):
     for kind, band in bench.KINDS.items():
         s = bench.s_of_band(band)
         assert math.exp(2 * s * math.log(9)) == pytest.approx(band)
+
+
+def test_expected_entropy_counts_a_pending_trial_and_thompson_beyond_the_exact_limit():
+    import numpy as np
+
+    from orchestrator import psychometric as psy
+
+    grid = psy.make_grid((1e-3, 1.0), n_mu=41, n_s=5)
+    lrs, crashed = [0.01, 0.05, 0.2, 0.5], [False, False, True, True]
+    post = psy.posterior(grid, lrs, crashed)
+    cand, pend = 0.1, 0.08
+    e = psy.expected_entropy(grid, post, [cand], [pend])[0]
+    pp, pc = psy.p_crash(grid, math.log(pend)), psy.p_crash(grid, math.log(cand))
+    by_hand = 0.0
+    for lp in (pp, 1 - pp):          # the pending trial's outcome, not known yet
+        for lc in (pc, 1 - pc):      # the candidate's
+            joint = post * lp * lc
+            z = joint.sum()
+            m = joint.sum(axis=1) / z
+            by_hand += z * -(m[m > 0] * np.log(m[m > 0])).sum()
+    assert e == pytest.approx(by_hand, rel=1e-12)
+    cands = psy.candidates((1e-3, 1.0))
+    # more pending trials than the exact limit: a Thompson draw, repeatable with its RNG
+    many = [0.1] * (psy.MAX_EXACT_PENDING + 1)
+    a = psy.next_lr(grid, lrs, crashed, many, cands, np.random.default_rng(7))
+    b = psy.next_lr(grid, lrs, crashed, many, cands, np.random.default_rng(7))
+    assert a == b and a in cands
