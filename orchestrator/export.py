@@ -464,8 +464,8 @@ def boundary_caption(name: str, warmup, rows: list[dict], crit: str) -> str:
             f"posterior, orchestrator/psychometric.py); band = LR where P(crash) is 0.1 and 0.9; "
             f"{crit}; converged = interval narrower than x{'/'.join(f'{v:.3g}' for v in res)}"
             + (f"; {marks}" if marks else "") + bis
-            + "; the bracket is the older one-seed-vote summary (largest stable LR, smallest crashed LR above "
-              "it, * = a crashed LR below the stable one)")
+            + "; the bracket is the older summary (largest stable LR, smallest crashed LR above it; the runs at "
+              "one LR vote, a tie is a crash; * = a crashed LR below the stable one)")
 
 
 def to_markdown(header: list[str], body: list[list[str]], caption: str = "") -> str:
