@@ -477,7 +477,8 @@ def to_markdown(header: list[str], body: list[list[str]], caption: str = "") -> 
 
 def _tex(s: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
-                 ("≥", r"$\geq$"), ("–", "--"), ("+", "+")):
+                 ("≥", r"$\geq$"), ("–", "--"), ("+", "+"), ("†", r"$^\dagger$"),
+                 ("‡", r"$^\ddagger$"), ("§", r"\S{}")):
         s = s.replace(a, b)
     return s
 

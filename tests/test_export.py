@@ -130,3 +130,33 @@ def test_loss_curves_are_one_per_stabilizer_when_only_stabilizer_and_lr_vary():
     assert list(curves["none"].get_xdata()) == [1e-3, 2e-3]
     assert list(curves["qk_norm"].get_xdata()) == [1e-3, 2e-3, 4e-3]
     plt.close(fig)
+
+
+def test_boundary_rows_say_how_each_search_ended_in_the_table_and_the_rows():
+    """Issue 21, nothing hidden: every row carries ``converged`` and ``stop_reason``; a cell that did
+    not converge is marked in the Markdown and LaTeX table with a footnote; bisect is labelled."""
+    from orchestrator.export import boundary_caption, pivot_max_stable, to_latex, to_markdown
+
+    t = table({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3, ("weyl", 64, 2): 9e-3})
+    records = [  # what ablate boundary logged for two of the cells (the third came from a grid sweep)
+        {"values": {"stabilizers": "none"}, "method": "psi", "stop_reason": "budget", "converged": False,
+         "resolution": 1.5, "lr_range": [1e-3, 1.6e-2], "sweep": None},
+        {"values": {"stabilizers": "qk_norm"}, "method": "bisect", "stop_reason": "interval", "converged": True,
+         "resolution": 2.5, "lr_range": [1e-3, 1.6e-2], "sweep": None},
+    ]
+    tabs = ablation_tables(t, searches=records)
+    rows = {r["stabilizer"]: r for r in tabs.max_stable_lr[0]}
+    assert (rows["none"]["stop_reason"], rows["none"]["converged"], rows["none"]["method"]) == ("budget", False, "psi")
+    assert (rows["qk_norm"]["stop_reason"], rows["qk_norm"]["method"]) == ("interval", "bisect")
+    assert rows["qk_norm"]["converged"] == (rows["qk_norm"]["crash_lr"] / rows["qk_norm"]["max_stable_lr"] <= 2.5)
+    assert (rows["weyl"]["stop_reason"], rows["weyl"]["method"]) == ("grid", "grid")
+    for r in rows.values():
+        assert r["lr50_low"] <= r["lr50"] <= r["lr50_high"] and r["n_trials"] == 5 and r["n_seeds"] == 1
+    h, body = pivot_max_stable(tabs.max_stable_lr[0], tabs.cell_fields)
+    cap = boundary_caption("t", 0, tabs.max_stable_lr[0], "crit")
+    lines = {row[0]: row for row in body}
+    assert lines["none"][1].endswith("†") and lines["none"][4] == "psi: budget"
+    assert "†" not in lines["qk_norm"][1] and lines["qk_norm"][4] == "bisect (one-seed look): interval"
+    assert "† = not converged: the cell's trial budget was spent first" in cap and "one-seed look" in cap
+    assert "| none | " in to_markdown(h, body, cap)
+    assert r"$^\dagger$" in to_latex(h, body, cap) and "†" not in to_latex(h, body, cap)
