@@ -417,8 +417,8 @@ class CellSearch:
 
 
 def cells_of(spec: SweepSpec, cfg: BoundaryConfig) -> list[Cell]:
-    """One cell per combination of the spec's axes. ``lr`` (the grid of ``ablate sweep``) is what
-    the search chooses, and seeds are per-cell repeats: neither makes cells."""
+    """One cell per combination of the spec's axes (``boundary_config`` has refused ``axes.lr`` and
+    ``axes.seed``: the search chooses both; they are left out here too, for callers that skip it)."""
     axes = {k: v for k, v in spec.axes.items() if k not in ("seed", "lr")}
     names = list(axes)
     base = spec.base_config()
@@ -597,8 +597,9 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
                                 progress=progress, total_is_budget=True, crash=spec.crash,
                                 crash_criterion=spec.crash_criterion)
     if progress:
-        print(f"[{spec.name}] boundary search over {len(cells)} cells, lr in {list(cfg.lr_range)}, "
-              f"resolution {cfg.resolution:.4g}x, at most {cfg.max_trials_per_cell} trials a cell; "
+        print(f"[{spec.name}] boundary search ({cfg.method}) over {len(cells)} cells, lr in {list(cfg.lr_range)}, "
+              f"resolution {cfg.resolution:.4g}x, at most {cfg.max_trials_per_cell} trials a cell, seeds from "
+              f"{cfg.seed_offset}; "
               f"MLflow: {ses.tracking_uri}; Optuna: {optuna_storage}", flush=True)
     concurrency = spec.concurrency or max(1, int(_cluster_cpus() // spec.resources.cpus))
     searcher = ConcurrencyLimiter(BoundarySearcher(searches), max_concurrent=concurrency)
