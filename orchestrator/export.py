@@ -3,11 +3,16 @@
 ``runs_table`` builds a pyarrow Table with one row per trial (schema :data:`SCHEMA`): the trial's
 config, its outcome and final metrics. From it:
 
-(a) ``max_stable_lr``: per cell (stabilizer x depth x warmup [x any other swept field]) the largest
-    stable LR and the smallest crashed LR above it (``workloads.outcome.bracket``, the boundary
-    search's own function: seeds vote per LR, a tie is a crash), with how many seeds crashed at each
-    end; one table per warmup setting, stabilizers as rows, depths as columns. A run's class comes
-    from its final state (``workloads.outcome``); the crash criterion is in every caption.
+(a) ``max_stable_lr``: per cell (stabilizer x depth x warmup [x any other swept field]) the crash
+    boundary: LR50 (P(crash) = 0.5) with its 90 % interval and the band lr10-lr90, from a logistic
+    in log-LR fitted to every run of the cell (``orchestrator.psychometric``, the boundary search's
+    own fit), with ``n_trials``, ``n_seeds``, and how the cell's search ended (``method``,
+    ``converged``, ``stop_reason``, from the search's ``boundary/cells.json``; ``grid`` for a grid
+    sweep); beside it the older bracket (``workloads.outcome.bracket``: the largest stable LR and
+    the smallest crashed LR above it, seeds voting per LR). One table per warmup setting,
+    stabilizers as rows, depths as columns; also ``max_stable_lr.json`` and ``boundary.parquet``. A
+    run's class comes from its final state (``workloads.outcome``); the crash criterion is in every
+    caption.
 (b) ``lr_sensitivity``: Wortsman et al. (2023), Sec. 3.2: E_{lr ~ log-uniform[a, b]}[min(L(lr), L0)
     - L*], integrated with trapezoid weights in log-LR over the same range [a, b] for every cell
     (default: the smallest and largest LR of the whole table); a cell whose LRs do not cover the
@@ -16,7 +21,8 @@ config, its outcome and final metrics. From it:
 
 Each table is written as Markdown and LaTeX (booktabs), the trials as Parquet and CSV; all are
 logged as artifacts of the sweep's parent run. ``report`` draws loss-vs-LR curves (a panel per
-depth, one curve per cell, crashed runs marked) and a heatmap of the max stable LR.
+depth, one curve per cell, crashed runs marked), LR50 per cell with its interval (a heatmap when
+depth varies) and, per cell, the crash fraction per LR with the fitted curve and its band.
 """
 
 from __future__ import annotations
