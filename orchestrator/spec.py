@@ -20,8 +20,8 @@ grid is built as a ``TrialConfig`` once, so a bad combination fails now, not ins
                                       # any of diverged, collapsed, degraded
     degraded_kappa: 0.5               # degraded: (L - L*) / (B - L*) > kappa, B the baseline, L* the cell's best
     divergence: {max_loss_ratio: 1.5, spike_ratio: 2.0, entropy_collapse: 0.05,   # events (recorded)
-                 stop_grace: 0.25, stop_window: 20, stop_margin: 3.0,             # early stopping
-                 stop_on: [nonfinite, above_initial]}
+                 stop_grace: 0.4, stop_window: 10, stop_margin: 4.0,              # the loss rule, if opted into
+                 stop_on: [nonfinite]}                                            # default: non-finite only
     storage_path: null                # Tune storage (shared storage on a cluster); default workdir
     max_trials: 10000                 # refuse a grid larger than this (CLI: --max-trials)
 

@@ -49,7 +49,7 @@ def test_spike_against_running_average_after_warmup_checks():
 
 
 def test_held_above_l0_stops_only_after_the_grace_period():
-    cfg = DivergenceConfig(stop_grace=0.25, stop_window=10, stop_margin=3.0)
+    cfg = DivergenceConfig(stop_grace=0.25, stop_window=10, stop_margin=3.0, stop_on=("nonfinite", "above_initial"))
     blowup = [5.0] * 5 + [20.0] * 195  # 4 x l_0 from step 5 on
     ev = replay(blowup, 5.0, 200, cfg)
     assert ev is not None and ev.kind == "above_initial" and ev.step == 49  # grace: 25 % of 200 steps
@@ -85,3 +85,55 @@ def test_bad_config_names_allowed_values():
     with pytest.raises(ValueError, match="stop_margin"):
         DivergenceConfig(stop_margin=0.9)
     assert math.isfinite(DivergenceConfig().max_loss_ratio)
+
+
+def _calibration():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "detector_calibration.py"
+    spec = importlib.util.spec_from_file_location("detector_calibration", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_default_stopping_rule_makes_no_false_stop_on_held_out_full_runs():
+    """The recorded full runs (``docs/calibration/cpu_runs*.json``: GPT and ViT at 100, 150 (the
+    boundary smoke config, LR 0.1-1, 2 seeds), 200, 600 and 1000 steps, only a non-finite loss
+    stopped them), halved: the loss rule is chosen on one half and judged on the other. The default
+    stops no held-out run that ended other than diverged; a loss rule is the default only if it also
+    saves >= 15 % of the crashed trials' steps there, else the default is non-finite stopping alone."""
+    import json
+    from pathlib import Path
+
+    cal = _calibration()
+    root = Path(__file__).resolve().parent.parent / "docs" / "calibration"
+    records = [r for f in ("cpu_runs.json", "cpu_runs_heldout.json") for r in json.loads((root / f).read_text())]
+    assert {r["steps"] for r in records} >= {100, 150, 200, 600, 1000}
+    classes = cal.final_classes(records)
+    train, test = cal.halves(records)
+    assert not set(train) & set(test) and len(train) + len(test) == len(records)
+    assert {records[i]["name"] for i in test} == {r["name"] for r in records}  # every config held out
+    te_rec, te_cls = [records[i] for i in test], [classes[i] for i in test]
+    default = DivergenceConfig()
+    saved, wrong = cal.extra_saving(te_rec, te_cls, default)
+    assert wrong == 0
+    best, _ = cal.choose_rule([records[i] for i in train], [classes[i] for i in train])
+    if "above_initial" in default.stop_on:
+        assert saved >= cal.MIN_SAVING
+    elif best is not None:  # no loss rule qualified: the one chosen on the other half fails here
+        s_best, w_best = cal.extra_saving(te_rec, te_cls, cal.loss_rule(*best[2:]))
+        assert w_best > 0 or s_best < cal.MIN_SAVING
+    # the previous default (grace 25 %, 3 x l_0) stops held-out runs that did not end diverged
+    assert cal.extra_saving(records, classes, cal.PREVIOUS)[1] > 0
+    # the loss rule's own defaults (what stop_on: [nonfinite, above_initial] turns on) stop none wrongly
+    assert cal.extra_saving(records, classes, DivergenceConfig(stop_on=("nonfinite", "above_initial")))[1] == 0
+
+
+def test_by_default_only_a_nonfinite_loss_stops_a_run():
+    blowup = [5.0] * 5 + [50.0] * 195  # 10 x l_0 from step 5 on: recorded, not stopped
+    assert DivergenceConfig().stop_on == ("nonfinite",)
+    assert replay(blowup, 5.0, 200) is None
+    ev = replay(blowup[:50] + [float("nan")], 5.0, 200)
+    assert ev is not None and ev.kind == "nonfinite" and ev.step == 50

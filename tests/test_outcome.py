@@ -8,16 +8,19 @@ import pytest
 import torch
 
 from workloads import data as data_mod
-from workloads.divergence import replay
+from workloads.divergence import DivergenceConfig, replay
 from workloads.outcome import (Point, best_gain, bracket, classify, criterion_label, lr_sensitivity, paired_gap,
                                trial_class, validate_crash)
 
 L0, BASE = 5.5, 3.26
 
 
+LOSS_RULE = DivergenceConfig(stop_on=("nonfinite", "above_initial"))  # the loss rule, opted into
+
+
 def curve_class(losses, final_val, baseline=BASE, l0=L0):
     """What the trial loop does: the detector may stop the run; the class is the run's end."""
-    ev = replay(losses, l0, len(losses))
+    ev = replay(losses, l0, len(losses), LOSS_RULE)
     return trial_class(final_val, l0, baseline, ev.kind if ev else None), ev
 
 

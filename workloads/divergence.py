@@ -1,18 +1,24 @@
 """Divergence events and early stopping.
 
 A trial's outcome is decided by how the run ends (``workloads.outcome``). Early stopping only saves
-compute: the detector stops a trial only when its final class is already settled, and its rule is
-calibrated on full runs (``benchmarks/detector_calibration.py``) to stop no run that would have
-ended stable. Everything else is recorded as an event and never stops a run.
+compute: it may stop a trial only when its final class is already settled. By default only a
+non-finite loss stops a run (``stop_on: [nonfinite]``): no loss rule both stopped no held-out full
+run that ended other than diverged and saved >= 15 % of the crashed trials' steps
+(``benchmarks/detector_calibration.py``, README "What counts as a crash"). Everything else is
+recorded as an event and never stops a run.
 
 Kinds (``STOP_KINDS`` may stop a trial; ``stop_on`` chooses which of them do):
   ``nonfinite``        the loss is NaN or Inf: the run cannot recover (its update has been applied:
                        the loop reads losses in blocks, ``TrialConfig.sync_interval``). Always stops.
-  ``above_initial``    past a grace period (``stop_grace`` x the run's steps, and at least
-                       ``stop_window`` steps), the median training loss of the last ``stop_window``
-                       steps is >= ``stop_margin`` x ``l_0`` (the validation loss before training):
-                       the loss is held there, not spiking through (a median ignores short spikes).
-                       Stops: on full runs, no run held that high ended anywhere but diverged.
+  ``above_initial``    opt-in (``stop_on: [nonfinite, above_initial]``): past a grace period
+                       (``stop_grace`` x the run's steps, and at least ``stop_window`` steps), the
+                       median training loss of the last ``stop_window`` steps is >= ``stop_margin`` x
+                       ``l_0`` (the validation loss before training): the loss is held there, not
+                       spiking through (a median ignores short spikes). Its defaults (grace 40 %,
+                       window 10, margin 4) are the rule chosen on half of 200 recorded full runs that
+                       stopped none of the other half wrongly; it saved 2.9 % of the crashed trials'
+                       steps beyond non-finite stopping there. The rule before it (grace 25 %, window
+                       20, margin 3) stopped 7 of the 200 runs that ended collapsed or degraded.
   ``loss_ratio``       the loss rose above ``max_loss_ratio`` x ``l_0``. Recorded once per excursion.
   ``loss_spike``       the loss rose above ``spike_ratio`` x its exponential moving average (after
                        ``warmup_checks`` steps). Recorded once per excursion.
@@ -57,15 +63,17 @@ class DivergenceConfig:
     warmup_checks: int = 10
     """No spike check before this many steps."""
     entropy_collapse: float = 0.05
-    stop_grace: float = 0.25
-    """Fraction of the run's steps before ``above_initial`` may stop it (calibrated, see
-    ``benchmarks/detector_calibration.py`` and the README)."""
-    stop_window: int = 20
+    stop_grace: float = 0.4
+    """Fraction of the run's steps before ``above_initial`` may stop it (calibrated on held-out full
+    runs, see ``benchmarks/detector_calibration.py`` and the README)."""
+    stop_window: int = 10
     """Steps whose median training loss is compared with ``stop_margin`` x l_0 (calibrated)."""
-    stop_margin: float = 3.0
-    """Multiple of l_0 the windowed median must reach (calibrated: a GPT at lr 1 held 2 x l_0 late in
-    its run, at 77-92 %, and still ended below l_0; no run that ended other than diverged reached 2.5 x)."""
-    stop_on: tuple[str, ...] = STOP_KINDS
+    stop_margin: float = 4.0
+    """Multiple of l_0 the windowed median must reach (calibrated: a GPT at lr 1 held 3 x l_0 at 77 %
+    of a 1000-step run and still ended below l_0, collapsed)."""
+    stop_on: tuple[str, ...] = ("nonfinite",)
+    """Which kinds stop a run. Default: a non-finite loss only (no loss rule earned its place on
+    held-out full runs); ``("nonfinite", "above_initial")`` opts into the loss rule."""
 
     def __post_init__(self) -> None:
         bad = [k for k in self.stop_on if k not in STOP_KINDS]

@@ -181,8 +181,9 @@ class TrialResult:
     """Mean training loss of the last (up to) 10 steps run."""
     steps_run: int
     outcome: str
-    """``stable`` / ``collapsed`` / ``diverged`` (``workloads.outcome.trial_class``; ``degraded`` is
-    decided against the other runs of a cell, not here)."""
+    """``stable`` / ``collapsed`` / ``diverged`` (``workloads.outcome.trial_class``: the final loss
+    against ``eval_baseline`` with a margin of 2 ``final_loss_se``; ``degraded`` and the tenth-of-the-
+    best margin of ``collapsed`` are decided against the other runs, ``workloads.outcome.classify``)."""
     baseline_loss: float
     """The data's marginal baseline: unigram (text) or class-prior (images) cross-entropy of the
     whole validation split."""
@@ -446,8 +447,8 @@ class Trainer:
 def run(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
     """Train one trial. Calls ``reporter(step, metrics, events)`` every ``probe_interval`` steps, at
     the last step and at an event. Stops early only on a stopping event (``workloads.divergence``:
-    a non-finite loss, or a loss held above l_0 past the grace period); the outcome class comes from
-    the run's final state (``workloads.outcome.trial_class``).
+    a non-finite loss, and a loss held above l_0 past the grace period where ``stop_on`` opts into
+    it); the outcome class comes from the run's final state (``workloads.outcome.trial_class``).
 
     The training losses stay on the device and are read in blocks, one host transfer per
     ``sync_interval`` steps (and at probe, evaluation and last steps); the detector then sees each
@@ -598,7 +599,7 @@ _HELP = {
     "stop_grace": "above_initial may stop the run only after this fraction of --steps",
     "stop_window": "above_initial: median training loss over this many steps",
     "stop_margin": "above_initial: stop when that median >= this x the initial loss",
-    "stop_on": "event kinds that stop the run, '+'-separated: nonfinite, above_initial",
+    "stop_on": "event kinds that stop the run, '+'-separated: nonfinite (default), above_initial (opt-in loss rule)",
     "data": "data source: stdlib, text, bin (gpt); digits, imagefolder, cifar10, synthetic (vit, swin); "
             "auto: stdlib for gpt, digits for images",
     "data_path": "file or folder of the data (data text, bin, imagefolder, cifar10)",
