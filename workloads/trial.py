@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from workloads import data as data_mod
+from workloads import matrices
 from workloads import probes
 from workloads import stabilizers as stab
 from workloads.divergence import DivergenceConfig, DivergenceDetector, DivergenceEvent
@@ -241,9 +242,10 @@ def build_model(cfg: TrialConfig, num_classes: int = 10, in_chans: int = 3, voca
 
 
 def build_optimizer(cfg: TrialConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (or WeylAdamW) with weight decay on the matrices only (``weyl.matrix_shape``, the same
-    rule Weyl bounds by): biases, norms, gamma and timm's ``cls_token`` / ``pos_embed`` are not
-    decayed."""
+    """AdamW (or WeylAdamW) with weight decay on the matrices only: the rule of
+    :mod:`workloads.matrices` (marked on the model here), which Weyl bounds by too. Embeddings,
+    position bias tables, class tokens, norms, biases and sigmaReparam's gamma are not decayed."""
+    matrices.mark(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if matrix_shape(p) is not None], "weight_decay": cfg.weight_decay},

@@ -3,7 +3,7 @@
 | name            | what it changes                         | options (``stabilizer_options[name]``)      |
 | --------------- | --------------------------------------- | ------------------------------------------- |
 | ``none``        | nothing: AdamW, the baseline            |                                             |
-| ``weyl``        | the optimizer: :class:`WeylAdamW`       | tau, threshold, power_iters, weight_power_iters, init_power_iters |
+| ``weyl``        | the optimizer: :class:`WeylAdamW`       | tau, threshold, squarings, weight_power_iters, init_power_iters |
 | ``sigma_reparam`` | every Linear of the blocks: :class:`SigmaReparamLinear` |                             |
 | ``mlra``        | the attention's Q/K/V: :class:`workloads.attention.MLRA` | rank                       |
 | ``qk_norm``     | LayerNorm on queries and keys           |                                             |
@@ -41,7 +41,7 @@ REGISTRY: dict[str, Stabilizer] = {
     for s in (
         Stabilizer("none", "plain AdamW, the baseline"),
         Stabilizer("weyl", "WeylAdamW: AdamW with Weyl smoothing of each matrix's step (Qi et al. 2025)",
-                   options={"tau": float, "threshold": float, "power_iters": int, "weight_power_iters": int,
+                   options={"tau": float, "threshold": float, "squarings": int, "weight_power_iters": int,
                             "init_power_iters": int},
                    optimizer=WeylAdamW),
         Stabilizer("sigma_reparam", "sigmaReparam on every Linear of the blocks (Zhai et al. 2023)",
