@@ -594,3 +594,65 @@ def test_matrix_rule_refuses_a_tensor_it_has_no_rule_for():
 
     with pytest.raises(ValueError, match=r"mystery .*no rule"):
         matrices.classify(Odd())
+
+
+# ------------------------------------------------------------------- sigmaReparam's scope
+@pytest.mark.parametrize("workload", ["gpt", "vit", "swin"])
+def test_sigma_reparam_scope_all_covers_every_linear_and_the_patch_embedding(workload):
+    """Issue 20: ``scope: all`` (Zhai et al.) reparametrises every Linear and conv of the model,
+    ``blocks`` (the default) only the blocks' Linears; both start as the plain model."""
+    from workloads.stabilizers import SigmaReparamConv2d
+
+    base = dict(workload=workload, depth=2, width=32, heads=2, seq_len=16, img_size=16, window_size=2, device="cpu")
+    torch.manual_seed(0)
+    plain = build_model(TrialConfig(**base))
+    models = {}
+    for scope in ("blocks", "all"):
+        torch.manual_seed(0)
+        models[scope] = build_model(TrialConfig(**base, stabilizers=("sigma_reparam",),
+                                                stabilizer_options={"sigma_reparam": {"scope": scope}}))
+    x = torch.randint(0, 256, (2, 16)) if workload == "gpt" else torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = plain.eval()(x)
+    for scope, model in models.items():
+        assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in
+                       (model.modules() if scope == "all" else model.transformer_blocks().modules())), scope
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), want, rtol=1e-4, atol=1e-5)
+    all_, blocks = models["all"], models["blocks"]
+    if workload == "gpt":
+        assert isinstance(all_.lm_head, SigmaReparamLinear) and all_.lm_head.weight is all_.wte.weight  # still tied
+        assert type(blocks.lm_head) is nn.Linear
+    else:
+        assert isinstance(all_.net.patch_embed.proj, SigmaReparamConv2d)
+        head = all_.net.head if workload == "vit" else all_.net.head.fc
+        assert isinstance(head, SigmaReparamLinear)
+        assert type(blocks.net.patch_embed.proj) is nn.Conv2d
+    # it trains: a step with the conv's own power step, gradients reach its gamma
+    all_.train()
+    loss = all_.loss(x, x[:, :] if workload == "gpt" else torch.tensor([1, 2]))
+    loss.backward()
+    gammas = [m.gamma.grad for m in all_.modules() if hasattr(m, "gamma") and isinstance(m.gamma, nn.Parameter)]
+    assert gammas and all(g is not None for g in gammas)
+
+
+def test_sigma_reparam_conv_has_spectral_norm_gamma():
+    from workloads.stabilizers import SigmaReparamConv2d
+
+    conv = SigmaReparamConv2d.from_conv(nn.Conv2d(3, 16, 4, stride=4))
+    with torch.no_grad():
+        conv.weight.add_(0.3 * torch.randn_like(conv.weight))
+        conv.gamma.fill_(1.5)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(100):
+        conv(x)
+    s = torch.linalg.svdvals(conv.effective_weight().detach().flatten(1))[0]
+    assert float(s) == pytest.approx(1.5, rel=1e-3)
+
+
+def test_sigma_reparam_scope_is_validated():
+    from workloads.trial import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stabilizer_options\.sigma_reparam\.scope: 'everything' is not "
+                                          r"allowed; allowed: \['blocks', 'all'\]"):
+        TrialConfig(stabilizers=("sigma_reparam",), stabilizer_options={"sigma_reparam": {"scope": "everything"}})

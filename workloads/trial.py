@@ -237,7 +237,7 @@ def build_model(cfg: TrialConfig, num_classes: int = 10, in_chans: int = 3, voca
         model = build_vit(**common) if cfg.workload == "vit" else build_swin(window_size=cfg.window_size, **common)
     for s in active:
         if s.transform:
-            model = s.transform(model)
+            model = s.transform(model, cfg.stabilizer_options.get(s.name, {}))
     return model
 
 
