@@ -296,13 +296,21 @@ class _Data:
 @torch.no_grad()
 def weight_probes(model: nn.Module) -> dict[str, torch.Tensor]:
     """Spectral probes of W_q/W_k per layer, TEV, parameter norm, as 0-d device tensors (read them
-    with ``probes.read``, one transfer)."""
+    with ``probes.read``, one transfer). ``spectral_conc`` is SEC (max over heads), and
+    ``spectral_conc_norm`` the same normalised by its floor 1/r (``probes.normalized_concentration``,
+    r from ``model.qk_ranks()``), comparable across MLRA's ranks and dense heads; a layer of rank one
+    has no normalised value."""
     m: dict[str, torch.Tensor] = {}
+    ranks = model.qk_ranks()
     for i, s in enumerate(probes.layer_head_singular_values(model.qk_weights())):  # batched over layers
         m[f"spectral_conc/layer{i}"] = probes.concentration(s).max()
+        if ranks[i] >= 2:
+            m[f"spectral_conc_norm/layer{i}"] = probes.normalized_concentration(m[f"spectral_conc/layer{i}"], ranks[i])
         m[f"qk_sigma1/layer{i}"] = s[:, 0].max()
-    for name in ("spectral_conc", "qk_sigma1"):
-        m[f"{name}/max"] = torch.stack([v for k, v in m.items() if k.startswith(f"{name}/layer")]).max()
+    for name in ("spectral_conc", "spectral_conc_norm", "qk_sigma1"):
+        layers = [v for k, v in m.items() if k.startswith(f"{name}/layer")]
+        if layers:
+            m[f"{name}/max"] = torch.stack(layers).max()
     emb = model.token_embedding()
     if emb is not None:
         m["tev/mean"], m["tev/std"] = probes.token_embedding_variability_t(emb.detach()).unbind()
