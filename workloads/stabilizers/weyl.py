@@ -41,7 +41,7 @@ tau up to float rounding, whatever the spectra:
 
 Before issue 20 the update's sigma_1 came from warm-started power iteration too: a lower bound,
 which missed a direction new at that step (a top singular value 1.2-1.3x the previous one that the
-warm basis was nearly orthogonal to) and overshot the cap by up to 32 % against a full SVD; a
+warm basis was nearly orthogonal to) and overshot the cap by up to 30 % against a full SVD; a
 residual correction and a fresh sketch vector still overshot by 15-20 %, three more iterations by
 6.5 % (``benchmarks/weyl_cap.py``).
 
