@@ -44,14 +44,14 @@ def realised_ratios(cfg: TrialConfig, steps: int) -> tuple[torch.Tensor, list[st
     for s in range(steps):
         before = [p.detach().clone() for p in mats]
         tr.step(s, probe=False)
+        if not all(bool(torch.isfinite(p).all()) for p in mats):  # the run diverged: stop measuring
+            break
         ratios = []
         for p, w0 in zip(mats, before):
             c, r, n = matrix_shape(p)
             d = (p.detach() - w0).reshape(c, r, n)
             ratios.append(_sigma1(d) / _sigma1(w0.reshape(c, r, n)).clamp_min(1e-300) / tau)
         rows.append(torch.cat(ratios))
-        if not torch.isfinite(rows[-1]).all():
-            break
     return torch.stack(rows), labels, {"tau": tau}
 
 
@@ -64,7 +64,7 @@ def summary(ratios: torch.Tensor, labels: list[str]) -> dict:
             "capped_median": float(capped.median()) if capped.numel() else float("nan"),
             "capped": int(capped.numel()),
             "over": int((flat > 1.05).sum()), "count": int(flat.numel()), "worst": f"{labels[m]}, step {step}",
-            "steps": ratios.shape[0]}
+            "steps": ratios.shape[0]}  # fewer than asked where the run diverged
 
 
 def main() -> None:
@@ -92,10 +92,11 @@ def main() -> None:
                 r, labels, _ = realised_ratios(cfg, args.steps)
                 s = summary(r, labels)
                 worst = max(worst, s["max"])
-                print(f"| {w}, lr {lr:g}, wd {wd:g} | {s['max']:.3f} | {s['p99']:.3f} | {s['over']} / {s['count']} "
-                      f"({100 * s['over'] / s['count']:.2f} %) | {s['capped_median']:.3f} ({s['capped']}) | {s['worst']} | {time.perf_counter() - t0:.0f} |",
+                note = "" if s["steps"] == args.steps else f", diverged at step {s['steps']}"
+                print(f"| {w}, lr {lr:g}, wd {wd:g} | {s['max']:.4f} | {s['p99']:.3f} | {s['over']} / {s['count']} "
+                      f"({100 * s['over'] / s['count']:.2f} %){note} | {s['capped_median']:.3f} ({s['capped']}) | {s['worst']} | {time.perf_counter() - t0:.0f} |",
                       flush=True)
-    print(f"max over all runs: {worst:.3f} ({'holds' if worst <= 1.05 else 'EXCEEDS'} 1.05 tau)")
+    print(f"max over all runs: {worst:.4f} ({'holds' if worst <= 1.05 else 'EXCEEDS'} 1.05 tau)")
 
 
 if __name__ == "__main__":
