@@ -63,7 +63,7 @@ def _config_fields() -> list[pa.Field]:
 RESULT_METRICS = ("initial_loss", "final_loss", "best_loss", "final_train_loss", "baseline_loss", "wall_time",
                   "throughput", "eval_baseline", "final_loss_se")
 PROBE_METRICS = ("loss", "val_loss", "grad_norm", "param_norm", "attn_entropy/min", "attn_entropy/mean",
-                 "spectral_conc/max", "qk_sigma1/max", "max_logit", "tev/mean", "tev/std",
+                 "spectral_conc/max", "spectral_conc_norm/max", "qk_sigma1/max", "max_logit", "tev/mean", "tev/std",
                  "weyl/fire_rate_cum")
 
 SCHEMA = pa.schema(

@@ -51,6 +51,7 @@ PROBES: dict[str, int] = {
     "attn_entropy/mean": -1,
     "max_logit": +1,
     "spectral_conc/max": +1,
+    "spectral_conc_norm/max": +1,
     "qk_sigma1/max": +1,
     "tev/mean": +1,
     "tev/std": +1,

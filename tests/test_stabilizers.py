@@ -288,10 +288,11 @@ def test_weyl_equals_adamw_when_the_bound_never_fires():
     assert opt.fired_total == 0 and opt.last_stats["weyl/fire_rate"] == 0.0
 
 
-def _reference_weyl_step(opt_state, params, lr, betas, eps, weight_decay, tau, threshold, iters, w_iters, init_iters):
+def _reference_weyl_step(opt_state, params, lr, betas, eps, weight_decay, tau, threshold, squarings, w_iters, init_iters):
     """The per-matrix loop the batched WeylAdamW replaced (host syncs and all), same maths: kept as
-    the reference the sync-free step must equal."""
-    from workloads.stabilizers.weyl import _init_vector, matrix_shape, power_iteration
+    the reference the sync-free step must equal. Per matrix: the step direction D = U bc1 + wd bc1 W,
+    sigma_1(D) from above (trace of a power of its Gram matrix), sigma_1(W) from below."""
+    from workloads.stabilizers.weyl import _init_vector, matrix_shape, power_iteration, spectral_norm_upper
 
     beta1, beta2 = betas
     wd = weight_decay
@@ -301,8 +302,7 @@ def _reference_weyl_step(opt_state, params, lr, betas, eps, weight_decay, tau, t
             st.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
             shape = matrix_shape(p)
             if shape:
-                st["vu"] = _init_vector(shape[0], shape[2], p.numel(), p.device)
-                st["vw"] = st["vu"].clone()
+                st["vw"] = _init_vector(shape[0], shape[2], p.numel(), p.device)
         st["step"] += 1
         t = st["step"]
         st["m"].lerp_(p.grad, 1 - beta1)
@@ -314,33 +314,39 @@ def _reference_weyl_step(opt_state, params, lr, betas, eps, weight_decay, tau, t
             p.data.mul_(1 - lr * wd).addcdiv_(st["m"], denom, value=-lr / bc1)
             continue
         c, r, n = shape
-        it_u, it_w = (max(iters, init_iters), max(w_iters, init_iters)) if t == 1 else (iters, w_iters)
+        it_w = max(w_iters, init_iters) if t == 1 else w_iters
         for j in range(c):  # each matrix on its own, floats on the host
-            d = (st["m"] / denom).reshape(c, r, n)[j:j + 1]
-            w = p.detach().reshape(c, r, n)[j:j + 1]
-            s_d, vu = power_iteration(d, st["vu"][j:j + 1], it_u)
+            w = p.detach().reshape(c, r, n)[j:j + 1].clone()
+            d = (st["m"] / denom).reshape(c, r, n)[j:j + 1] + wd * bc1 * w
+            s_d = spectral_norm_upper(d, squarings)
             s_w, vw = power_iteration(w, st["vw"][j:j + 1], it_w)
-            st["vu"][j:j + 1], st["vw"][j:j + 1] = vu, vw
+            st["vw"][j:j + 1] = vw
             s_u, s_w = float(s_d) / bc1, float(s_w)
             step_lr = tau * s_w / s_u if lr * s_u > threshold * s_w else lr
-            pj = p.data.reshape(c, r, n)[j]
-            pj.mul_(1 - step_lr * wd).addcdiv_(st["m"].reshape(c, r, n)[j], denom.reshape(c, r, n)[j],
-                                               value=-step_lr / bc1)
+            p.data.reshape(c, r, n)[j].add_(d[0], alpha=-step_lr / bc1)
 
 
-@pytest.mark.parametrize("head, tail", [(3, 1), (1, 4), (2, 2)])
-def test_power_iteration_split_equals_separate_calls(head, tail):
-    """WeylAdamW's update and weight iterations share one batch: same numbers as two calls."""
-    from workloads.stabilizers.weyl import power_iteration, power_iteration_split
+def test_spectral_norm_upper_bounds_sigma_1_and_is_tight_with_a_gap():
+    """tr(C^k)^(1/2k) >= sigma_1 for any matrix (no start vector, no iteration to converge), within
+    its stated factor of it, and exact for rank one."""
+    from workloads.stabilizers.weyl import spectral_norm_upper
 
     g = torch.Generator().manual_seed(0)
-    a, v = torch.randn(5, 12, 9, generator=g), torch.randn(5, 2, 9, generator=g)
-    s, vs = power_iteration_split(a, v, 2, head, tail)
-    s_head, v_head = power_iteration(a[:2], v[:2], head)
-    s_tail, v_tail = power_iteration(a[2:], v[2:], tail)
-    torch.testing.assert_close(s, torch.cat((s_head, s_tail)), rtol=1e-6, atol=0)
-    torch.testing.assert_close(vs, torch.cat((v_head, v_tail)), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(s_head, power_iteration(a[:2], v[:2], head + 3)[0], rtol=1e-6, atol=0)
+    mats = [torch.randn(7, 32, 12, generator=g), torch.randn(5, 12, 40, generator=g),
+            torch.sign(torch.randn(6, 48, 16, generator=g))]  # Adam-like +-1 directions
+    for a in mats:
+        for sq in (0, 2, 3, 5):
+            up = spectral_norm_upper(a, sq).double()
+            s = torch.linalg.svdvals(a.double())
+            k = 2 ** (sq + 1)
+            factor = ((s / s[:, :1]) ** (2 * k)).sum(-1) ** (1 / (2 * k))
+            torch.testing.assert_close(up, s[:, 0] * factor, rtol=1e-4, atol=0)
+            assert bool((up >= s[:, 0] * (1 - 1e-5)).all())
+    u, v = torch.randn(3, 20, 1, generator=g), torch.randn(3, 1, 9, generator=g)
+    rank_one = u @ v
+    torch.testing.assert_close(spectral_norm_upper(rank_one).double(),
+                               torch.linalg.matrix_norm(rank_one.double(), 2), rtol=1e-5, atol=0)
+    assert float(spectral_norm_upper(torch.zeros(2, 4, 3)).max()) < 1e-20  # a zero step stays (about) zero
 
 
 @pytest.mark.parametrize("tau", [0.02, 1e9])
@@ -353,7 +359,7 @@ def test_weyl_batched_step_equals_per_matrix_reference(tau):
     ref = [nn.Parameter(p.detach().clone()) for p in ps]
     ref[3].matrix_batch_dims = 1
     kw = dict(lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, tau=tau, threshold=tau)
-    opt = WeylAdamW(ps, power_iters=2, weight_power_iters=1, init_power_iters=5, **kw)
+    opt = WeylAdamW(ps, squarings=2, weight_power_iters=1, init_power_iters=5, **kw)
     state: dict = {}
     g = torch.Generator().manual_seed(1)
     for _ in range(6):
@@ -361,7 +367,7 @@ def test_weyl_batched_step_equals_per_matrix_reference(tau):
             p.grad = torch.randn(p.shape, generator=g)
             q.grad = p.grad.clone()
         opt.step()
-        _reference_weyl_step(state, ref, iters=2, w_iters=1, init_iters=5, **kw)
+        _reference_weyl_step(state, ref, squarings=2, w_iters=1, init_iters=5, **kw)
         for p, q in zip(ps, ref):
             torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-7)
     # matrices: 2 + 1 + 6 heads + 1 conv; (1, 5, 16) is a token table, not a matrix
@@ -417,20 +423,32 @@ def test_weyl_cap_holds_against_svd(kind, slack):
     assert worst >= 0.99  # it is the bound, not far below it
 
 
-def test_weyl_cap_holds_on_a_training_gpt():
+@pytest.mark.parametrize("workload", ["gpt", "vit"])
+def test_weyl_cap_holds_at_every_matrix_step_against_svd(workload):
+    """Issue 20: the realised sigma_1(W_t - W_{t-1}) / sigma_1(W_{t-1}) <= 1.05 tau at every
+    matrix-step (the max, not a percentile) over 120 steps, at lr 0.1 and 1, weight decay 0 and 0.1
+    (the step is the whole change of the matrix, decay included), by a full SVD. Before issue 20 the
+    max reached 1.32 tau (GPT, lr 0.1). The bound must also be reached, not only respected."""
     from workloads.stabilizers.weyl import matrix_shape
-    from workloads.trial import Trainer, TrialConfig
 
-    cfg = TrialConfig(workload="gpt", depth=2, width=32, heads=2, seq_len=32, batch_size=4, lr=3e-2,
-                      weight_decay=0.0, stabilizers=("weyl",), device="cpu", steps=100)
-    tr = Trainer(cfg)
-    for s in range(20):
-        before = {p: p.detach().clone() for p in tr.model.parameters() if matrix_shape(p)}
-        tr.step(s, probe=False)
-        for p, w0 in before.items():
-            c, r, n = matrix_shape(p)
-            ratio = _spectral_norm((p.detach() - w0).reshape(c, r, n)) / _spectral_norm(w0.reshape(c, r, n))
-            assert float(ratio.max()) <= 0.1 * 1.01
+    for lr in (0.1, 1.0):
+        for wd in (0.0, 0.1):
+            cfg = TrialConfig(workload=workload, depth=2, width=32, heads=2, seq_len=32, img_size=16, batch_size=4,
+                              lr=lr, weight_decay=wd, schedule="constant", stabilizers=("weyl",), device="cpu",
+                              steps=120)
+            tr = Trainer(cfg)
+            mats = [p for p in tr.model.parameters() if matrix_shape(p)]
+            worst = 0.0
+            for s in range(120):
+                before = [p.detach().clone() for p in mats]
+                tr.step(s, probe=False)
+                for p, w0 in zip(mats, before):
+                    c, r, n = matrix_shape(p)
+                    ratio = _spectral_norm((p.detach() - w0).reshape(c, r, n)) / _spectral_norm(w0.reshape(c, r, n))
+                    worst = max(worst, float(ratio.max()) / 0.1)
+            assert worst <= 1.05, (workload, lr, wd, worst)
+            assert worst >= 0.95, (workload, lr, wd, worst)  # it fired and the step went up to the cap
+            assert tr.opt.fired_total > 0
 
 
 def test_weyl_bound_holds_when_it_fires():
@@ -438,7 +456,7 @@ def test_weyl_bound_holds_when_it_fires():
     a, b = _mlp(), _mlp()
     kw = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     ref = torch.optim.AdamW(a.parameters(), foreach=False, **kw)
-    opt = WeylAdamW(b.parameters(), tau=tau, power_iters=30, weight_power_iters=30, **kw)
+    opt = WeylAdamW(b.parameters(), tau=tau, squarings=6, weight_power_iters=30, **kw)
     g = torch.Generator().manual_seed(3)
     for _ in range(5):
         x, y = torch.randn(16, 10, generator=g), torch.randint(0, 3, (16,), generator=g)
@@ -509,3 +527,132 @@ def test_registry_names_and_errors():
         resolve(("mlra",), {"mlra": {"rnk": 2}})
     with pytest.raises(ValueError, match="is not a int"):
         resolve(("mlra",), {"mlra": {"rank": 2.5}})
+
+
+# ------------------------------------------------------------------------- what is a matrix
+def _kinds(workload, stabilizers=()):
+    from workloads import matrices
+
+    cfg = TrialConfig(workload=workload, depth=2, width=32, heads=2, seq_len=16, img_size=16, window_size=2,
+                      stabilizers=stabilizers, device="cpu")
+    model = build_model(cfg)
+    return model, matrices.mark(model)
+
+
+@pytest.mark.parametrize("workload,stabilizers,expected", [
+    ("gpt", (), {
+        "wte.weight": "embedding",  # tied to lm_head: a token embedding, so not a matrix
+        "wpe.weight": "embedding",
+        "blocks.0.ln_1.weight": "norm", "blocks.0.ln_2.weight": "norm", "ln_f.weight": "norm",
+        "blocks.0.attn.qkv.weight": "matrix", "blocks.0.attn.proj.weight": "matrix",
+        "blocks.0.mlp.fc.weight": "matrix", "blocks.0.mlp.proj.weight": "matrix"}),
+    ("gpt", ("mlra", "sigma_reparam"), {
+        "wte.weight": "embedding", "blocks.1.attn.qkv.up": "matrix", "blocks.1.attn.qkv.down.weight": "matrix",
+        "blocks.1.attn.qkv.down.gamma": "gain", "blocks.1.mlp.fc.gamma": "gain"}),
+    ("vit", ("qk_norm",), {
+        "net.cls_token": "class_token", "net.pos_embed": "embedding",
+        "net.patch_embed.proj.weight": "matrix", "net.patch_embed.proj.bias": "bias",
+        "net.blocks.0.norm1.weight": "norm", "net.blocks.0.norm1.bias": "norm",
+        "net.blocks.0.attn.qkv.weight": "matrix", "net.blocks.0.attn.qkv.bias": "bias",
+        "net.blocks.0.attn.q_norm.weight": "norm", "net.blocks.0.attn.proj.weight": "matrix",
+        "net.blocks.0.mlp.fc1.weight": "matrix", "net.blocks.0.mlp.fc2.bias": "bias",
+        "net.norm.weight": "norm", "net.head.weight": "matrix", "net.head.bias": "bias"}),
+    ("swin", ("qk_norm",), {
+        "net.patch_embed.proj.weight": "matrix", "net.patch_embed.norm.weight": "norm",
+        "net.layers.0.blocks.0.attn.relative_position_bias_table": "position_bias",
+        "net.layers.0.blocks.0.attn.qkv.qkv.weight": "matrix", "net.layers.0.blocks.0.attn.qkv.q_norm.weight": "norm",
+        "net.layers.0.blocks.0.attn.proj.weight": "matrix", "net.layers.1.downsample.reduction.weight": "matrix",
+        "net.layers.1.downsample.norm.weight": "norm", "net.head.fc.weight": "matrix", "net.head.fc.bias": "bias"}),
+])
+def test_matrix_rule_lists_every_tensor_of_each_model(workload, stabilizers, expected):
+    """Issue 20: one rule (workloads.matrices) for Weyl and weight decay on all three models: a tensor
+    is a matrix when it maps features to features; embeddings, position bias tables, class tokens,
+    norms, biases and gains are not. Every parameter gets a kind; the listed ones are checked by
+    name, and the optimizer's weight decay and Weyl's matrices follow the kinds exactly."""
+    from workloads.stabilizers.weyl import matrix_shape
+    from workloads.trial import build_optimizer
+
+    model, kinds = _kinds(workload, stabilizers)
+    assert set(kinds) == {n for n, _ in model.named_parameters()}
+    for name, kind in expected.items():
+        assert kinds[name] == kind, name
+    cfg = TrialConfig(workload=workload, stabilizers=("weyl",), weight_decay=0.1, device="cpu")
+    opt = build_optimizer(cfg, model, torch.device("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (kinds[name] == "matrix") == (id(p) in decayed) == (matrix_shape(p) is not None), name
+
+
+def test_matrix_rule_refuses_a_tensor_it_has_no_rule_for():
+    from workloads import matrices
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.mystery = nn.Parameter(torch.zeros(3, 4))
+
+    with pytest.raises(ValueError, match=r"mystery .*no rule"):
+        matrices.classify(Odd())
+
+
+# ------------------------------------------------------------------- sigmaReparam's scope
+@pytest.mark.parametrize("workload", ["gpt", "vit", "swin"])
+def test_sigma_reparam_scope_all_covers_every_linear_and_the_patch_embedding(workload):
+    """Issue 20: ``scope: all`` (Zhai et al.) reparametrises every Linear and conv of the model,
+    ``blocks`` (the default) only the blocks' Linears; both start as the plain model."""
+    from workloads.stabilizers import SigmaReparamConv2d
+
+    base = dict(workload=workload, depth=2, width=32, heads=2, seq_len=16, img_size=16, window_size=2, device="cpu")
+    torch.manual_seed(0)
+    plain = build_model(TrialConfig(**base))
+    models = {}
+    for scope in ("blocks", "all"):
+        torch.manual_seed(0)
+        models[scope] = build_model(TrialConfig(**base, stabilizers=("sigma_reparam",),
+                                                stabilizer_options={"sigma_reparam": {"scope": scope}}))
+    x = torch.randint(0, 256, (2, 16)) if workload == "gpt" else torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = plain.eval()(x)
+    for scope, model in models.items():
+        assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in
+                       (model.modules() if scope == "all" else model.transformer_blocks().modules())), scope
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), want, rtol=1e-4, atol=1e-5)
+    all_, blocks = models["all"], models["blocks"]
+    if workload == "gpt":
+        assert isinstance(all_.lm_head, SigmaReparamLinear) and all_.lm_head.weight is all_.wte.weight  # still tied
+        assert type(blocks.lm_head) is nn.Linear
+    else:
+        assert isinstance(all_.net.patch_embed.proj, SigmaReparamConv2d)
+        head = all_.net.head if workload == "vit" else all_.net.head.fc
+        assert isinstance(head, SigmaReparamLinear)
+        assert type(blocks.net.patch_embed.proj) is nn.Conv2d
+    # it trains: a step with the conv's own power step, gradients reach its gamma
+    all_.train()
+    loss = all_.loss(x, x[:, :] if workload == "gpt" else torch.tensor([1, 2]))
+    loss.backward()
+    gammas = [m.gamma.grad for m in all_.modules() if hasattr(m, "gamma") and isinstance(m.gamma, nn.Parameter)]
+    assert gammas and all(g is not None for g in gammas)
+
+
+def test_sigma_reparam_conv_has_spectral_norm_gamma():
+    from workloads.stabilizers import SigmaReparamConv2d
+
+    conv = SigmaReparamConv2d.from_conv(nn.Conv2d(3, 16, 4, stride=4))
+    with torch.no_grad():
+        conv.weight.add_(0.3 * torch.randn_like(conv.weight))
+        conv.gamma.fill_(1.5)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(100):
+        conv(x)
+    s = torch.linalg.svdvals(conv.effective_weight().detach().flatten(1))[0]
+    assert float(s) == pytest.approx(1.5, rel=1e-3)
+
+
+def test_sigma_reparam_scope_is_validated():
+    from workloads.trial import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stabilizer_options\.sigma_reparam\.scope: 'everything' is not "
+                                          r"allowed; allowed: \['blocks', 'all'\]"):
+        TrialConfig(stabilizers=("sigma_reparam",), stabilizer_options={"sigma_reparam": {"scope": "everything"}})

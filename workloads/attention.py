@@ -29,6 +29,17 @@ def split_qk(qkv: nn.Module) -> tuple[Tensor, Tensor]:
     return w[:d], w[d:2 * d]
 
 
+def qk_rank(qkv: nn.Module, num_heads: int) -> int:
+    """The rank of the factorisation of ``W_q[h]^T W_k[h]`` for a qkv projection: ``d_h`` for a
+    dense one, ``min(r, d_h)`` for MLRA's :class:`LowRankQKV` (the floor of SEC is ``1/rank``, see
+    :func:`workloads.probes.normalized_concentration`). Read from the modules, not the weights."""
+    inner = qkv.qkv if isinstance(qkv, QKNormQKV) else qkv
+    if isinstance(inner, LowRankQKV):
+        return min(inner.rank, inner.head_dim)
+    out = getattr(inner, "out_features", None) or inner.weight.shape[0]
+    return out // 3 // num_heads
+
+
 class LowRankQKV(nn.Module):
     """Multi-head low-rank Q/K/V projection (the projection of MLRA).
 

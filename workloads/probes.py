@@ -8,7 +8,8 @@ detached tensors. They are computed every ``probe_interval`` steps only; see ``w
   max logit in chunks of query rows, and ``AttentionStats`` collects them per layer on probe steps
   from the first ``PROBE_BATCH`` items of the batch (why: see ``AttentionStats``).
 * ``spectral_concentration``: the share of spectral energy of ``W_q[h]^T W_k[h]`` in its top
-  direction, the SEC index of Qi et al. (ICLR 2025) with s = 1.
+  direction, the SEC index of Qi et al. (ICLR 2025) with s = 1; ``normalized_concentration`` puts
+  it on a scale that does not depend on the rank of the factorisation (MLRA's r < d_h).
 * ``token_embedding_variability``: TEV of Chung et al. (2024), Sec. 3.
 """
 
@@ -184,6 +185,18 @@ def spectral_concentration(w_q: Tensor, w_k: Tensor, num_heads: int) -> Tensor:
     top = _squared_singular_values(g_q, g_k)[:, 0]
     total = (g_q * g_k).sum(dim=(1, 2))
     return (top / total.clamp_min(1e-300)).float()
+
+
+def normalized_concentration(sec: Tensor, rank: int) -> Tensor:
+    """SEC over its floor: ``(sec - 1/r) / (1 - 1/r)``, r the rank of ``W_q[h]^T W_k[h]``'s
+    factorisation (``d_h`` for dense attention, MLRA's rank r). SEC lies in ``[1/r, 1]``: ``1/r``
+    when the r singular values are equal, 1 for rank one; a rank-r head can never read below 1/r,
+    so raw SEC reads higher for MLRA (r = d_h / 2) than for dense heads with the same shape of
+    spectrum. The normalised value is in [0, 1] for every r: 0 = spread evenly, 1 = one direction.
+    Needs ``rank >= 2`` (a rank-one head's SEC is 1 by construction and carries no information)."""
+    if rank < 2:
+        raise ValueError(f"rank must be >= 2, got {rank}")
+    return (sec - 1.0 / rank) / (1.0 - 1.0 / rank)
 
 
 def concentration(s: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workloads import data as data_mod
+from workloads import matrices
 from workloads import probes
 from workloads import stabilizers as stab
 from workloads.divergence import DivergenceConfig, DivergenceDetector, DivergenceEvent
@@ -249,14 +250,15 @@ def build_model(cfg: TrialConfig, num_classes: int = 10, in_chans: int = 3, voca
         model = build_vit(**common) if cfg.workload == "vit" else build_swin(window_size=cfg.window_size, **common)
     for s in active:
         if s.transform:
-            model = s.transform(model)
+            model = s.transform(model, cfg.stabilizer_options.get(s.name, {}))
     return model
 
 
 def build_optimizer(cfg: TrialConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (or WeylAdamW) with weight decay on the matrices only (``weyl.matrix_shape``, the same
-    rule Weyl bounds by): biases, norms, gamma and timm's ``cls_token`` / ``pos_embed`` are not
-    decayed."""
+    """AdamW (or WeylAdamW) with weight decay on the matrices only: the rule of
+    :mod:`workloads.matrices` (marked on the model here), which Weyl bounds by too. Embeddings,
+    position bias tables, class tokens, norms, biases and sigmaReparam's gamma are not decayed."""
+    matrices.mark(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if matrix_shape(p) is not None], "weight_decay": cfg.weight_decay},
@@ -311,13 +313,21 @@ class _Data:
 @torch.no_grad()
 def weight_probes(model: nn.Module) -> dict[str, torch.Tensor]:
     """Spectral probes of W_q/W_k per layer, TEV, parameter norm, as 0-d device tensors (read them
-    with ``probes.read``, one transfer)."""
+    with ``probes.read``, one transfer). ``spectral_conc`` is SEC (max over heads), and
+    ``spectral_conc_norm`` the same normalised by its floor 1/r (``probes.normalized_concentration``,
+    r from ``model.qk_ranks()``), comparable across MLRA's ranks and dense heads; a layer of rank one
+    has no normalised value."""
     m: dict[str, torch.Tensor] = {}
+    ranks = model.qk_ranks()
     for i, s in enumerate(probes.layer_head_singular_values(model.qk_weights())):  # batched over layers
         m[f"spectral_conc/layer{i}"] = probes.concentration(s).max()
+        if ranks[i] >= 2:
+            m[f"spectral_conc_norm/layer{i}"] = probes.normalized_concentration(m[f"spectral_conc/layer{i}"], ranks[i])
         m[f"qk_sigma1/layer{i}"] = s[:, 0].max()
-    for name in ("spectral_conc", "qk_sigma1"):
-        m[f"{name}/max"] = torch.stack([v for k, v in m.items() if k.startswith(f"{name}/layer")]).max()
+    for name in ("spectral_conc", "spectral_conc_norm", "qk_sigma1"):
+        layers = [v for k, v in m.items() if k.startswith(f"{name}/layer")]
+        if layers:
+            m[f"{name}/max"] = torch.stack(layers).max()
     emb = model.token_embedding()
     if emb is not None:
         m["tev/mean"], m["tev/std"] = probes.token_embedding_variability_t(emb.detach()).unbind()

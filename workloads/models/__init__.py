@@ -5,6 +5,8 @@ Every model is an ``nn.Module`` with the probe interface the trial loop relies o
   ``transformer_blocks() -> nn.Module``         the blocks (scope of sigmaReparam)
   ``layers() -> [nn.Module, ...]``              one module per attention layer, in forward order
   ``qk_weights() -> [(W_q, W_k, heads), ...]``  effective query/key projections, one per layer
+  ``qk_ranks() -> [int, ...]``                  rank of W_q[h]^T W_k[h]'s factorisation per layer
+                                                (d_h, or MLRA's r): the floor 1/r of SEC
   ``token_embedding() -> Tensor | None``        the token embedding matrix (for TEV)
   ``capture_attention(batch=PROBE_BATCH)``      context manager yielding an ``AttentionStats`` that
                                                 the forward passes inside it fill, layer by layer,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workloads.attention import MLRA, CausalSelfAttention
+from workloads.attention import MLRA, CausalSelfAttention, qk_rank
 from workloads.probes import PROBE_BATCH, AttentionStats
 
 
@@ -110,6 +110,9 @@ class GPT(nn.Module):
 
     def qk_weights(self) -> list[tuple[Tensor, Tensor, int]]:
         return [(*b.attn.qk_weights(), b.attn.num_heads) for b in self.blocks]
+
+    def qk_ranks(self) -> list[int]:
+        return [qk_rank(b.attn.qkv, b.attn.num_heads) for b in self.blocks]
 
     def token_embedding(self) -> Tensor | None:
         return self.wte.weight

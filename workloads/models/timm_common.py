@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workloads.attention import LowRankQKV, split_qk
+from workloads.attention import LowRankQKV, qk_rank, split_qk
 from workloads.probes import PROBE_BATCH, AttentionStats
 
 
@@ -40,6 +40,9 @@ class TimmClassifier(nn.Module):
 
     def qk_weights(self) -> list[tuple[Tensor, Tensor, int]]:
         return [(*split_qk(a.qkv), a.num_heads) for a in self.attn_modules]
+
+    def qk_ranks(self) -> list[int]:
+        return [qk_rank(a.qkv, a.num_heads) for a in self.attn_modules]
 
     def layers(self) -> list[nn.Module]:
         """One module per attention layer (the block that holds it), in forward order."""

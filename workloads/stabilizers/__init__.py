@@ -3,8 +3,8 @@
 | name            | what it changes                         | options (``stabilizer_options[name]``)      |
 | --------------- | --------------------------------------- | ------------------------------------------- |
 | ``none``        | nothing: AdamW, the baseline            |                                             |
-| ``weyl``        | the optimizer: :class:`WeylAdamW`       | tau, threshold, power_iters, weight_power_iters, init_power_iters |
-| ``sigma_reparam`` | every Linear of the blocks: :class:`SigmaReparamLinear` |                             |
+| ``weyl``        | the optimizer: :class:`WeylAdamW`       | tau, threshold, squarings, weight_power_iters, init_power_iters |
+| ``sigma_reparam`` | every Linear of the blocks, or of the model and its patch-embedding conv: :class:`SigmaReparamLinear` | scope (``blocks`` default, ``all``) |
 | ``mlra``        | the attention's Q/K/V: :class:`workloads.attention.MLRA` | rank                       |
 | ``qk_norm``     | LayerNorm on queries and keys           |                                             |
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from workloads.stabilizers.sigma_reparam import SigmaReparamLinear, apply_sigma_reparam
+from workloads.stabilizers.sigma_reparam import SCOPES, SigmaReparamConv2d, SigmaReparamLinear, apply_sigma_reparam
 from workloads.stabilizers.weyl import WeylAdamW
 
 
@@ -29,10 +29,11 @@ from workloads.stabilizers.weyl import WeylAdamW
 class Stabilizer:
     name: str
     description: str
-    options: Mapping[str, type] = field(default_factory=dict)
-    """Allowed option names and their types."""
+    options: Mapping[str, type | tuple[str, ...]] = field(default_factory=dict)
+    """Allowed option names and their types, or the tuple of their allowed values."""
     model_options: Callable[[Mapping[str, Any]], dict] | None = None
-    transform: Callable[[nn.Module], nn.Module] | None = None
+    transform: Callable[[nn.Module, Mapping[str, Any]], nn.Module] | None = None
+    """``transform(model, options)``: the model with the stabilizer applied."""
     optimizer: type | None = None
 
 
@@ -41,11 +42,13 @@ REGISTRY: dict[str, Stabilizer] = {
     for s in (
         Stabilizer("none", "plain AdamW, the baseline"),
         Stabilizer("weyl", "WeylAdamW: AdamW with Weyl smoothing of each matrix's step (Qi et al. 2025)",
-                   options={"tau": float, "threshold": float, "power_iters": int, "weight_power_iters": int,
+                   options={"tau": float, "threshold": float, "squarings": int, "weight_power_iters": int,
                             "init_power_iters": int},
                    optimizer=WeylAdamW),
-        Stabilizer("sigma_reparam", "sigmaReparam on every Linear of the blocks (Zhai et al. 2023)",
-                   transform=apply_sigma_reparam),
+        Stabilizer("sigma_reparam", "sigmaReparam on every Linear of the blocks, or (scope: all) on every "
+                   "Linear and the patch-embedding conv (Zhai et al. 2023)",
+                   options={"scope": SCOPES},
+                   transform=lambda m, o: apply_sigma_reparam(m, o.get("scope") or "blocks")),
         Stabilizer("mlra", "multi-head low-rank attention (Chung et al. 2024)",
                    options={"rank": int},
                    model_options=lambda o: {"attention": "mlra", "mlra_rank": o.get("rank")}),
@@ -75,6 +78,10 @@ def resolve(names: tuple[str, ...] | list[str] | str, options: Mapping[str, Mapp
         for k, v in opts.items():
             if k not in allowed:
                 raise ValueError(f"stabilizer_options.{key}: unknown option {k!r}; allowed: {sorted(allowed)}")
+            if isinstance(allowed[k], tuple):
+                if v is not None and v not in allowed[k]:
+                    raise ValueError(f"stabilizer_options.{key}.{k}: {v!r} is not allowed; allowed: {list(allowed[k])}")
+                continue
             if v is not None and not isinstance(v, (int, float) if allowed[k] is float else allowed[k]):
                 raise ValueError(f"stabilizer_options.{key}.{k}: {v!r} is not a {allowed[k].__name__}")
     return [REGISTRY[n] for n in names if n != "none"]
@@ -86,5 +93,5 @@ def label(names: tuple[str, ...]) -> str:
     return "+".join(active) if active else "none"
 
 
-__all__ = ["REGISTRY", "SigmaReparamLinear", "Stabilizer", "WeylAdamW", "apply_sigma_reparam",
+__all__ = ["REGISTRY", "SigmaReparamConv2d", "SigmaReparamLinear", "Stabilizer", "WeylAdamW", "apply_sigma_reparam",
            "label", "resolve"]

@@ -46,33 +46,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class SigmaReparamLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+class _SigmaReparam:
+    """What a reparametrised layer adds to its ``weight``: ``gamma``, the power-iteration buffers
+    ``u``, ``v`` and ``W_hat = gamma / sigma(W) W``, sigma that of the weight as a matrix
+    ``[out, rest]`` (a conv kernel ``[out, in, kh, kw]`` as ``[out, in * kh * kw]``)."""
+
+    def _init_sigma(self, device, dtype) -> None:
+        out, rest = self.weight.shape[0], self.weight[0].numel()
         self.gamma = nn.Parameter(torch.ones((), device=device, dtype=dtype))
-        self.register_buffer("u", torch.zeros(in_features, device=device, dtype=torch.float32))
-        self.register_buffer("v", torch.zeros(out_features, device=device, dtype=torch.float32))
+        self.register_buffer("u", torch.zeros(rest, device=device, dtype=torch.float32))
+        self.register_buffer("v", torch.zeros(out, device=device, dtype=torch.float32))
         self.reset_sigma()
         self._batched_weight: Tensor | None = None  # W_hat from the model's batched pre-hook, for one call
 
-    @classmethod
-    def from_linear(cls, lin: nn.Linear) -> SigmaReparamLinear:
-        w = lin.weight
-        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                  device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            new.weight.copy_(w)
-            if lin.bias is not None:
-                new.bias.copy_(lin.bias)
-        new.reset_sigma()
-        return new
+    def _adopt(self, layer: nn.Module) -> None:
+        """Take ``layer``'s own weight and bias parameters (a tied weight stays tied), then reset."""
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.reset_sigma()
 
     @torch.no_grad()
     def reset_sigma(self) -> None:
         """Exact top singular pair of the current weight (one SVD at construction); gamma = sigma."""
-        _, s, vh = torch.linalg.svd(self.weight.float(), full_matrices=False)
+        w = self.weight.float().flatten(1)
+        _, s, vh = torch.linalg.svd(w, full_matrices=False)
         self.u.copy_(vh[0])
-        self.v.copy_(F.normalize(self.weight.float() @ vh[0], dim=0))
+        self.v.copy_(F.normalize(w @ vh[0], dim=0))
         self.gamma.fill_(float(s[0]))
 
     def sigma(self) -> Tensor:
@@ -83,7 +82,7 @@ class SigmaReparamLinear(nn.Linear):
         official code's order). ``W^T v`` is computed once, with grad, and serves both the new
         ``u`` and ``sigma = (W^T v) . u`` (= ``||W^T v||``; gradient ``v u^T`` as in the paper)."""
         with torch.autocast(self.weight.device.type, enabled=False):
-            w = self.weight.float()
+            w = self.weight.float().flatten(1)
             if self.training and torch.is_grad_enabled():
                 with torch.no_grad():
                     v = F.normalize(torch.mv(w, self.u), dim=0)
@@ -101,11 +100,52 @@ class SigmaReparamLinear(nn.Linear):
         with tokens > in_features); autocast casts the result as it casts a plain weight."""
         return self.weight * (self.gamma.float() / self.sigma()).to(self.weight.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _weight_for_call(self) -> Tensor:
         w_hat, self._batched_weight = self._batched_weight, None  # a batched W_hat serves this one call
-        if w_hat is None:
-            w_hat = self.effective_weight()
-        return F.linear(x, w_hat, self.bias)
+        return self.effective_weight() if w_hat is None else w_hat
+
+
+class SigmaReparamLinear(_SigmaReparam, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_sigma(device, dtype)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> SigmaReparamLinear:
+        """The reparametrised ``lin``, computing the same function at the start; it keeps ``lin``'s
+        weight and bias parameters (GPT's head stays tied to the token embedding)."""
+        w = lin.weight
+        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+        new._adopt(lin)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self._weight_for_call(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", sigma_reparam=True"
+
+
+class SigmaReparamConv2d(_SigmaReparam, nn.Conv2d):
+    """sigmaReparam of a convolution (Zhai et al. reparametrise the patch embedding too): sigma of the
+    kernel as the matrix ``[out, in * kh * kw]`` it applies to each patch; one power step per
+    training forward, run by the layer itself (not batched: a model has one patch embedding)."""
+
+    def __init__(self, *args, device=None, dtype=None, **kwargs):
+        super().__init__(*args, device=device, dtype=dtype, **kwargs)
+        self._init_sigma(device, dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> SigmaReparamConv2d:
+        w = conv.weight
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
+        new._adopt(conv)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self._weight_for_call(), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", sigma_reparam=True"
@@ -169,19 +209,35 @@ def _post_forward(model: nn.Module, args, output) -> None:
                     m.v.copy_(v_old[i])
 
 
-def apply_sigma_reparam(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` of the model's Transformer blocks by a ``SigmaReparamLinear``.
+SCOPES = ("blocks", "all")
+"""``blocks``: every ``nn.Linear`` of the Transformer blocks (the default); ``all``: every
+``nn.Linear`` and ``nn.Conv2d`` of the model (the patch embedding, the classifier head, GPT's tied
+output head), the scope of Zhai et al."""
 
-    The scope is ``model.transformer_blocks()`` when the model defines it (attention and MLP of
-    every block; embeddings, tied heads and classifier heads stay as they are), else the whole
-    module. Weights are kept: the reparametrised layer computes the same function at the start.
+
+def apply_sigma_reparam(model: nn.Module, scope: str = "blocks") -> nn.Module:
+    """Replace ``nn.Linear`` (and, with ``scope="all"``, ``nn.Conv2d``) modules by their
+    sigmaReparam versions, keeping their parameters (the reparametrised layer computes the same
+    function at the start; a tied weight stays tied).
+
+    ``scope="blocks"``: the Linears of ``model.transformer_blocks()`` when the model defines it
+    (attention and MLP of every block, Swin's patch merging; embeddings, heads and the patch
+    embedding stay as they are), else of the whole module. ``scope="all"``: every Linear and conv
+    of the model, as in Zhai et al. (ViT / Swin: the patch embedding conv and the classifier head
+    too; GPT: its output head, whose weight is the token embedding's: the lookup reads the raw
+    embedding, the head its reparametrised version). Embedding tables are not Linear layers and stay.
     """
-    scope = model.transformer_blocks() if hasattr(model, "transformer_blocks") else model
+    if scope not in SCOPES:
+        raise ValueError(f"stabilizer_options.sigma_reparam.scope: {scope!r} is not allowed; allowed: {list(SCOPES)}")
+    root = model if scope == "all" or not hasattr(model, "transformer_blocks") else model.transformer_blocks()
     count = 0
-    for parent in list(scope.modules()):
+    for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, SigmaReparamLinear.from_linear(child))
+                count += 1
+            elif scope == "all" and type(child) is nn.Conv2d:
+                setattr(parent, name, SigmaReparamConv2d.from_conv(child))
                 count += 1
     if count == 0:
         raise ValueError("apply_sigma_reparam: no nn.Linear found to reparametrise")

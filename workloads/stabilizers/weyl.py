@@ -1,51 +1,60 @@
 """Weyl smoothing: AdamW whose per-matrix step is bounded by the weight's own spectral norm
 (Qi et al., "Taming Transformer Without Using Learning Rate Warmup", ICLR 2025; "AdamW^2").
 
-For a weight matrix W with AdamW direction U_t (bias-corrected ``m / (sqrt(v) + eps)``), the step
-at learning rate ``a`` is ``dW_t = a U_t``. Weyl's inequality gives
-``sigma_1(W_{t-1} - dW_t) <= sigma_1(W_{t-1}) + a sigma_1(U_t)``, so the top singular value of W can
-grow by at most the ratio ``r_t = a sigma_1(U_t) / sigma_1(W_{t-1})`` in one step. When ``r_t``
+For a weight matrix W, AdamW's step at learning rate ``a`` is ``dW_t = a D_t`` with the direction
+``D_t = U_t + wd W_{t-1}`` (``U_t`` the bias-corrected ``m / (sqrt(v) + eps)``, ``wd`` the decoupled
+weight decay: the decay is part of the step and inside the bound). Weyl's inequality gives
+``sigma_1(W_{t-1} - dW_t) <= sigma_1(W_{t-1}) + a sigma_1(D_t)``, so the top singular value of W can
+grow by at most the ratio ``r_t = a sigma_1(D_t) / sigma_1(W_{t-1})`` in one step. When ``r_t``
 exceeds ``threshold`` the step's learning rate is bounded to
 
-    a_t = tau * sigma_1(W_{t-1}) / sigma_1(U_t)            (so that r_t becomes tau)
+    a_t = tau * sigma_1(W_{t-1}) / sigma_1(D_t)            (so that r_t becomes tau)
 
-and ``a_t`` is used for that matrix's step, weight decay included. Otherwise the step is AdamW's
-(equal to ``torch.optim.AdamW`` to float rounding). Everything that is not a matrix takes the plain
-AdamW step.
+Otherwise the step is AdamW's (equal to ``torch.optim.AdamW`` to float rounding). Everything that
+is not a matrix takes the plain AdamW step.
 
-What is a matrix (decided per tensor by :func:`matrix_shape`):
-  * a 2-D parameter: ``nn.Linear`` weights ``[out, in]`` and embedding tables ``[vocab, d]`` (a
-    lookup is the linear map of a one-hot input);
-  * a parameter with ``p.matrix_batch_dims = k`` set by its module: a batch of independent matrices
-    over its first ``k`` dims, each bounded on its own (MLRA's per-head ``up`` factor
-    ``[3H, r, d_h]`` is 3H matrices ``r x d_h``, see :class:`workloads.attention.LowRankQKV`);
-  * another parameter of >= 3 dims whose first dim is > 1: a convolution kernel
-    ``[out, in, kh, kw]``, taken as the matrix ``[out, in * kh * kw]`` it applies to each patch;
-  * not matrices: vectors and scalars (biases, norms, gamma), and tensors of >= 3 dims with a
-    leading dim of 1, which are added to activations rather than multiplied (timm's ``cls_token``
-    ``[1, 1, D]`` and ``pos_embed`` ``[1, N, D]``).
+What is a matrix: the rule of :mod:`workloads.matrices`, shared with weight decay (Linear and conv
+weights, per-head factors; not embeddings, position bias tables, class tokens, norms, biases,
+gains), read from ``p.param_kind`` by :func:`matrix_shape`, which also gives the matrices' shape:
+``[out, in]``; a conv kernel ``[out, in, kh, kw]`` as the matrix ``[out, in * kh * kw]`` it applies
+to each patch; a parameter with ``p.matrix_batch_dims = k`` as a batch of independent matrices over
+its first ``k`` dims, each bounded on its own (MLRA's ``up`` ``[3H, r, d_h]`` is 3H matrices
+``r x d_h``). A bare tensor without ``param_kind`` (an optimizer built outside ``workloads.trial``)
+is a matrix by its shape: >= 2 dims and, beyond 2, a leading dim > 1.
 
-sigma_1 is estimated by block power iteration with two vectors and a Rayleigh-Ritz step
-(:func:`power_iteration`), batched over all matrices of the same shape (``torch.bmm`` on stacked
-matrices; the updates and the weights of a shape share one batch for the iterations both take,
-:func:`power_iteration_split`), with a basis that persists in the optimizer state across steps
-(warm start). The estimate is a lower bound of sigma_1; the second vector keeps it tight when the
-top two singular values are close or swap between steps, which a single warm-started vector misses
-(it overshot the cap by up to 74 % on a GPT at two iterations). ``power_iters``
-iterations are spent on the update direction, which changes every step, ``weight_power_iters`` on
-the weight, which moves slowly (an underestimate of sigma_1(W) only makes the bound stricter), and
-at least ``init_power_iters`` on both at a matrix's first step, where no warm vector exists yet. With the
-defaults the realised ``sigma_1(a_t U_t) / sigma_1(W_{t-1})`` stays within a few percent of tau
-against a full SVD (``tests/test_stabilizers.py``).
+The cap holds by construction (issue 20). The realised ratio ``sigma_1(W_t - W_{t-1}) /
+sigma_1(W_{t-1})`` equals ``a_t sigma_1(D_t) / sigma_1(W_{t-1})``; the bound uses an estimate of
+sigma_1(D_t) from **above** and of sigma_1(W_{t-1}) from **below**, so the realised ratio is at most
+tau up to float rounding, whatever the spectra:
+
+* ``sigma_1(D) <= tr((D D^T)^k)^(1 / 2k)`` for any k (:func:`spectral_norm_upper`): the Gram matrix
+  of D's smaller side, squared ``squarings`` times (each normalised by its trace, in log space), so
+  ``k = 2^(squarings + 1)``, 16 by default. The bound exceeds sigma_1 by the factor
+  ``(sum_i (s_i / s_1)^(2k))^(1 / 2k)``: nothing when the top singular value stands out, at most
+  ``j^(1/32)`` (2.2 % for j = 2, 7.5 % for j = 10) when j of them tie. Where the bound fires the
+  step is therefore a little below the cap, never above it.
+* sigma_1(W) by block power iteration with two vectors and a Rayleigh-Ritz step
+  (:func:`power_iteration`), batched over the matrices of a shape, with a basis kept in the
+  optimizer state across steps (warm start): a Ritz value is a lower bound of sigma_1, so an
+  underestimate only makes the bound stricter. ``weight_power_iters`` iterations per step (W moves
+  slowly), ``init_power_iters`` at a matrix's first step.
+
+Before issue 20 the update's sigma_1 came from warm-started power iteration too: a lower bound,
+which missed a direction new at that step (a top singular value 1.2-1.3x the previous one that the
+warm basis was nearly orthogonal to) and overshot the cap by up to 30 % against a full SVD; a
+residual correction and a fresh sketch vector still overshot by 15-20 %, three more iterations by
+6.5 % (``benchmarks/weyl_cap.py``).
 
 The step makes no host-device synchronisation: the learning-rate scale of every matrix is computed
-on the device as ``where(a s_u > threshold s_w, tau s_w / (a s_u), 1)``; the AdamW moments use
-``torch._foreach_*`` kernels. Statistics (fire rate, learning-rate scales) stay on the device and
-are converted to Python numbers only when ``last_stats`` / ``fired_total`` are read (probe steps).
+on the device as ``where(a s_d > threshold s_w, tau s_w / (a s_d), 1)``; the AdamW moments use
+``torch._foreach_*`` kernels. Per shape the step costs one Gram product, ``squarings`` products of
+``min(rows, cols)``-square matrices and the weight's iterations, each one batched call. Statistics
+(fire rate, learning-rate scales) stay on the device and are converted to Python numbers only when
+``last_stats`` / ``fired_total`` are read (probe steps).
 
-The paper's public text does not state tau, the threshold or the iteration counts; the defaults
-here (tau = threshold = 0.1; 3, 1 and 8 iterations) are this project's choice and are options of
-the stabilizer.
+The paper's public text does not state tau, the threshold or how sigma_1 is computed; the defaults
+here (tau = threshold = 0.1; 3 squarings; 1 weight iteration, 8 at the first step) are this
+project's choice and are options of the stabilizer.
 """
 
 from __future__ import annotations
@@ -64,8 +73,9 @@ _TINY = 1e-30
 def matrix_shape(p: Tensor) -> tuple[int, int, int] | None:
     """``(count, rows, cols)`` of the matrices parameter ``p`` holds, or ``None`` for a non-matrix.
 
-    See the module docstring for the rule."""
-    if p.dim() < 2:
+    See the module docstring and :mod:`workloads.matrices` for the rule."""
+    kind = getattr(p, "param_kind", None)
+    if p.dim() < 2 or (kind is not None and kind != "matrix"):
         return None
     k = int(getattr(p, "matrix_batch_dims", 0) or 0)
     if k:
@@ -136,27 +146,34 @@ def power_iteration(a: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     vector. Two vectors instead of one cost the same matrix reads and keep the estimate good when
     the top two singular values are close or swap between steps (a single warm-started vector
     then points at the old top direction and converges at the rate (s_2/s_1)^2 per iteration)."""
-    return power_iteration_split(a, v, a.shape[0], iters, iters)
-
-
-def power_iteration_split(a: Tensor, v: Tensor, n: int, iters_head: int, iters_tail: int) -> tuple[Tensor, Tensor]:
-    """:func:`power_iteration` with ``iters_head`` iterations on the matrices ``a[:n]`` and
-    ``iters_tail`` on ``a[n:]``: the iterations both parts take run as one batched call, the rest on
-    the part that needs them. Same numbers as two calls of :func:`power_iteration`, with fewer
-    operators (WeylAdamW runs its update and weight iterations this way)."""
     v = _orth2(v, refill=True)
-    at = a.transpose(1, 2)
-    joint = min(iters_head, iters_tail)
-    yt, v = _iterate(a, at, v, joint)
-    if iters_head != iters_tail:
-        more = abs(iters_head - iters_tail)
-        if iters_head > iters_tail:
-            yt_more, v_more = _iterate(a[:n], at[:n], v[:n], more)
-            yt, v = torch.cat((yt_more, yt[n:])), torch.cat((v_more, v[n:]))
-        else:
-            yt_more, v_more = _iterate(a[n:], at[n:], v[n:], more)
-            yt, v = torch.cat((yt[:n], yt_more)), torch.cat((v[:n], v_more))
+    yt, v = _iterate(a, a.transpose(1, 2), v, iters)
     return _ritz(yt), v
+
+
+def spectral_norm_upper(a: Tensor, squarings: int = 3) -> Tensor:
+    """An upper bound of sigma_1 of each matrix of ``a: [B, m, n]``: ``tr(C^k)^(1 / 2k)`` with
+    ``C = a a^T`` (or ``a^T a``, the smaller) and ``k = 2^(squarings + 1)``.
+
+    ``tr(C^k) = sum_i s_i^(2k) >= s_1^(2k)``, so the bound holds for any matrix; it exceeds s_1 by
+    ``(sum_i (s_i / s_1)^(2k))^(1 / 2k)`` (at most ``rank^(1 / 2k)``). Computed without overflow:
+    ``M_0 = C / tr(C)``, ``M_{j+1} = M_j^2 / tr(M_j^2)``, and ``log tr(C^(2^(j+1))) =
+    2 log tr(C^(2^j)) + log tr(M_j^2)`` with ``tr(M_j^2) = ||M_j||_F^2`` (M_j symmetric): one
+    batched Gram product and ``squarings`` products of ``min(m, n)``-square matrices."""
+    if a.shape[1] > a.shape[2]:
+        a = a.transpose(1, 2)
+    c = torch.bmm(a, a.transpose(1, 2))
+    trace = c.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(_TINY)
+    log_tr = trace.log()
+    m = c / trace.view(-1, 1, 1)
+    k = 1
+    for j in range(squarings + 1):
+        if j:
+            m = torch.bmm(m, m) / f.view(-1, 1, 1)  # noqa: F821 (f of the previous pass)
+        f = torch.linalg.vector_norm(m, dim=(1, 2)).square().clamp_min(_TINY)  # tr(M_j^2)
+        log_tr = 2 * log_tr + f.log()
+        k *= 2
+    return torch.exp(log_tr / (2 * k))
 
 
 def _init_vector(count: int, cols: int, seed: int, device) -> Tensor:
@@ -168,7 +185,7 @@ def _init_vector(count: int, cols: int, seed: int, device) -> Tensor:
 class WeylAdamW(Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, tau: float = 0.1,
-                 threshold: float | None = None, power_iters: int = 3, weight_power_iters: int = 1,
+                 threshold: float | None = None, squarings: int = 3, weight_power_iters: int = 1,
                  init_power_iters: int = 8):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError("lr, eps and weight_decay must be >= 0")
@@ -176,13 +193,13 @@ class WeylAdamW(Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        if power_iters < 1 or weight_power_iters < 1 or init_power_iters < 1:
-            raise ValueError("power_iters, weight_power_iters and init_power_iters must be >= 1")
+        if squarings < 0 or weight_power_iters < 1 or init_power_iters < 1:
+            raise ValueError("squarings must be >= 0, weight_power_iters and init_power_iters >= 1")
         threshold = tau if threshold is None else threshold
         if threshold < tau:
             raise ValueError(f"threshold ({threshold}) must be >= tau ({tau}) or the bound would raise the lr")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, tau=tau,
-                        threshold=threshold, power_iters=power_iters, weight_power_iters=weight_power_iters,
+                        threshold=threshold, squarings=squarings, weight_power_iters=weight_power_iters,
                         init_power_iters=init_power_iters)
         super().__init__(params, defaults)
         self.matrix_steps_total = 0  # matrix-steps since construction (host count, no sync)
@@ -216,8 +233,7 @@ class WeylAdamW(Optimizer):
             shape = matrix_shape(p)
             if shape is not None:
                 count, _, cols = shape
-                state["v_update"] = _init_vector(count, cols, p.numel(), p.device)
-                state["v_weight"] = state["v_update"].clone()
+                state["v_weight"] = _init_vector(count, cols, p.numel(), p.device)
         return state
 
     @torch.no_grad()
@@ -292,32 +308,25 @@ class WeylAdamW(Optimizer):
         """Bounded AdamW step of same-shape matrices; returns (fired count, min scale, scale sum)."""
         lr, wd, tau, thr = group["lr"], group["weight_decay"], group["tau"], group["threshold"]
 
-        direction = torch._foreach_div(exp_avgs, denoms)  # bias-corrected U_t = this / bc1
-        # the updates' and the weights' matrices stacked in one batch: [d; w]
-        n = sum(counts)
-        a = torch.cat([t.reshape(c, rows, cols) for t, c in zip(direction, counts)]
-                      + [p.detach().reshape(c, rows, cols) for p, c in zip(params, counts)]).float()
-        d, w = a[:n], a[n:]
-        v = torch.cat([s["v_update"] for s in states] + [s["v_weight"] for s in states])
-        it_u, it_w = group["power_iters"], group["weight_power_iters"]
+        # the step directions D = U_t bc1 + wd bc1 W (the whole step is -(a_t / bc1) D) and the
+        # weights, each shape's matrices stacked in one batch
+        d = torch.cat([t.reshape(c, rows, cols) for t, c in zip(torch._foreach_div(exp_avgs, denoms), counts)]).float()
+        w = torch.cat([p.detach().reshape(c, rows, cols) for p, c in zip(params, counts)]).float()
+        if wd != 0:
+            d.add_(w, alpha=wd * bc1)
+        s_d = spectral_norm_upper(d, group["squarings"])  # >= sigma_1(D)
+        iters = group["weight_power_iters"]
         if first:  # no warm basis yet
-            it_u, it_w = max(it_u, group["init_power_iters"]), max(it_w, group["init_power_iters"])
-        sigma, v = power_iteration_split(a, v, n, it_u, it_w)
-        s_dir, s_w = sigma[:n], sigma[n:]
-        torch._foreach_copy_([s["v_update"] for s in states] + [s["v_weight"] for s in states],
-                             list(v.split(counts + counts)))
+            iters = max(iters, group["init_power_iters"])
+        s_w, v = power_iteration(w, torch.cat([s["v_weight"] for s in states]), iters)  # <= sigma_1(W)
+        torch._foreach_copy_([s["v_weight"] for s in states], list(v.split(counts)))
 
-        # a s_u > threshold s_w  ->  scale = tau s_w / (a s_u), else 1 (computed in float64)
-        s_u = s_dir.double() * (lr / bc1)  # a * sigma_1(U_t)
-        s_w = s_w.double()
+        # a s_d > threshold s_w  ->  scale = tau s_w / (a s_d), else 1
+        s_u = s_d * (lr / bc1)  # sigma_1 of the step at the scheduled lr, from above
         hit = s_u > thr * s_w
         scale = torch.where(hit, tau * s_w / s_u.clamp_min(_TINY), torch.ones_like(s_u))
-        # p <- p (1 - a_t wd) - (a_t / bc1) m / denom, as one add per bucket on the stacked matrices
-        decay = (-lr * wd * scale).to(d.dtype).view(-1, 1, 1)
-        step = (-(lr / bc1) * scale).to(d.dtype).view(-1, 1, 1)
-        delta = torch.mul(d, step)
-        if wd != 0:
-            delta.addcmul_(w, decay)
-        delta = delta.to(params[0].dtype)
+        # p <- p - (a_t / bc1) D = p (1 - a_t wd) - (a_t / bc1) m / denom: one add per bucket
+        step = (-(lr / bc1) * scale).view(-1, 1, 1)
+        delta = torch.mul(d, step).to(params[0].dtype)
         torch._foreach_add_(params, [t.view_as(p) for t, p in zip(delta.split(counts), params)])
         return hit.sum(), scale.min(), scale.sum()
