@@ -94,6 +94,7 @@ class RunHistory:
     series: dict[str, list[tuple[int, float]]]   # metric -> [(step, value)] in step order
     split: str = ""                               # "train" | "test"
     steps_run: int | None = None                  # None: all ``steps``
+    scores: dict = dataclasses.field(default_factory=dict, repr=False)  # (metric, fraction) -> _score's answer
 
     @property
     def group(self) -> Group:
@@ -219,7 +220,15 @@ def bootstrap_groups(groups: list[list[RunHistory]], stat: Callable[[list[list[R
 
 def _score(run: RunHistory, metric: str, fraction: float) -> tuple[float, int | None] | None:
     """(danger score, step read) of ``metric`` at ``fraction`` of training (:meth:`RunHistory.eval_step`);
-    a run that ended before that point scores ``inf`` (step None); None: nothing to read."""
+    a run that ended before that point scores ``inf`` (step None); None: nothing to read. Memoised
+    on the run (the bootstraps ask again and again)."""
+    key = (metric, fraction)
+    if key not in run.scores:
+        run.scores[key] = _read_score(run, metric, fraction)
+    return run.scores[key]
+
+
+def _read_score(run: RunHistory, metric: str, fraction: float) -> tuple[float, int | None] | None:
     d = PROBES.get(metric, 1)
     if metric == LR:
         return d * run.lr, None
@@ -469,7 +478,8 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
         files.append(out / f"forensics_auc.{ext}")
     plt.close(fig)
 
-    crashed = [r for r in fx.runs if r.crashed][:max_runs]
+    # seed 0 of every crashed group first, then further seeds: max_runs covers the workloads and groups
+    crashed = sorted((r for r in fx.runs if r.crashed), key=lambda r: (r.seed, r.workload, r.stabilizer, r.lr))[:max_runs]
     if crashed:
         (out / "forensics_runs").mkdir(exist_ok=True)
     for r in crashed:
@@ -487,8 +497,7 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
             w = fx.warnings.get((r.run_id, m))
             if w is not None:  # a warning before the crash step; a late crossing in grey
                 ax.axvline(w, color="C1" if w < crash else "0.6", lw=1, ls="--")
-        axes[-1, 0].set_xlabel("step (red: crash step; orange dashed: the probe's warning; grey dashed: a crossing "
-                               "at or after the crash)", fontsize=7)
+        axes[-1, 0].set_xlabel("step (red: crash step; orange dashed: warning; grey dashed: late crossing)", fontsize=7)
         fig.suptitle(f"{r.label} [{r.workload}]: {r.outcome}", fontsize=8)
         fig.tight_layout()
         path = out / "forensics_runs" / f"{r.workload}_{r.stabilizer}_lr{r.lr:g}_seed{r.seed}.png".replace("+", "-")
