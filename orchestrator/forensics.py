@@ -1,25 +1,36 @@
 """Divergence forensics: which stability probe warns of a crash first, how far ahead, how reliably.
 
 Read from MLflow alone (like ``export``): every finished trial run's class (``workloads.outcome``,
-via ``export.with_outcomes``: the run's end decides) and the histories of its probe metrics. Per
-workload and probe:
+via ``export.with_outcomes``: the run's end decides; forensics has no crash rule of its own) and the
+histories of its probe metrics. Runs are grouped by (workload, stabilizer, LR): the seeds of one
+group are replicates, so every split and every interval here is over groups, never over runs.
+Per workload and probe:
 
-- **Predictive power.** The probe's value at fixed fractions of training (``FRACTIONS``: its last
-  recorded value at or before that step) scores "ends crashed"; the ROC AUC (Mann-Whitney, ties
-  count half) with a bootstrap 95 % interval over runs, and the counts of crashed and stable runs;
-  and the AUC over only the crashed/stable pairs that ran at the same LR (what the probe tells
-  beyond the LR).
-  Each probe has a fixed danger direction (``PROBES``: entropy low, everything else high), so an
-  AUC below 0.5 means the probe points the wrong way.
-- **Warnings.** The probe *warns* at its first recorded step beyond a threshold. The threshold is
-  chosen on one half of the runs (the *train* half: runs sorted by workload, stabilizer, LR and seed,
-  every other one) as the least extreme value that no stable train run ever reached (the rule an
-  early stop would need: no false crash), and evaluated on the other half (*test*): crashed runs
-  warned, false alarms (stable test runs warned), and the lead time.
-- **Lead time.** For a crashed run, steps (and fraction of the run) from the warning to the step at
-  which its training loss settled into the crash: the first probe step from which the loss stays at
-  or above l_0 (diverged runs) or the marginal baseline (collapsed runs) to the end. The loss itself
-  is listed as a probe, so "no probe beats the loss" is visible in the same table.
+- **Predictive power.** The probe's value at a fraction of training (``FRACTIONS``) scores "ends
+  crashed". The value is read at the run's first probe step *at or after* that fraction and after
+  step 0 (``eval_step``: with probes every 20 of 200 steps, "5 %" is step 20; the tables' headers say
+  which step); a run that ended before that step (stopped on a non-finite loss) scores as the most
+  dangerous value. The ROC AUC (Mann-Whitney, ties count half) with a bootstrap 95 % interval over
+  groups (groups resampled with all their runs), the counts of crashed and stable runs; and the AUC
+  over only the crashed/stable pairs *within one group* (same stabilizer, same LR, different seeds):
+  what the probe tells beyond the stabilizer and the LR, with its own interval over groups.
+  Each probe has a fixed danger direction (``PROBES``: entropy low, everything else high), so an AUC
+  below 0.5 means the probe points the wrong way.
+- **Warnings.** A probe *crosses* at its first recorded step beyond a threshold. The threshold is
+  chosen on the *train* groups (every other (stabilizer, LR) group of a workload, in stabilizer and
+  LR order; all seeds of a group on the same side) as the least extreme value that no stable train
+  run ever reached (the rule an early stop would need: no false crash). It is usable only if some
+  crashed train run reached it with a finite value; otherwise the table says "none" and the probe
+  warns of nothing. It is evaluated on the *test* groups: a crashed run is *warned* only if the probe
+  crossed strictly before its crash step; a crossing at or after it is *late* (not a warning); false
+  alarms are stable test runs that crossed. Rates carry bootstrap 95 % intervals over test groups.
+- **Crash step and lead time.** A crashed run's crash step is the first probe step from which its
+  training loss stays at or above the crash level (l_0 for diverged runs, the marginal baseline
+  otherwise) to the end (non-finite counts as above); a crashed run whose training loss never
+  settles there (its class came from the validation loss) has its crash at its last step. Lead time
+  (steps, and fraction of the run) from the warning to the crash step, for warned runs only, so it
+  is always positive. The loss itself is listed as a probe, so "no probe beats the loss" is visible
+  in the same table.
 
 Tables go out as Markdown, LaTeX and Parquet beside the ablation tables and are logged to the
 sweeps' MLflow parent runs; ``figures`` draws the summary (AUC against fraction of training) and a
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +53,8 @@ from orchestrator.tracking import TAG_SWEEP, Tracker
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, criterion_label
 
 LR = "learning rate"
-"""Not a probe: the run's configured LR as a constant series, the baseline every probe must beat (in
-an LR sweep anything that grows with the LR predicts crashes)."""
+"""Not a probe: the run's configured LR, the same at every step: the baseline every probe must
+beat (in an LR sweep anything that grows with the LR predicts crashes)."""
 PROBES: dict[str, int] = {
     # metric -> danger direction: +1 high values warn, -1 low values warn
     LR: +1,
@@ -59,8 +71,11 @@ PROBES: dict[str, int] = {
     "param_norm": +1,
 }
 FRACTIONS = (0.05, 0.1, 0.25)
-WITHIN_LR_FRACTION = 0.1
+WITHIN_GROUP_FRACTION = 0.1
 BOOTSTRAP = 1000
+
+Group = tuple[str, str, float]
+"""(workload, stabilizer, lr): the runs that differ only in their seed."""
 
 
 @dataclasses.dataclass
@@ -78,15 +93,31 @@ class RunHistory:
     baseline: float | None
     series: dict[str, list[tuple[int, float]]]   # metric -> [(step, value)] in step order
     split: str = ""                               # "train" | "test"
+    steps_run: int | None = None                  # None: all ``steps``
+    scores: dict = dataclasses.field(default_factory=dict, repr=False)  # (metric, fraction) -> _score's answer
 
-    def value_at(self, metric: str, step: float) -> float | None:
-        """The metric's last recorded value at or before ``step`` (None before its first)."""
-        out = None
+    @property
+    def group(self) -> Group:
+        return (self.workload, self.stabilizer, self.lr)
+
+    def eval_step(self, metric: str, fraction: float) -> int | None:
+        """The first probe step of ``metric`` at or after ``fraction`` of training and after step 0
+        (None: the run recorded none there)."""
+        at = fraction * self.steps
+        for s, _ in self.series.get(metric, []):
+            if s >= at and s > 0:
+                return s
+        return None
+
+    def value_at(self, metric: str, step: int) -> float | None:
+        """The metric's value recorded at exactly ``step`` (None if not recorded there)."""
         for s, v in self.series.get(metric, []):
-            if s > step:
-                break
-            out = v
-        return out
+            if s == step:
+                return v
+        return None
+
+    def ended_before(self, step: float) -> bool:
+        return self.steps_run is not None and self.steps_run <= step
 
     def settled_step(self) -> int | None:
         """The first probe step from which the training loss stays at or above the crash level
@@ -102,6 +133,15 @@ class RunHistory:
             else:
                 settled = None
         return settled
+
+    def crash_step(self) -> int | None:
+        """A crashed run's crash step: :meth:`settled_step`, else its last step (None: not crashed)."""
+        if not self.crashed:
+            return None
+        settled = self.settled_step()
+        if settled is not None:
+            return settled
+        return (self.steps_run or self.steps) - 1
 
 
 def load_histories(tracking_uri: str, experiment: str, sweep: str | None, crash=DEFAULT_CRASH,
@@ -128,16 +168,28 @@ def load_histories(tracking_uri: str, experiment: str, sweep: str | None, crash=
                 series[m] = sorted((h.step, h.value) for h in hist)
         out.append(RunHistory(row["run_id"], row["label"] or row["run_id"], row["workload"], row["stabilizer"],
                               row["lr"], row["seed"] or 0, row["steps"], row["outcome"], bool(row["crashed"]),
-                              row["initial_loss"], row["baseline_loss"], series))
+                              row["initial_loss"], row["baseline_loss"], series, steps_run=row.get("steps_run")))
     assign_split(out)
     return out
 
 
 def assign_split(runs: list[RunHistory]) -> None:
-    """Every other run, in (workload, stabilizer, lr, seed) order, is ``train``: both halves cover
-    every stabilizer and the LR range."""
-    for i, r in enumerate(sorted(runs, key=lambda r: (r.workload, r.stabilizer, r.lr, r.seed))):
-        r.split = "train" if i % 2 == 0 else "test"
+    """Every other (stabilizer, LR) group of each workload, in stabilizer and LR order, is
+    ``train``, the others ``test``: all seeds of a group fall on the same side (a test run is never
+    a replicate of a train run), and both halves cover every stabilizer and the LR range."""
+    for wl in {r.workload for r in runs}:
+        groups = sorted({r.group for r in runs if r.workload == wl})
+        side = {g: "train" if i % 2 == 0 else "test" for i, g in enumerate(groups)}
+        for r in runs:
+            if r.workload == wl:
+                r.split = side[r.group]
+
+
+def by_group(runs: list[RunHistory]) -> list[list[RunHistory]]:
+    groups: dict[Group, list[RunHistory]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    return [groups[g] for g in sorted(groups)]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -149,49 +201,98 @@ def auc(pos: list[float], neg: list[float]) -> float | None:
     return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
 
 
-def auc_within_lr(runs: list[RunHistory], metric: str, fraction: float) -> tuple[float | None, int]:
-    """The AUC over (crashed, stable) pairs that ran at the same learning rate: what the probe tells
-    beyond the LR itself. Returns (AUC, number of pairs)."""
-    wins, pairs = 0.0, 0
-    for c in (r for r in runs if r.crashed):
-        sc = _score(c, metric, fraction)
-        for s in (r for r in runs if not r.crashed and r.lr == c.lr):
-            ss = _score(s, metric, fraction)
-            if sc is None or ss is None:
-                continue
-            pairs += 1
-            wins += 1.0 if sc > ss else 0.5 if sc == ss else 0.0
-    return (wins / pairs if pairs else None), pairs
-
-
-def bootstrap_auc(pos: list[float], neg: list[float], n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float] | None:
-    if not pos or not neg:
+def bootstrap_groups(groups: list[list[RunHistory]], stat: Callable[[list[list[RunHistory]]], float | None],
+                     n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile 95 % interval of ``stat`` over ``n`` resamples of ``groups`` (with replacement,
+    each drawn group with all its runs); resamples where ``stat`` is undefined are skipped."""
+    if not groups:
         return None
     rng = np.random.default_rng(seed)
-    pos_a, neg_a = np.asarray(pos, float), np.asarray(neg, float)
-    vals = [auc(list(rng.choice(pos_a, pos_a.size)), list(rng.choice(neg_a, neg_a.size))) for _ in range(n)]
+    vals = []
+    for _ in range(n):
+        v = stat([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        if v is not None:
+            vals.append(v)
+    if not vals:
+        return None
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
-def _score(run: RunHistory, metric: str, fraction: float) -> float | None:
-    v = run.value_at(metric, fraction * run.steps)
-    if v is None:
-        return None
+def _score(run: RunHistory, metric: str, fraction: float) -> tuple[float, int | None] | None:
+    """(danger score, step read) of ``metric`` at ``fraction`` of training (:meth:`RunHistory.eval_step`);
+    a run that ended before that point scores ``inf`` (step None); None: nothing to read. Memoised
+    on the run (the bootstraps ask again and again)."""
+    key = (metric, fraction)
+    if key not in run.scores:
+        run.scores[key] = _read_score(run, metric, fraction)
+    return run.scores[key]
+
+
+def _read_score(run: RunHistory, metric: str, fraction: float) -> tuple[float, int | None] | None:
+    d = PROBES.get(metric, 1)
+    if metric == LR:
+        return d * run.lr, None
+    step = run.eval_step(metric, fraction)
+    if step is None:
+        return (math.inf, None) if run.ended_before(fraction * run.steps) and run.series.get(metric) else None
+    v = run.value_at(metric, step)
     if not math.isfinite(v):  # a non-finite probe value is as dangerous as it gets
-        return math.inf
-    return PROBES.get(metric, 1) * v
+        return math.inf, step
+    return d * v, step
+
+
+def pooled_auc(groups: list[list[RunHistory]], metric: str, fraction: float) -> float | None:
+    pos, neg = [], []
+    for g in groups:
+        for r in g:
+            s = _score(r, metric, fraction)
+            if s is not None:
+                (pos if r.crashed else neg).append(s[0])
+    return auc(pos, neg)
+
+
+def within_group_pairs(group: list[RunHistory], metric: str, fraction: float) -> tuple[float, int]:
+    """(wins, pairs) over the (crashed, stable) pairs of one group, ties half."""
+    scored = [(r.crashed, s[0]) for r in group if (s := _score(r, metric, fraction)) is not None]
+    wins, pairs = 0.0, 0
+    for c, sc in scored:
+        if not c:
+            continue
+        for c2, ss in scored:
+            if c2:
+                continue
+            pairs += 1
+            wins += 1.0 if sc > ss else 0.5 if sc == ss else 0.0
+    return wins, pairs
+
+
+def auc_within_group(groups: list[list[RunHistory]], metric: str, fraction: float) -> tuple[float | None, int]:
+    """The AUC over (crashed, stable) pairs of the same group (same stabilizer and LR, different
+    seeds): what the probe tells beyond the stabilizer and the LR. Returns (AUC, number of pairs)."""
+    wins, pairs = 0.0, 0
+    for g in groups:
+        w, p = within_group_pairs(g, metric, fraction)
+        wins, pairs = wins + w, pairs + p
+    return (wins / pairs if pairs else None), pairs
 
 
 def threshold(runs: list[RunHistory], metric: str) -> float | None:
-    """The least extreme danger score no stable run ever reached (None: no stable run has it)."""
+    """The least extreme danger score no stable run ever reached; None ("none" in the tables) when
+    no stable run recorded the probe, or no crashed run reached that score with a finite value (a
+    threshold at the edge of the probe's range, e.g. an entropy below a stable run's 0, warns of
+    nothing)."""
     d = PROBES.get(metric, 1)
     reached = [d * v for r in runs if not r.crashed for _, v in r.series.get(metric, []) if math.isfinite(v)]
     if not reached:
         return None
-    return float(np.nextafter(max(reached), math.inf))
+    thr = float(np.nextafter(max(reached), math.inf))
+    if not any(math.isfinite(v) and d * v >= thr for r in runs if r.crashed for _, v in r.series.get(metric, [])):
+        return None
+    return thr
 
 
-def first_warning(run: RunHistory, metric: str, thr: float | None) -> int | None:
+def first_crossing(run: RunHistory, metric: str, thr: float | None) -> int | None:
+    """The first step at which ``metric`` is beyond ``thr`` (a non-finite value counts)."""
     if thr is None:
         return None
     d = PROBES.get(metric, 1)
@@ -201,16 +302,25 @@ def first_warning(run: RunHistory, metric: str, thr: float | None) -> int | None
     return None
 
 
+def _rate(groups: list[list[RunHistory]], hit: Callable[[RunHistory], bool], among: Callable[[RunHistory], bool]):
+    n = [r for g in groups for r in g if among(r)]
+    return sum(hit(r) for r in n) / len(n) if n else None
+
+
 # ------------------------------------------------------------------------------------ tables
 @dataclasses.dataclass
 class Forensics:
     auc_rows: list[dict]
     warning_rows: list[dict]
-    warnings: dict[tuple[str, str], int | None]   # (run_id, metric) -> warning step (test and train)
+    warnings: dict[tuple[str, str], int | None]   # (run_id, metric) -> first crossing (test and train)
     runs: list[RunHistory]
 
 
-def analyse(runs: list[RunHistory], probes=tuple(PROBES), fractions=FRACTIONS) -> Forensics:
+def _ci(ci: tuple[float, float] | None) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def analyse(runs: list[RunHistory], probes=tuple(PROBES), fractions=FRACTIONS, n_boot: int = BOOTSTRAP) -> Forensics:
     auc_rows, warn_rows, warnings = [], [], {}
     for wl in sorted({r.workload for r in runs}):
         mine = [r for r in runs if r.workload == wl]
@@ -218,38 +328,56 @@ def analyse(runs: list[RunHistory], probes=tuple(PROBES), fractions=FRACTIONS) -
             have = [r for r in mine if r.series.get(m)]
             if not have:
                 continue
+            groups = by_group(have)
             row = {"workload": wl, "probe": m, "direction": "high" if PROBES.get(m, 1) > 0 else "low",
-                   "crashed_runs": sum(r.crashed for r in have), "stable_runs": sum(not r.crashed for r in have)}
+                   "crashed_runs": sum(r.crashed for r in have), "stable_runs": sum(not r.crashed for r in have),
+                   "groups": len(groups)}
             for f in fractions:
-                pos = [s for r in have if r.crashed and (s := _score(r, m, f)) is not None]
-                neg = [s for r in have if not r.crashed and (s := _score(r, m, f)) is not None]
-                row[f"auc@{f:g}"] = auc(pos, neg)
-                ci = bootstrap_auc(pos, neg)
-                row[f"ci@{f:g}"] = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-            row["auc_within_lr"], row["within_lr_pairs"] = auc_within_lr(have, m, WITHIN_LR_FRACTION)
+                row[f"auc@{f:g}"] = pooled_auc(groups, m, f)
+                row[f"ci@{f:g}"] = _ci(bootstrap_groups(groups, lambda gs, f=f: pooled_auc(gs, m, f), n_boot))
+                steps = sorted({s[1] for r in have if (s := _score(r, m, f)) is not None and s[1] is not None})
+                row[f"steps@{f:g}"] = steps
+            f = WITHIN_GROUP_FRACTION
+            row["auc_within_group"], row["within_group_pairs"] = auc_within_group(groups, m, f)
+            paired = [g for g in groups if within_group_pairs(g, m, f)[1]]
+            row["groups_with_pairs"] = len(paired)
+            row["ci_within_group"] = _ci(bootstrap_groups(paired, lambda gs: auc_within_group(gs, m, f)[0], n_boot))
             auc_rows.append(row)
 
             train = [r for r in have if r.split == "train"]
-            test = [r for r in have if r.split == "test"]
+            test_groups = [g for g in groups if g[0].split == "test"]
             thr = threshold(train, m)
-            leads, fracs = [], []
             for r in have:
-                warnings[(r.run_id, m)] = first_warning(r, m, thr)
-            for r in test:
-                w, settled = warnings[(r.run_id, m)], r.settled_step()
-                if r.crashed and w is not None and settled is not None:
-                    leads.append(settled - w)
-                    fracs.append((settled - w) / r.steps)
+                warnings[(r.run_id, m)] = first_crossing(r, m, thr)
+
+            def warned(r, m=m):
+                w = warnings[(r.run_id, m)]
+                return w is not None and w < r.crash_step()
+
+            def late(r, m=m):
+                w = warnings[(r.run_id, m)]
+                return w is not None and w >= r.crash_step()
+
+            def alarm(r, m=m):
+                return warnings[(r.run_id, m)] is not None
+
+            test = [r for g in test_groups for r in g]
             crashed_test = [r for r in test if r.crashed]
             stable_test = [r for r in test if not r.crashed]
+            leads = [r.crash_step() - warnings[(r.run_id, m)] for r in crashed_test if warned(r)]
+            fracs = [(r.crash_step() - warnings[(r.run_id, m)]) / r.steps for r in crashed_test if warned(r)]
+            is_crashed = lambda r: r.crashed  # noqa: E731
+            is_stable = lambda r: not r.crashed  # noqa: E731
             warn_rows.append({
                 "workload": wl, "probe": m,
                 "threshold": None if thr is None else PROBES.get(m, 1) * thr,
-                "test_crashed_warned": f"{sum(warnings[(r.run_id, m)] is not None for r in crashed_test)}"
-                                       f"/{len(crashed_test)}",
-                "test_false_alarms": f"{sum(warnings[(r.run_id, m)] is not None for r in stable_test)}"
-                                     f"/{len(stable_test)}",
+                "test_crashed_warned": f"{sum(map(warned, crashed_test))}/{len(crashed_test)}",
+                "ci_warned": _ci(bootstrap_groups(test_groups, lambda gs: _rate(gs, warned, is_crashed), n_boot)),
+                "test_crashed_late": f"{sum(map(late, crashed_test))}/{len(crashed_test)}",
+                "test_false_alarms": f"{sum(map(alarm, stable_test))}/{len(stable_test)}",
+                "ci_false_alarms": _ci(bootstrap_groups(test_groups, lambda gs: _rate(gs, alarm, is_stable), n_boot)),
                 "train_false_alarms": 0 if thr is not None else None,
+                "train_test_groups": f"{len(groups) - len(test_groups)} / {len(test_groups)}",
                 "lead_steps_median": float(np.median(leads)) if leads else None,
                 "lead_steps_min": min(leads) if leads else None, "lead_steps_max": max(leads) if leads else None,
                 "lead_fraction_median": float(np.median(fracs)) if fracs else None,
@@ -261,32 +389,54 @@ def _auc_text(v) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def _steps_text(rows: list[dict], f: float) -> str:
+    """Which probe step(s) the tables read "at ``f``": one step, or the range over runs."""
+    steps = sorted({s for r in rows if r["probe"] != LR for s in r[f"steps@{f:g}"]})
+    if not steps:
+        return ""
+    return f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+
+
 def write_tables(fx: Forensics, out: Path, name: str, crit: str, fractions=FRACTIONS) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    header = (["workload", "probe", "warns when"] + [f"AUC at {f:.0%} [95% CI]" for f in fractions]
-              + [f"AUC at {WITHIN_LR_FRACTION:.0%} within an LR (pairs)", "crashed / stable"])
+    steps = {f: _steps_text(fx.auc_rows, f) for f in fractions}
+    runs_steps = sorted({r.steps for r in fx.runs})
+    header = (["workload", "probe", "warns when"]
+              + [f"AUC at {f:.0%}" + (f" ({steps[f]})" if steps[f] else "") + " [95% CI]" for f in fractions]
+              + [f"AUC at {WITHIN_GROUP_FRACTION:.0%} within a group [95% CI] (pairs / groups)", "crashed / stable"])
     body = [[r["workload"], r["probe"], r["direction"]]
             + [f"{_auc_text(r[f'auc@{f:g}'])} {r[f'ci@{f:g}']}".strip() for f in fractions]
-            + [f"{_auc_text(r['auc_within_lr'])} ({r['within_lr_pairs']})", f"{r['crashed_runs']} / {r['stable_runs']}"]
+            + [f"{_auc_text(r['auc_within_group'])} {r['ci_within_group']} ({r['within_group_pairs']} / "
+               f"{r['groups_with_pairs']})".replace("  ", " "),
+               f"{r['crashed_runs']} / {r['stable_runs']}"]
             for r in fx.auc_rows]
     files += _write(out, "forensics_auc", header, body,
-                    f"Which probe predicts a crash, {name}: ROC AUC of 'ends crashed' from the probe's value at a "
-                    "fraction of training (bootstrap 95% interval over runs), and over crashed/stable pairs that ran "
-                    f"at the same LR (what the probe adds to the LR); {crit}")
-    header = ["workload", "probe", "threshold", "crashed warned (test)", "false alarms (test)",
-              "lead steps median [min, max]", "lead / run"]
+                    f"Which probe predicts a crash, {name}: ROC AUC of 'ends crashed' from the probe's value at the "
+                    "first probe step at or after a fraction of training and after step 0 (of "
+                    + "/".join(map(str, runs_steps)) + " steps; the step read is in each header), with bootstrap "
+                    "95% intervals over (stabilizer, LR) groups; 'within a group': over crashed/stable pairs of "
+                    "seeds that ran the same stabilizer at the same LR (what the probe adds to both); "
+                    f"{crit}")
+    header = ["workload", "probe", "threshold", "crashed warned before the crash (test) [95% CI]",
+              "late: crossed at/after the crash (test)", "false alarms (test) [95% CI]",
+              "lead steps median [min, max]", "lead / run", "train / test groups"]
     body = []
     for r in fx.warning_rows:
         lead = ("–" if r["lead_steps_median"] is None else
                 f"{_fmt(r['lead_steps_median'])} [{r['lead_steps_min']}, {r['lead_steps_max']}]")
-        body.append([r["workload"], r["probe"], _fmt(r["threshold"]), r["test_crashed_warned"],
-                     r["test_false_alarms"], lead, _fmt(r["lead_fraction_median"])])
+        body.append([r["workload"], r["probe"], "none" if r["threshold"] is None else _fmt(r["threshold"]),
+                     f"{r['test_crashed_warned']} {r['ci_warned']}".strip(), r["test_crashed_late"],
+                     f"{r['test_false_alarms']} {r['ci_false_alarms']}".strip(), lead,
+                     _fmt(r["lead_fraction_median"]), r["train_test_groups"]])
     files += _write(out, "forensics_warnings", header, body,
-                    f"Probe warnings, {name}: threshold chosen on the train half (every other run in workload, "
-                    "stabilizer, LR order) as the least extreme value no stable train run reached; evaluated on the "
-                    "test half. Lead: steps from the warning to the step from which the loss stays at the crash "
-                    f"level (l_0 for diverged, the baseline for collapsed runs); {crit}")
+                    f"Probe warnings, {name}: threshold chosen on the train groups (every other (stabilizer, LR) "
+                    "group, all seeds of a group on one side) as the least extreme value no stable train run "
+                    "reached ('none': no crashed train run reached it either); evaluated on the test groups. "
+                    "A crash is warned only if the probe crossed strictly before its crash step (the first probe "
+                    "step from which the loss stays at the crash level: l_0 for diverged, the baseline for "
+                    "collapsed runs); later crossings are 'late'. Lead: steps from the warning to the crash step. "
+                    f"Intervals: bootstrap over test groups; {crit}")
     for stem, rows in (("forensics_auc", fx.auc_rows), ("forensics_warnings", fx.warning_rows)):
         path = out / f"{stem}.parquet"
         cols = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
@@ -328,13 +478,14 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
         files.append(out / f"forensics_auc.{ext}")
     plt.close(fig)
 
-    crashed = [r for r in fx.runs if r.crashed][:max_runs]
+    # seed 0 of every crashed group first, then further seeds: max_runs covers the workloads and groups
+    crashed = sorted((r for r in fx.runs if r.crashed), key=lambda r: (r.seed, r.workload, r.stabilizer, r.lr))[:max_runs]
     if crashed:
         (out / "forensics_runs").mkdir(exist_ok=True)
     for r in crashed:
         metrics = [m for m in PROBES if m != LR and r.series.get(m)]
         fig, axes = plt.subplots(len(metrics), 1, figsize=(6, 1.25 * len(metrics) + 0.8), sharex=True, squeeze=False)
-        settled = r.settled_step()
+        crash = r.crash_step()
         for ax, m in zip(axes[:, 0], metrics):
             xs, ys = zip(*r.series[m])
             ax.plot(xs, ys, lw=1)
@@ -342,12 +493,11 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
                 ax.set_yscale("log")
             ax.set_ylabel(m, fontsize=7, rotation=0, ha="right")
             ax.tick_params(which="both", labelsize=6)
-            if settled is not None:
-                ax.axvline(settled, color="C3", lw=1)
+            ax.axvline(crash, color="C3", lw=1)
             w = fx.warnings.get((r.run_id, m))
-            if w is not None:
-                ax.axvline(w, color="C1", lw=1, ls="--")
-        axes[-1, 0].set_xlabel("step (red: loss settled into the crash; orange dashed: the probe's warning)", fontsize=7)
+            if w is not None:  # a warning before the crash step; a late crossing in grey
+                ax.axvline(w, color="C1" if w < crash else "0.6", lw=1, ls="--")
+        axes[-1, 0].set_xlabel("step (red: crash step; orange dashed: warning; grey dashed: late crossing)", fontsize=7)
         fig.suptitle(f"{r.label} [{r.workload}]: {r.outcome}", fontsize=8)
         fig.tight_layout()
         path = out / "forensics_runs" / f"{r.workload}_{r.stabilizer}_lr{r.lr:g}_seed{r.seed}.png".replace("+", "-")

@@ -162,3 +162,47 @@ def test_report_writes_plots(ray_local, tmp_path):
     for f in files:
         head = b"\x89PNG\r\n\x1a\n" if f.suffix == ".png" else b"%PDF"
         assert f.read_bytes()[:len(head)] == head and f.stat().st_size > 5000
+
+
+def test_calibration_sweep_through_forensics(ray_local, tmp_path):
+    """The real calibration spec (search_spaces/calibration_gpt.yaml: its model, 200 steps, probes
+    every 5 steps, non-finite stopping only), on fewer LRs and 2 seeds, run on Ray, recorded in
+    MLflow and read back by forensics: every seed of a (stabilizer, LR) group on one side of the
+    split, "5 %" read at step 10 (a real probe step, not step 0), a warning only before the crash,
+    classes from workloads.outcome (the trials table's) and no denormal threshold."""
+    from pathlib import Path
+
+    from orchestrator.export import export
+    from orchestrator.forensics import forensics
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "search_spaces" / "calibration_gpt.yaml").read_text())
+    assert raw["steps"] == 200 and raw["probe_interval"] == 5 and raw["seeds"] == 3
+    raw.update(name="t-calibration", experiment="t-calibration", seeds=2,
+               axes={"lr": [1.0e-2, 1.0], "stabilizers": ["none", "qk_norm"]})
+    spec = parse_spec(raw)
+    out = run_sweep(spec, raw, workdir=tmp_path, progress=False)
+    res = export(out.tracking_uri, out.experiment, spec.name, tmp_path / "export")
+    trials = {r["run_id"]: r for r in res.table.to_pylist()}
+    fx, _ = forensics(out.tracking_uri, out.experiment, spec.name, tmp_path / "fx", log_to_mlflow=False)
+    assert len(fx.runs) == 8 and {r.run_id for r in fx.runs} == set(trials)
+    for r in fx.runs:  # the class is workloads.outcome's, as export decided it
+        assert r.crashed == trials[r.run_id]["crashed"] and r.outcome == trials[r.run_id]["outcome"]
+    sides: dict = {}
+    for r in fx.runs:
+        sides.setdefault(r.group, set()).add(r.split)
+    assert len(sides) == 4 and all(len(s) == 1 for s in sides.values())
+    for row in fx.auc_rows:
+        if row["probe"] != "learning rate":
+            assert row["steps@0.05"] == [10] and row["steps@0.1"] == [20] and row["steps@0.25"] == [50]
+        assert row["crashed_runs"] == sum(r.crashed for r in fx.runs if r.series.get(row["probe"]))
+    md = (tmp_path / "fx" / "forensics_auc.md").read_text()
+    assert "AUC at 5% (step 10)" in md
+    warned_rows = {r["probe"]: r for r in fx.warning_rows}
+    test_crashed = [r for r in fx.runs if r.split == "test" and r.crashed]
+    for m, row in warned_rows.items():
+        warned = sum(fx.warnings[(r.run_id, m)] is not None and fx.warnings[(r.run_id, m)] < r.crash_step()
+                     for r in test_crashed)
+        assert row["test_crashed_warned"] == f"{warned}/{len(test_crashed)}"
+        assert row["lead_steps_min"] is None or row["lead_steps_min"] > 0
+        assert row["threshold"] is None or row["threshold"] == 0 or abs(row["threshold"]) > 1e-300
+    assert "e-324" not in (tmp_path / "fx" / "forensics_warnings.md").read_text()

@@ -10,8 +10,9 @@ Every model is an ``nn.Module`` with the probe interface the trial loop relies o
   ``token_embedding() -> Tensor | None``        the token embedding matrix (for TEV)
   ``capture_attention(batch=PROBE_BATCH)``      context manager yielding an ``AttentionStats`` that
                                                 the forward passes inside it fill, layer by layer,
-                                                from the batch's first ``batch`` items, without
-                                                changing what the forward computes
+                                                from every item of the batch (an int ``batch``:
+                                                the first that many), without changing what the
+                                                forward computes
 
 timm is imported only when a ViT or Swin is built, so GPT trials start faster.
 """
