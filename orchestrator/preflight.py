@@ -31,7 +31,7 @@ class Plan:
     kind: str                       # "sweep" | "boundary"
     spec: SweepSpec
     raw: Any
-    trials: int                     # grid trials (sweep), or the search's budget (boundary)
+    trials: int | None              # grid trials (sweep), or the search's budget (boundary)
     cells: int | None = None        # boundary: cells searched
     per_cell: int | None = None     # boundary: at most this many trials a cell
     embedded: bool = True
@@ -44,8 +44,8 @@ class Plan:
         s, r = self.spec, self.spec.resources
         out = [f"spec {s.name!r} ({s.workload}, {s.steps} steps a trial; MLflow experiment {s.experiment_name!r})"]
         if self.kind == "boundary":
-            out.append(f"boundary search: {self.cells} cells, at most {self.per_cell} trials a cell "
-                       f"(at most {self.trials} trials)")
+            out.append(f"boundary search: {self.cells} cells" + (f", at most {self.per_cell} trials a cell "
+                       f"(at most {self.trials} trials)" if self.per_cell else ""))
         else:
             out.append(f"grid: {self.trials} trials ({_grid_text(s)})")
         where = ("this machine (embedded Ray)" if self.embedded else
@@ -166,7 +166,7 @@ def estimate_trial_hours(spec: SweepSpec, trials, timings: dict[str, float], bud
     """Trial-hours of training steps: each trial's steps times its shape's step time (the slowest
     timing for a shape not timed); for a boundary search, ``budget`` trials at the slowest shape."""
     slowest = max(timings.values())
-    if budget is not None:
+    if budget is not None:  # a search: its budget of trials, at the slowest shape
         return budget * spec.steps * slowest / 3600
     total = sum(t.steps * timings.get(_shape_name(t, spec), slowest) for t in trials)
     return total / 3600
@@ -185,10 +185,12 @@ def plan(spec_path: str | Path, kind: str = "sweep", max_trials: int | None = No
     if kind == "boundary":
         from orchestrator.boundary import boundary_config
 
+        if isinstance(spec.boundary, dict) and spec.boundary and "lr_range" not in spec.boundary:
+            raise SpecError("boundary.lr_range: missing; a boundary search needs boundary: {lr_range: [low, high]}")
         cfg = boundary_config(spec)
         cells = math.prod(len(v) for k, v in spec.axes.items() if k not in ("seed", "lr"))
-        per_cell = cfg.max_trials_per_cell
-        n = cells * per_cell
+        per_cell = getattr(cfg, "max_trials_per_cell", None)
+        n = cells * per_cell if per_cell else None
     else:
         n = spec.grid_size()
     trials = spec.trials()
@@ -201,6 +203,7 @@ def plan(spec_path: str | Path, kind: str = "sweep", max_trials: int | None = No
             p.warnings.append("no step timing: the trials run on a GPU and this machine has none")
         else:
             p.step_seconds = time_steps(spec, trials, time_steps_n)
-            p.trial_hours = estimate_trial_hours(spec, trials, p.step_seconds,
-                                                 budget=n if kind == "boundary" else None)
+            if kind != "boundary" or n:
+                p.trial_hours = estimate_trial_hours(spec, trials, p.step_seconds,
+                                                     budget=n if kind == "boundary" else None)
     return p
