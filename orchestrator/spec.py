@@ -75,6 +75,8 @@ def __getattr__(name: str):  # TRIAL_FIELDS, FLOAT_FIELDS, TrialConfig: lazily, 
     if name in ("TrialConfig", "ConfigError"):
         return getattr(_trial(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 DIVERGENCE_FIELDS = ("max_loss_ratio", "spike_ratio", "entropy_collapse", "stop_grace", "stop_window",
                      "stop_margin", "stop_on")
 
