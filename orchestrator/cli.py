@@ -68,8 +68,26 @@ _OS_HINTS = {errno.EACCES: "not writable by this user; choose another folder (--
              errno.EEXIST: "a file stands where a folder is needed"}
 
 
+# Where an exception comes from, by the top-level package of its type (the exception or its causes).
+_TRACKING_MODULES = {"mlflow", "sqlalchemy", "sqlite3", "alembic", "requests", "urllib3", "http"}
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _from(e: BaseException, packages: set[str]) -> bool:
+    return any(type(x).__module__.split(".")[0] in packages for x in _chain(e))
+
+
 def one_line(e: BaseException, uri: str | None = None) -> str:
-    """An error as one line that names the path or URI and says what to do."""
+    """An error as one line that names the path, URI or component and says what to do. The
+    tracking store is named only for an error that comes from it (MLflow, its HTTP client, SQLite),
+    Ray for one that comes from Ray."""
     while type(e).__name__ == "TuneError" and (e.__cause__ or e.__context__):  # Tune's wrapper: the cause
         e = e.__cause__ or e.__context__
     if isinstance(e, OSError) and (e.filename or e.errno in _OS_HINTS):
@@ -79,12 +97,17 @@ def one_line(e: BaseException, uri: str | None = None) -> str:
     if len(text) > 300:
         text = text[:300] + "..."
     low = str(e).lower()
-    where = f"MLflow store {uri}: " if uri else ""
+    tracking = _from(e, _TRACKING_MODULES)
+    if not tracking and _from(e, {"ray"}):
+        return (f"Ray: {type(e).__name__}: {text}; Ray's log: <workdir>/ray_logs (embedded Ray), or the head "
+                "node's /tmp/ray/session_latest/logs")
+    where = f"MLflow store {uri}: " if uri and tracking else ""
     if any(k in low for k in ("readonly database", "read-only file system", "permission denied", "[errno 13]")):
         return f"{where}{text}; the store is not writable by this user: fix its permissions, or choose another --workdir / --tracking-uri"
     if any(k in low for k in ("disk is full", "no space left", "[errno 28]")):
         return f"{where}{text}; the disk is full: free some space, or choose another --workdir"
-    if any(k in low for k in ("connection refused", "max retries exceeded", "failed to establish", "timed out")):
+    if tracking and uri and uri.startswith(("http://", "https://")) and any(
+            k in low for k in ("connection refused", "max retries exceeded", "failed to establish", "timed out")):
         return f"{where}{text}; the tracking server did not answer: start it, or pass another --tracking-uri"
     return f"{where}{type(e).__name__}: {text}"
 
@@ -92,12 +115,12 @@ def one_line(e: BaseException, uri: str | None = None) -> str:
 @contextmanager
 def _errors(uri: str | None = None):
     """Every way a command can fail, as one ``error:`` line and an exit code: 2 a bad spec or
-    option, 1 a fault (store, disk, workdir), 130 / 143 interrupted (SIGINT / SIGTERM)."""
+    option, 1 a fault (store, disk, workdir, Ray's start), 130 / 143 interrupted (SIGINT / SIGTERM).
+    Imports nothing heavy (no Ray, MLflow or torch): a refused spec returns at once."""
     import click
 
-    from orchestrator.faults import Interrupted, WorkdirBusy, WorkdirError
+    from orchestrator.faults import Interrupted, RayStartError, WorkdirBusy, WorkdirError
     from orchestrator.spec import SpecError
-    from orchestrator.tracking import StoreError
 
     try:
         yield
@@ -111,9 +134,12 @@ def _errors(uri: str | None = None):
         sig = e.signame if isinstance(e, Interrupted) else "SIGINT"
         typer.secho(f"{sig}: {RESUME_HINT}", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(143 if sig == "SIGTERM" else 130)
-    except (WorkdirBusy, WorkdirError, StoreError) as e:
+    except (WorkdirBusy, WorkdirError, RayStartError) as e:
         _fail(str(e), 1)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, the traceback in a file
+        tracking = sys.modules.get("orchestrator.tracking")  # a StoreError needs the module loaded
+        if tracking is not None and isinstance(e, tracking.StoreError):
+            _fail(str(e), 1)
         tb = _save_traceback()
         _fail(one_line(e, uri) + (f" (traceback: {tb})" if tb else ""), 1)
 
@@ -160,6 +186,56 @@ def _read_check(uri: str, experiment: str, sweep: Optional[str], allow_incomplet
         typer.secho(f"warning: {msg}; reading what is there (--allow-incomplete)", fg=typer.colors.YELLOW, err=True)
 
 
+TIME_STEPS = typer.Option(0, "--time-steps", min=0, metavar="N",
+                          help="Time N training steps of each trial shape here (after one warm-up step) and "
+                               "estimate the trial-hours (default: 0, no timing).")
+
+
+def _preflight(spec: Path, kind: str, max_trials: Optional[int], address: Optional[str], time_steps: int = 0,
+               quiet: bool = False):
+    """``orchestrator.preflight.plan``: the checks that need nothing written, and what would run."""
+    from orchestrator.preflight import plan
+
+    p = plan(spec, kind, max_trials=max_trials, address=address, time_steps_n=time_steps)
+    for line in p.lines() if not quiet else [f"warning: {w}" for w in p.warnings]:
+        typer.echo(line, err=line.startswith("warning:"))
+    return p
+
+
+def _ui_hint(tracking_uri: str, experiment: str) -> None:
+    """Where to look at the experiment: its own page in the MLflow UI (``Tracker.experiment_url``)."""
+    from orchestrator.tracking import Tracker
+
+    if tracking_uri.startswith("sqlite:"):
+        url = Tracker(tracking_uri, experiment).experiment_url()
+        typer.echo(f"  open the UI:  mlflow ui --backend-store-uri {tracking_uri}")
+        typer.echo(f"  then open:    {url}")
+    else:
+        ui = tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        typer.echo(f"  tracking server: {tracking_uri}; the experiment: "
+                   f"{Tracker(tracking_uri, experiment).experiment_url(ui)}")
+
+
+@app.command(cls=_Command)
+def check(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAML) to check."),
+          boundary: Optional[bool] = typer.Option(None, "--boundary/--sweep",
+                                                  help="Check it as a boundary search or as a grid sweep "
+                                                       "(default: boundary when the spec has a boundary: block)."),
+          max_trials: Optional[int] = MAX_TRIALS, time_steps: int = TIME_STEPS, address: Optional[str] = ADDRESS):
+    """Check a spec without running it: validate it, count its grid (or its cells), check its data
+    sources and the GPUs it asks for, and print what would run. Writes nothing, starts nothing.
+
+    ablate sweep and ablate boundary run the same checks first. Exit 0: it would run; 2: refused."""
+    with _errors():
+        if boundary is None:
+            from orchestrator.spec import read_spec_file
+
+            raw = read_spec_file(spec)
+            boundary = isinstance(raw, dict) and bool(raw.get("boundary"))
+        _preflight(spec, "boundary" if boundary else "sweep", max_trials, address, time_steps)
+    typer.echo("ok: nothing was run or written")
+
+
 @app.command(cls=_Command)
 def sweep(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAML), e.g. search_spaces/smoke.yaml."),
           resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
@@ -169,25 +245,21 @@ def sweep(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAM
           workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, address: Optional[str] = ADDRESS):
     """Run every trial of a spec's grid on Ray Tune, recorded in MLflow.
 
+    The checks of ablate check come first: a refused spec leaves nothing behind.
     Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
-    import yaml
-
-    from orchestrator.spec import load_spec
-    from orchestrator.sweep import run_sweep
-
     with _errors(tracking_uri):
-        s = load_spec(spec, max_trials=max_trials)
-        out = run_sweep(s, yaml.safe_load(spec.read_text()), workdir=workdir, tracking_uri=tracking_uri,
-                        resume=resume, address=address)
+        p = _preflight(spec, "sweep", max_trials, address, quiet=True)
+        from orchestrator.sweep import run_sweep
+
+        s = p.spec
+        out = run_sweep(s, p.raw, workdir=workdir, tracking_uri=tracking_uri, resume=resume, address=address)
     c = out.counts
     typer.echo(f"\nsweep {out.name}: {out.trials} trials: {c.get('stable', 0)} stable, "
                f"{c.get('collapsed', 0)} collapsed, {c.get('diverged', 0)} diverged, {c.get('failed', 0)} failed "
                f"in {out.wall_time:.0f}s ({s.crash_criterion}; degraded runs are classed by ablate export)")
     typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}")
-    if out.tracking_uri.startswith("sqlite:"):
-        typer.echo(f"  open the UI:  mlflow ui --backend-store-uri {out.tracking_uri}   (then http://127.0.0.1:5000)")
-    else:
-        typer.echo(f"  tracking server: {out.tracking_uri}")
+    with _errors(out.tracking_uri):
+        _ui_hint(out.tracking_uri, out.experiment)
     for err in dict.fromkeys(out.errors[:20]).keys():  # distinct errors of failed trials
         typer.echo(f"  failed: {err}")
     if out.errors:
@@ -203,17 +275,13 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
              workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, address: Optional[str] = ADDRESS):
     """Find each cell's crash boundary, LR50 with its interval (Psi-method Optuna sampler on Ray Tune; resumable).
 
+    The checks of ablate check come first: a refused spec leaves nothing behind.
     Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
-    import yaml
-
-    from orchestrator.boundary import boundary_config, run_boundary
-    from orchestrator.spec import load_spec
-
     with _errors(tracking_uri):
-        s = load_spec(spec, max_trials=max_trials)
-        boundary_config(s)
-        out = run_boundary(s, yaml.safe_load(spec.read_text()), workdir=workdir, tracking_uri=tracking_uri,
-                           address=address)
+        p = _preflight(spec, "boundary", max_trials, address, quiet=True)
+        from orchestrator.boundary import run_boundary
+
+        out = run_boundary(p.spec, p.raw, workdir=workdir, tracking_uri=tracking_uri, address=address)
     method = out.cells[0]["method"] if out.cells else "psi"
     typer.echo(f"\nboundary {out.name}: {len(out.cells)} cells in {out.wall_time:.0f}s, method {method}"
                + (" (a one-seed look)" if method == "bisect" else "")
@@ -232,6 +300,8 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
         band = f"{fmt(c['lr10'])}-{fmt(c['lr90'])}"
         typer.echo(f"{c['cell']:<36} {interval:>26} {band:>18} {c['n_trials']:>6}  " + ", ".join(notes))
     typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}; tables: ablate export")
+    with _errors(out.tracking_uri):
+        _ui_hint(out.tracking_uri, out.experiment)
 
 
 @dataclass

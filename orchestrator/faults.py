@@ -39,6 +39,11 @@ class Interrupted(Exception):
         self.signame = signame
 
 
+class RayStartError(RuntimeError):
+    """Ray did not start on this machine (or its cluster could not be joined), after the retries
+    of ``orchestrator.sweep.init_ray``. One line naming Ray, the cause and where Ray's log is."""
+
+
 class WorkdirBusy(RuntimeError):
     """Another driver holds the workdir's lock."""
 

@@ -37,21 +37,46 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workloads.divergence import DivergenceConfig
-from workloads.models import WORKLOADS
 from workloads.outcome import CLASSES, DEFAULT_CRASH, DEFAULT_KAPPA, criterion_label, validate_crash
-from workloads.stabilizers import REGISTRY
-from workloads.trial import ConfigError, TrialConfig
 
-TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
+# torch (through workloads.trial, models, stabilizers) is imported only once a spec has passed the
+# checks that need no trial field: a spec that is not YAML, has an unknown key or too large a grid
+# is refused without it (``ablate check`` in well under a second).
 # Set by the spec's own keys, not through fixed/axes:
 RESERVED = {"workload", "steps", "threads"}
-FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrialConfig) if str(f.type).split(" ")[0] == "float"}
 MAX_TRIALS = 10_000
+WORKLOADS = ("gpt", "vit", "swin")  # workloads.models.WORKLOADS (checked equal in tests/test_spec.py)
+
+
+def _trial():
+    """``workloads.trial`` (imports torch), on first use."""
+    import workloads.trial
+
+    return workloads.trial
+
+
+def _trial_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(_trial().TrialConfig)}
+
+
+def _float_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(_trial().TrialConfig) if str(f.type).split(" ")[0] == "float"}
+
+
+def __getattr__(name: str):  # TRIAL_FIELDS, FLOAT_FIELDS, TrialConfig: lazily, as before
+    if name == "TRIAL_FIELDS":
+        return _trial_fields()
+    if name == "FLOAT_FIELDS":
+        return _float_fields()
+    if name in ("TrialConfig", "ConfigError"):
+        return getattr(_trial(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 DIVERGENCE_FIELDS = ("max_loss_ratio", "spike_ratio", "entropy_collapse", "stop_grace", "stop_window",
                      "stop_margin", "stop_on")
 
@@ -141,21 +166,15 @@ class SweepSpec(_Strict):
         return math.prod(len(v) for v in self.axes.values()) * (1 if "seed" in self.axes else self.seeds)
 
     def check_grid_size(self) -> None:
-        n = self.grid_size()
-        if n > self.max_trials:
-            sizes = [f"{k}: {len(v)}" for k, v in self.axes.items()]
-            if "seed" not in self.axes and self.seeds > 1:
-                sizes.append(f"seeds: {self.seeds}")
-            raise SpecError(f"axes: the grid has {n:,} trials ({' x '.join(sizes)}), above max_trials "
-                            f"{self.max_trials:,}; shrink an axis, or raise the limit (max_trials: N in the spec, "
-                            "or --max-trials N)")
+        check_grid_size({k: len(v) for k, v in self.axes.items()}, self.seeds, self.max_trials)
 
-    def trials(self) -> list[TrialConfig]:
+    def trials(self) -> list:
         """The grid: one validated TrialConfig per combination of axis values (and seed)."""
         axes = dict(self.axes)
         if "seed" not in axes:
             axes["seed"] = list(range(self.seeds))
         names = list(axes)
+        TrialConfig, ConfigError = _trial().TrialConfig, _trial().ConfigError
         out, seen = [], set()
         for combo in itertools.product(*(axes[n] for n in names)):
             cfg_dict = {**self.base_config(), **dict(zip(names, combo))}
@@ -172,20 +191,52 @@ class SweepSpec(_Strict):
         return out
 
 
+def check_grid_size(lengths: dict[str, int], seeds: int, max_trials: int) -> int:
+    """The grid's trials from its axes' lengths (and seeds unless an axis is ``seed``), counted
+    without building anything; a ``SpecError`` when it is above ``max_trials``."""
+    n = math.prod(lengths.values()) * (1 if "seed" in lengths else seeds)
+    if n > max_trials:
+        sizes = [f"{k}: {v:,}" for k, v in lengths.items()]
+        if "seed" not in lengths and seeds > 1:
+            sizes.append(f"seeds: {seeds:,}")
+        raise SpecError(f"axes: the grid has {n:,} trials ({' x '.join(sizes)}), above max_trials "
+                        f"{max_trials:,}; shrink an axis, or raise the limit (max_trials: N in the spec, "
+                        "or --max-trials N)")
+    return n
+
+
+def _axis_length(name: str, value: Any) -> int:
+    """How many values an axis has, a ``log_range``'s ``num`` read without expanding it."""
+    if isinstance(value, dict):
+        return _log_range(name, value).num
+    if not isinstance(value, list) or not value:
+        raise SpecError(f"axes.{name}: {value!r} must be a non-empty list of values or a log_range")
+    return len(value)
+
+
+def _log_range(name: str, value: dict) -> LogRange:
+    try:
+        rng = LogRange(**value)
+    except (ValidationError, TypeError) as e:
+        why = _first_msg(e) if isinstance(e, ValidationError) else str(e)
+        raise SpecError(f"axes.{name}: {value!r} is not a list or "
+                        f"{{log_range: [low, high], num: N}} ({why})") from None
+    lo, hi = rng.log_range
+    if not (0 < lo < hi):
+        raise SpecError(f"axes.{name}.log_range: {list(rng.log_range)} must satisfy 0 < low < high")
+    return rng
+
+
 def _allowed(keys) -> str:
     return ", ".join(sorted(keys))
 
 
 def _expand_axis(name: str, value: Any) -> list[Any]:
     if isinstance(value, dict):
-        try:
-            rng = LogRange(**value)
-        except ValidationError as e:
-            raise SpecError(f"axes.{name}: {value!r} is not a list or "
-                            f"{{log_range: [low, high], num: N}} ({_first_msg(e)})") from None
+        import numpy as np
+
+        rng = _log_range(name, value)
         lo, hi = rng.log_range
-        if not (0 < lo < hi):
-            raise SpecError(f"axes.{name}.log_range: {list(rng.log_range)} must satisfy 0 < low < high")
         return [float(f"{v:.6g}") for v in np.geomspace(lo, hi, rng.num)]
     if not isinstance(value, list) or not value:
         raise SpecError(f"axes.{name}: {value!r} must be a non-empty list of values or a log_range")
@@ -194,6 +245,8 @@ def _expand_axis(name: str, value: Any) -> list[Any]:
 
 def _normalise_stabilizers(where: str, v: Any) -> tuple[str, ...]:
     names = v if isinstance(v, (list, tuple)) else [n for n in str(v).replace(",", "+").split("+") if n]
+    from workloads.stabilizers import REGISTRY
+
     bad = [n for n in names if n not in REGISTRY]
     if bad:
         raise SpecError(f"{where}: unknown stabilizer(s) {bad} in {v!r}; allowed: {_allowed(REGISTRY)} "
@@ -228,6 +281,12 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
                                "values, e.g. {lr: [1.0e-3, 1.0e-2]}"))
     fixed = dict(raw.get("fixed") or {})
     axes_raw = dict(raw.get("axes") or {})
+    # The grid counted before anything is built or imported (a log_range's num read, not expanded).
+    lengths = {k: _axis_length(k, v) for k, v in axes_raw.items()}
+    seeds, limit = raw.get("seeds", 1), raw.get("max_trials", MAX_TRIALS)
+    if all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (seeds, limit)):
+        check_grid_size(lengths, seeds, limit)  # (a bad seeds / max_trials is named below)
+    TRIAL_FIELDS, FLOAT_FIELDS = _trial_fields(), _float_fields()
     for where, keys in (("fixed", fixed), ("axes", axes_raw)):
         for k in keys:
             if k in RESERVED or k in DIVERGENCE_FIELDS or k not in TRIAL_FIELDS:
@@ -290,7 +349,7 @@ def _number(where: str, v: Any) -> Any:
     return v
 
 
-def _check_devices(spec: SweepSpec, trials: list[TrialConfig]) -> None:
+def _check_devices(spec: SweepSpec, trials: list) -> None:
     """A trial that needs CUDA gets none from Ray unless the spec asks for GPUs: refuse it now."""
     if spec.resources.gpus > 0:
         return
@@ -303,16 +362,38 @@ def _check_devices(spec: SweepSpec, trials: list[TrialConfig]) -> None:
                             "GPU); set resources.gpus > 0, or device: cpu")
 
 
+def read_spec_file(path: str | Path) -> Any:
+    """The YAML document in ``path``; a one-line ``SpecError`` for anything that is not a readable
+    text file of valid YAML (no such file, a folder, unreadable, binary, a YAML syntax error)."""
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"spec: no such file {str(p)!r}")
+    if not p.is_file():
+        raise SpecError(f"spec: {str(p)!r} is not a file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise SpecError(f"spec: cannot read {str(p)!r} ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"spec: {str(p)!r} is not a text file (byte {data[e.start]:#04x} at offset {e.start} is "
+                        "not UTF-8); a spec is YAML text") from None
+    if "\x00" in text:
+        raise SpecError(f"spec: {str(p)!r} is not a text file (it holds NUL bytes); a spec is YAML text")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"spec: {str(p)!r} is not valid YAML{where}: {what}") from None
+
+
 def load_spec(path: str | Path, max_trials: int | None = None) -> SweepSpec:
     """Read and validate a sweep spec (YAML). Raises ``SpecError`` naming field, value, allowed.
     ``max_trials`` overrides the spec's own limit on the grid's size."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec: no such file {str(p)!r}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"spec: {p} is not valid YAML: {e}") from None
+    raw = read_spec_file(path)
     if max_trials is not None and isinstance(raw, dict):
         raw = {**raw, "max_trials": max_trials}
-    return parse_spec(raw, str(p))
+    return parse_spec(raw, str(path))

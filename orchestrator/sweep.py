@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.faults import Interrupted, StopSignals, WorkdirLock, prepare_workdir
+from orchestrator.faults import Interrupted, RayStartError, StopSignals, WorkdirLock, prepare_workdir
+from orchestrator.preflight import check_data, check_gpus, embedded_run
 from orchestrator.spec import SpecError, SweepSpec
 from orchestrator.tracking import TrackingCallback, Tracker, check_store, default_tracking_uri
 from orchestrator.trainable import train_trial
@@ -49,25 +50,67 @@ class SweepOutcome:
         return self.trials > 0 and self.counts.get("failed", 0) >= self.trials
 
 
-def init_ray(address: str | None = None, workdir: Path | None = None) -> bool:
+# Ray's start on a loaded machine can time out (Ray waits 30 s for its node, a limit inside Ray):
+# the start is retried, ABLATE_RAY_START_ATTEMPTS times in all, waiting ABLATE_RAY_START_BACKOFF
+# seconds before the second attempt and twice as long before each next one.
+RAY_START_ATTEMPTS = "ABLATE_RAY_START_ATTEMPTS"
+RAY_START_BACKOFF = "ABLATE_RAY_START_BACKOFF"
+
+
+def _env_number(name: str, default: float, cast=float):
+    try:
+        v = cast(os.environ.get(name, default))
+    except ValueError:
+        raise SpecError(f"{name}: {os.environ[name]!r} is not a number") from None
+    if v < (1 if cast is int else 0):
+        raise SpecError(f"{name}: {v} is too small")
+    return v
+
+
+def init_ray(address: str | None = None, workdir: Path | None = None, attempts: int | None = None,
+             backoff: float | None = None) -> bool:
     """Connect to a cluster (``address``/``RAY_ADDRESS``) or start Ray embedded on this machine.
     True when this call started Ray (the caller then shuts it down).
 
     Embedded Ray is always a new instance of its own (``address="local"``): ``ray.init()`` without
     an address would attach to the cluster last started on this machine (``ray start --head``, a
     ``ray.cluster_utils.Cluster``, found through ``<RAY_TMPDIR or /tmp>/ray/ray_current_cluster``)
-    and run the sweep's trials there, beside whatever else uses it."""
+    and run the sweep's trials there, beside whatever else uses it.
+
+    A start (or join) that fails is retried ``attempts`` times in all (default
+    $ABLATE_RAY_START_ATTEMPTS, else 3) with a doubling wait from ``backoff`` seconds (default
+    $ABLATE_RAY_START_BACKOFF, else 5); then :class:`RayStartError` names Ray, the cause and its log.
+    An authentication error or a malformed address is not retried."""
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    attempts = attempts if attempts is not None else _env_number(RAY_START_ATTEMPTS, 3, int)
+    backoff = backoff if backoff is not None else _env_number(RAY_START_BACKOFF, 5.0)
     kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
-    if address:
-        ray.init(address=address, **kwargs)  # the cluster's own authentication applies, untouched
-    else:
+    if not address:
         _embedded_token_auth()
-        ray.init(address="local", include_dashboard=False, **kwargs)
+    for attempt in range(1, attempts + 1):
+        before = _children()
+        try:
+            if address:
+                ray.init(address=address, **kwargs)  # the cluster's own authentication applies, untouched
+            else:
+                ray.init(address="local", include_dashboard=False, **kwargs)
+            break
+        except Exception as e:  # noqa: BLE001 - Ray raises Exception, RuntimeError, ConnectionError, ...
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            _kill_new_children(before)  # a half-started node's GCS / raylet, which ray.shutdown does not know
+            if attempt >= attempts or not _retryable(e):
+                raise RayStartError(_ray_start_message(e, address, attempt, attempts)) from e
+            delay = backoff * 2 ** (attempt - 1)
+            log.warning("Ray did not start (%s); attempt %d of %d in %.0f s", _first_line(e), attempt + 1,
+                        attempts, delay)
+            time.sleep(delay)
     if workdir is not None:  # Ray's own logs, reachable from the workdir
         try:
             session = Path(ray._private.worker._global_node.get_session_dir_path())
@@ -86,26 +129,106 @@ def init_ray(address: str | None = None, workdir: Path | None = None) -> bool:
     return True
 
 
+def _children() -> set[int]:
+    import psutil
+
+    return {c.pid for c in psutil.Process().children(recursive=True)}
+
+
+def _kill_new_children(before: set[int]) -> None:
+    """Kill this process's children that a failed ``ray.init`` started (those not in ``before``)."""
+    import psutil
+
+    new = [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
+    for c in new:
+        try:
+            c.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(new, timeout=5)
+
+
+def _first_line(e: BaseException) -> str:
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _retryable(e: BaseException) -> bool:
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # pragma: no cover - older Ray
+        AuthenticationError = ()  # noqa: N806
+    return not isinstance(e, (ValueError, TypeError, AuthenticationError))
+
+
+def _ray_start_message(e: BaseException, address: str | None, attempt: int, attempts: int) -> str:
+    import re
+    import tempfile
+
+    tries = f"after {attempt} attempt{'s' if attempt > 1 else ''}"
+    if address:
+        return (f"Ray: could not join the cluster at {address} {tries}: {_first_line(e)}; Ray's log is on the "
+                "cluster's head node (/tmp/ray/session_latest/logs); check the address and that the cluster is up "
+                "(ray status)")
+    m = re.search(r"(\S*/session_[0-9][^/\s]*)", str(e))
+    logs = (f"{m.group(1)}/logs" if m else
+            str(Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "session_latest" / "logs"))
+    hint = ("a loaded machine can take longer: wait and re-run, or set "
+            f"{RAY_START_ATTEMPTS} / {RAY_START_BACKOFF} (now {attempts} attempts)")
+    return f"Ray did not start on this machine {tries}: {_first_line(e)}; Ray's log: {logs}; {hint}"
+
+
 def _embedded_token_auth() -> None:
-    """Token authentication on, explicitly, for the Ray that ``init_ray`` starts on this machine.
+    """Token authentication on, explicitly, for the Ray that ``init_ray`` starts on this machine,
+    and Ray's token file readable by this user only.
 
     Ray (2.60 here) turns token authentication on by default for a new local cluster and then logs
     "Token authentication is enabled for this Ray cluster" on every start; it logs nothing when
     ``RAY_AUTH_MODE`` is set. The embedded cluster's GCS and raylet listen on this machine's network
     address, not only on loopback, so anyone who can reach it could run code in it: authentication
-    stays on (the token is Ray's, ``~/.ray/auth_token``, created on first use), and ablate says so
-    once, here, instead of Ray on every command. A ``RAY_AUTH_MODE`` set by the user wins. On a
-    cluster (``--address``) nothing is changed: the cluster's own setting applies.
+    stays on, and ablate says so once, here, instead of Ray on every command. A ``RAY_AUTH_MODE``
+    set by the user wins. On a cluster (``--address``) nothing is changed: the cluster's own setting
+    applies. Ray writes a missing token file (``~/.ray/auth_token``, or $RAY_AUTH_TOKEN_PATH) with
+    the default umask (0644 here): ablate creates it first, 0600 (:func:`private_token_file`).
     """
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    try:  # a Ray without token authentication has neither; then there is nothing to set
-        from ray._private.authentication import authentication_token_setup  # noqa: F401
-        from ray._raylet import Config
-    except ImportError:
-        return
-    os.environ["RAY_AUTH_MODE"] = "token"  # inherited by the raylet, GCS and workers
-    Config.initialize("")  # the driver's cached Ray config re-reads it (what Ray does when it enables it)
+    if "RAY_AUTH_MODE" not in os.environ:
+        try:  # a Ray without token authentication has neither; then there is nothing to set
+            from ray._private.authentication import authentication_token_setup  # noqa: F401
+            from ray._raylet import Config
+        except ImportError:
+            return
+        os.environ["RAY_AUTH_MODE"] = "token"  # inherited by the raylet, GCS and workers
+        Config.initialize("")  # the driver's cached Ray config re-reads it (what Ray does when it enables it)
+    if os.environ["RAY_AUTH_MODE"].lower() == "token":
+        private_token_file()
+
+
+def private_token_file() -> Path | None:
+    """Ray's token file for this user (``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) made
+    mode 0600: created with Ray's own generator when missing, its group/other bits removed when this
+    user owns it. None when the token comes from ``$RAY_AUTH_TOKEN`` (no file)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+        from ray._raylet import AuthenticationTokenLoader
+
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it meanwhile
+            return private_token_file()
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_new_authentication_token())
+        AuthenticationTokenLoader.instance().reset_cache()
+        return path
+    if st.st_mode & 0o077 and st.st_uid == os.getuid():
+        os.chmod(path, 0o600)
+        log.info("Ray's token file %s: made readable by its owner only (0600)", path)
+    return path
 
 
 def storage_root(spec: SweepSpec, workdir: Path) -> str:
@@ -197,32 +320,16 @@ class Session:
             self.lock = None
 
 
-def check_data(spec: SweepSpec, trials, embedded: bool) -> None:
-    """Every distinct data source of the grid must load here before anything is launched. On a
-    cluster the trials may read data that only the workers have: a missing source is a warning."""
-    from workloads.data import check_source
-
-    seen = set()
-    for t in trials:
-        key = (t.data, t.data_path, t.vocab_size)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            check_source(*key)
-        except (OSError, ValueError) as e:
-            msg = str(e)
-            where = ("axes" if "data_path" in spec.axes or "data" in spec.axes else "fixed") + ".data_path"
-            if embedded:
-                raise SpecError(f"{where}: {msg}") from None
-            log.warning("%s: %s (on the driver's machine; the workers may have it)", where, msg)
-
-
 def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tracking_uri: str | None,
                  address: str | None, precheck=None) -> Session:
-    """Everything that can refuse the run is checked before the store is touched: the workdir
-    (usable, not locked by another driver), the store (reachable, writable), the data sources,
-    ``precheck(storage)``, the cluster's resources; only then is the parent run opened."""
+    """Everything that can refuse the run is checked before the store is touched: first what needs
+    nothing written (the data sources, the GPUs of an embedded run: ``orchestrator.preflight``, which
+    ``ablate sweep`` / ``boundary`` ran already), then the workdir (usable, not locked by another
+    driver), the store (reachable, writable), ``precheck(storage)``, the cluster's resources; only
+    then is the parent run opened."""
+    embedded = embedded_run(address)
+    check_data(spec, spec.trials(), embedded)  # before the workdir exists: a refusal leaves nothing
+    check_gpus(spec, embedded)
     signals = StopSignals().__enter__()
     lock = None
     started_ray = False
@@ -231,8 +338,6 @@ def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tr
         lock = WorkdirLock(workdir).acquire()
         tracking_uri = tracking_uri or default_tracking_uri(workdir)
         check_store(tracking_uri, write=True)
-        embedded = not (address or os.environ.get("RAY_ADDRESS"))
-        check_data(spec, spec.trials(), embedded)
         storage = storage_root(spec, workdir)
         if precheck is not None:
             precheck(storage)

@@ -325,6 +325,7 @@ class TrackingCallback(Callback):
         self._buf: dict[str, list[Metric]] = defaultdict(list)
         self._events: dict[str, list[dict]] = defaultdict(list)
         self._tagged: set[str] = set()
+        self._fresh: set[str] = set()            # trials whose run on_trial_start made for this attempt
         self._last_flush = time.monotonic()
         self._last_progress = 0.0
         self._t0 = time.monotonic()
@@ -370,9 +371,19 @@ class TrackingCallback(Callback):
                 self._buf[tid] = []
 
     # ---- Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        """The trial's run is made when the trial starts (RUNNING, tag status=running, its config as
+        params), replacing a run of an earlier attempt: a sweep stopped before the trial's first
+        report still shows it, and marks it KILLED."""
+        self._run_for(trial, replace=True)
+        self._fresh.add(trial.trial_id)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid = trial.trial_id
-        run_id = self._run_for(trial, replace=result.get("training_iteration") == 1)
+        first = result.get("training_iteration") == 1  # an attempt's first report: its run is replaced,
+        run_id = self._run_for(trial, replace=first and tid not in self._fresh)  # unless made at its start
+        if first:
+            self._fresh.discard(tid)
         ts = int(time.time() * 1000)
         for step, metrics, events in json.loads(result.get("batch") or "[]"):
             self._buf[tid] += [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]

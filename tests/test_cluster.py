@@ -195,3 +195,87 @@ def test_cluster_yaml_passes_rays_own_validator():
     bad["available_node_types"]["gpu_a10g"]["min_wokers"] = 0
     with pytest.raises(ValidationError, match="min_wokers"):
         validate_config(prepare_config(bad))
+
+
+_CLIENT = """
+import sys, ray
+try:
+    ray.init(address=sys.argv[1], log_to_driver=False)
+except Exception as e:
+    print("REFUSED", type(e).__name__, repr(e.__cause__))
+    sys.exit(3)
+print("NODES", len(ray.nodes()))
+"""
+
+
+def test_token_authenticated_cluster_refuses_a_client_without_the_token(tmp_path, monkeypatch):
+    """cluster.yaml turns Ray token authentication on for every node and keeps MLflow and the
+    dashboard on the head's loopback; the same start here (head and worker nodes with
+    RAY_AUTH_MODE=token and a 0600 token file) refuses a driver without the token or with another."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    import yaml
+
+    from orchestrator.localcluster import write_token
+
+    cfg = yaml.safe_load((Path(__file__).parent.parent / "cluster.yaml").read_text())
+    head, workers = " ".join(cfg["head_start_ray_commands"]), " ".join(cfg["worker_start_ray_commands"])
+    assert "export RAY_AUTH_MODE=token; ray start --head" in head and "--dashboard-host=127.0.0.1" in head
+    assert "export RAY_AUTH_MODE=token; ray start --address" in workers
+    assert "mlflow server --host 127.0.0.1" in head and "0.0.0.0" not in head
+    assert cfg["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("chmod 600 ~/.ray/auth_token" in c for c in cfg["setup_commands"])
+
+    rtmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Unix socket paths are limited
+    monkeypatch.setenv("RAY_TMPDIR", rtmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    token = write_token(tmp_path / "auth_token")
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    c = LocalCluster(workers=1, cpus_per_worker=1, auth_token=token)
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        (tmp_path / "home").mkdir()
+        envs = {"no token": {**base, "HOME": str(tmp_path / "home")},  # no token anywhere, no mode set
+                "another token": {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+                "the token": {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}}
+        procs = {k: subprocess.Popen([sys.executable, "-c", _CLIENT, c.address], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k, env in envs.items()}
+        out = {k: p.communicate(timeout=120) + (p.returncode,) for k, p in procs.items()}
+        assert out["the token"][2] == 0 and "NODES 2" in out["the token"][0], out["the token"]
+        for k in ("no token", "another token"):
+            assert out[k][2] == 3 and "REFUSED ConnectionError" in out[k][0], (k, out[k])
+    finally:
+        c.shutdown()
+        shutil.rmtree(rtmp, ignore_errors=True)
+    assert "RAY_AUTH_TOKEN_PATH" not in os.environ  # the environment is restored
+
+
+def test_mlflow_basic_auth_variant_refuses_without_the_password(tmp_path, monkeypatch):
+    """cluster.yaml's variant for opening MLflow beyond the head: the basic-auth app with a generated
+    admin password. Without it a client is refused; with it (MLFLOW_TRACKING_USERNAME / _PASSWORD,
+    as the head's driver gets them) the sweep's writes go through."""
+    import secrets
+
+    from mlflow.exceptions import MlflowException
+
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
+    password = secrets.token_urlsafe(24)
+    s = MlflowServer(tmp_path / "auth", admin_password=password).start()
+    try:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+            MlflowClient(s.uri).create_experiment("nope")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "password1234")
+        with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+            MlflowClient(s.uri).search_experiments()
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        exp = MlflowClient(s.uri).create_experiment("yes")
+        assert MlflowClient(s.uri).get_experiment(exp).name == "yes"
+    finally:
+        s.stop()

@@ -343,6 +343,10 @@ def test_a_sweep_where_every_trial_failed_exits_non_zero(tmp_path):
     out = ablate_here("sweep", str(path), "--workdir", str(tmp_path / "wd"))
     assert out.returncode == 1, out.stdout + out.stderr
     assert "failed: ValueError: cannot mmap an empty file" in out.stdout
+    # the end-of-sweep hint opens the experiment's own page, on MLflow's model-training view
+    exp = MlflowClient(f"sqlite:///{tmp_path / 'wd' / 'mlflow.db'}").get_experiment_by_name("ablate-t-allfail")
+    assert (f"then open:    http://127.0.0.1:5000/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+            in out.stdout), out.stdout
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
     assert errors == ["error: every trial failed (1); the first error: ValueError: cannot mmap an empty file "
                       "(tracebacks: each trial run's traceback.txt in MLflow)"]

@@ -83,3 +83,40 @@ def test_load_spec_file_errors(tmp_path):
     bad.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(SpecError, match="a spec is a YAML mapping"):
         load_spec(bad)
+
+
+def test_unreadable_specs_are_one_line_errors(tmp_path):
+    """Not YAML, binary, a folder: one SpecError line each (the CLI's exit 2), never a traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nworkload: gpt\n  steps: [10\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(bad)
+    assert str(e.value) == f"spec: {str(bad)!r} is not valid YAML at line 3, column 8: mapping values are not allowed here"
+    bad.write_bytes(bytes(range(256)))
+    with pytest.raises(SpecError, match=r"is not a text file \(byte 0x80 at offset 128 is not UTF-8\)"):
+        load_spec(bad)
+    bad.write_bytes(b"name: x\x00\x00")
+    with pytest.raises(SpecError, match="is not a text file \\(it holds NUL bytes\\)"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="is not a file"):
+        load_spec(tmp_path)
+
+
+def test_log_range_num_is_counted_before_it_is_expanded():
+    """A log_range's num counts towards max_trials before its values are built: 1e8 points are
+    refused at once (building them first took 31 s for 1e6 and would exhaust memory at 1e8)."""
+    raw = {"name": "n", "workload": "gpt", "steps": 5, "axes": {"lr": {"log_range": [1e-4, 1.0], "num": 100_000_000}}}
+    with pytest.raises(SpecError, match=r"the grid has 100,000,000 trials \(lr: 100,000,000\), above max_trials 10,000"):
+        parse_spec(raw)
+    with pytest.raises(SpecError, match=r"the grid has 20,000 trials \(lr: 2,000 x seeds: 10\)"):
+        parse_spec({**raw, "axes": {"lr": {"log_range": [1e-4, 1.0], "num": 2000}}, "seeds": 10})
+    with pytest.raises(SpecError, match=r"axes.lr.log_range: \[1.0, 0.1\] must satisfy 0 < low < high"):
+        parse_spec({**raw, "axes": {"lr": {"log_range": [1.0, 0.1], "num": 3}}})
+    assert len(parse_spec({**raw, "axes": {"lr": {"log_range": [1e-4, 1.0], "num": 5}}}).trials()) == 5
+
+
+def test_spec_names_the_workloads_without_importing_them():
+    from workloads.models import WORKLOADS
+    from orchestrator import spec
+
+    assert spec.WORKLOADS == WORKLOADS

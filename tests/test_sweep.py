@@ -105,6 +105,14 @@ def test_gpus_on_a_cluster_without_gpus_fail_before_anything_runs(ray_local, tmp
     from orchestrator.spec import SpecError
 
     raw = dict(SPEC, name="t-gpu", resources={"cpus": 1, "gpus": 0.5})
-    with pytest.raises(SpecError, match=r"resources.gpus: 0.5 .* no GPUs"):
-        run_sweep(parse_spec(raw), raw, workdir=tmp_path, progress=False)
+    # embedded: refused from torch's device count, before the workdir is touched (issue 18)
+    with pytest.raises(SpecError, match=r"resources.gpus: 0.5 asked per trial, but this machine has no GPU"):
+        run_sweep(parse_spec(raw), raw, workdir=tmp_path / "wd", progress=False)
+    assert not (tmp_path / "wd").exists()
+    # a cluster (an address): its own resources, checked once the driver has joined it
+    import ray
+
+    with pytest.raises(SpecError, match=r"resources.gpus: 0.5 asked per trial, but the Ray cluster has no GPUs"):
+        run_sweep(parse_spec(raw), raw, workdir=tmp_path, progress=False,
+                  address=ray.get_runtime_context().gcs_address)
     assert not (tmp_path / "ray_results" / "t-gpu").exists()
