@@ -2,7 +2,9 @@
 
 All writes happen in one process (the sweep driver, through :class:`TrackingCallback`, a Ray Tune
 callback), so an embedded SQLite store is never written by several processes at once, and metrics
-go in batches (``log_batch``, up to 1000 values a call), never one call per scalar.
+go in batches, never one call per scalar: into a SQL store (the embedded SQLite one) one transaction
+per batch straight into MLflow's tables (``_sql_log_metrics``, several times ``log_batch``'s rate),
+to a tracking server ``log_batch`` calls of up to 1000 values.
 
 A trial attempt that restarts (Ray retry after a crash, or a resumed sweep re-running a trial that
 was cut off) replaces its earlier partial run (soft-deleted), so every trial appears exactly once.
