@@ -10,9 +10,9 @@ slot, so that fixed costs cancel (Ray's start-up, the MLflow store's creation in
 each sweep's worker processes importing Ray Tune, torch and torch._dynamo); they are reported apart.
 
 Where the marginal time goes, per added trial (the same differences, divided by N): the driver's
-wall time inside the MLflow tracking callback (it blocks Tune's event loop), the driver's other CPU
-time (Tune's loop and Ray's client), and how much longer ``run()`` itself takes in a Ray worker than
-in the pool. The driver serves all trial slots from one thread, so these overlap with the slots'
+wall and CPU time inside the MLflow tracking callback (it blocks Tune's event loop), the driver's
+other CPU time (Tune's loop and Ray's client), and the trials' own ``run()`` time in a Ray worker
+and in the pool. The driver serves all trial slots from one thread, so these overlap with the slots'
 time and do not add up to the per-slot figure exactly.
 
 Then the MLflow ingest: 50,000 metric values (50 keys x 1000 steps) of one run into a fresh SQLite
@@ -75,8 +75,8 @@ def plain_loop(batches: list[list[dict]], concurrency: int) -> list[tuple[float,
 
 
 class _HookTimer:
-    """Wall time the driver spends inside the tracking callback's Tune hooks (patched on the class
-    for the benchmark's sweeps, restored after)."""
+    """Wall and CPU time the driver spends inside the tracking callback's Tune hooks (patched on the
+    class for the benchmark's sweeps, restored after)."""
 
     HOOKS = ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error", "on_step_end",
              "on_experiment_end")
@@ -84,7 +84,7 @@ class _HookTimer:
     def __init__(self):
         from orchestrator.tracking import TrackingCallback
 
-        self.cls, self.total, self.saved = TrackingCallback, 0.0, {}
+        self.cls, self.total, self.cpu, self.saved = TrackingCallback, 0.0, 0.0, {}
 
     def __enter__(self):
         for name in self.HOOKS:
@@ -94,11 +94,12 @@ class _HookTimer:
             self.saved[name] = fn
 
             def timed(cb, *a, _fn=fn, **k):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 try:
                     return _fn(cb, *a, **k)
                 finally:
                     self.total += time.perf_counter() - t0
+                    self.cpu += time.thread_time() - c0
 
             setattr(self.cls, name, timed)
         return self
@@ -124,11 +125,12 @@ def through_sweep(raws: list[dict], workdir: Path) -> tuple[list[dict], float]:
     with _HookTimer() as hooks:
         for raw in raws:
             spec = parse_spec(raw)
-            hooks.total, cpu0, wall0 = 0.0, time.process_time(), time.time()
+            hooks.total, hooks.cpu, cpu0, wall0 = 0.0, 0.0, time.process_time(), time.time()
             t0 = time.perf_counter()
             res = run_sweep(spec, raw, workdir=workdir, progress=False)
             wall = time.perf_counter() - t0
-            row = dict(wall=wall, driver_cpu=time.process_time() - cpu0, tracking=hooks.total)
+            row = dict(wall=wall, driver_cpu=time.process_time() - cpu0, tracking=hooks.total,
+                       tracking_cpu=hooks.cpu)
             assert sum(res.counts.values()) == len(spec.trials()), res.counts
             runs = Tracker(res.tracking_uri, spec.experiment_name).trial_runs(spec.name)
             row["runs"] = sum(r.data.metrics["result/wall_time"] for r in runs)
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     # per trial slot (trials run c at a time): fixed start-up costs cancel out
     per_trial = ((s2["wall"] - s1["wall"]) - (p2 - p1)) * c / n
     fixed = s1["wall"] - p1 - per_trial * n / c
-    d = {k: (s2[k] - s1[k]) / n for k in ("tracking", "driver_cpu", "runs")}
+    d = {k: (s2[k] - s1[k]) / n for k in ("tracking", "tracking_cpu", "driver_cpu", "runs")}
     run_plain = (r2 - r1) / n
     print(f"trials of {args.steps} steps, concurrency {c}, {os.cpu_count()} CPUs")
     print(f"{'':28}{n:>4} trials {2 * n:>4} trials")
@@ -228,8 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wall-time ratio sweep/plain: {s1['wall'] / p1:.2f}x ({n}), {s2['wall'] / p2:.2f}x ({2 * n})")
     print(f"per-trial overhead (marginal, per trial slot): {per_trial:.3f} s  (target < 0.3 s)")
     print("  where it goes, per added trial:")
-    print(f"    driver, in the MLflow tracking callback: {d['tracking']:.3f} s (blocks Tune's loop)")
-    print(f"    driver, other CPU (Tune's loop, Ray client): {d['driver_cpu'] - d['tracking']:.3f} s")
+    print(f"    driver, in the MLflow tracking callback: {d['tracking']:.3f} s wall, {d['tracking_cpu']:.3f} s CPU"
+          " (blocks Tune's loop)")
+    print(f"    driver, other CPU (Tune's loop, Ray client): {d['driver_cpu'] - d['tracking_cpu']:.3f} s")
     print(f"    trial run() in a Ray worker: {d['runs']:.3f} s, in the plain pool: {run_plain:.3f} s")
     print(f"fixed cost per sweep: {fixed:.2f} s (Tune set-up, worker processes importing Ray Tune, torch and "
           f"torch._dynamo; first trial started {s1['to_first_trial']:.2f} s after the sweep's start)")
