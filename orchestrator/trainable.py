@@ -25,9 +25,7 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
     cfg = TrialConfig(**config["point"]["trial"])
     node = ray.get_runtime_context().get_node_id()
     pending: list[list] = []  # [step, metrics, events] not yet sent
-    # time of the last report (the trial's start: a trial shorter than report_every_s sends one
-    # report, its last); whether the next is the first
-    last_sent = [time.monotonic(), True]
+    last_sent = [0.0, True]   # time of the last report; whether the next is the first
 
     def send(final: dict | None = None) -> None:
         step, metrics, _ = pending[-1] if pending else (final["step"], {}, [])
