@@ -19,7 +19,7 @@ from orchestrator.sweep import run_sweep
 SPEC = {
     "name": "t-sig",
     "workload": "gpt",
-    "steps": 120,
+    "steps": 400,  # a warm trial of 120 steps ended, and the 4 with it, before the signal landed
     "fixed": {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "eval_batches": 1,
               "schedule": "constant"},
     "axes": {"lr": [1e-3, 2e-3, 3e-3, 4e-3]},
@@ -81,7 +81,7 @@ def test_a_signal_stops_the_sweep_resumably_and_never_looks_finished(tmp_path, s
     try:
         deadline = time.time() + 180
         while time.time() < deadline:  # until the first trial runs are open in MLflow
-            time.sleep(1)
+            time.sleep(0.25)
             assert proc.poll() is None, log.read_text()[-3000:]
             if "4 trials" in log.read_text() and _trial_count(uri) >= 1:
                 break

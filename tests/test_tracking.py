@@ -84,3 +84,64 @@ def test_nonfinite_results_are_tags_not_max_float_metrics_and_json_is_standard(t
     pq.write_table(table, tmp_path / "t.parquet")
     back = {r["trial_id"]: r for r in pq.read_table(tmp_path / "t.parquet").to_pylist()}
     assert back["inf"]["final_loss"] == math.inf
+
+
+def _history(client, run_id, keys):
+    """(key, step, timestamp, value) of every stored value, NaN as the string "nan"."""
+    return sorted((k, m.step, m.timestamp, "nan" if math.isnan(m.value) else m.value)
+                  for k in keys for m in client.get_metric_history(run_id, k))
+
+
+def _latest(client, run_id):
+    return {k: "nan" if math.isnan(v) else v for k, v in client.get_run(run_id).data.metrics.items()}
+
+
+def test_sql_metric_writer_stores_what_log_batch_stores(tmp_path):
+    """Tracker.log_metrics writes a SQL store's tables directly (_sql_log_metrics): the same rows and
+    latest values as MLflow's log_batch, for NaN, +-inf, a repeated value, steps out of order, a
+    later batch, and a batch sent twice (nothing doubled)."""
+    from mlflow.entities import Metric
+
+    from orchestrator.tracking import _sql_log_metrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = Tracker(uri, "ingest")
+    client = MlflowClient(uri)
+    fast, ref = (client.create_run(tr.experiment_id).info.run_id for _ in range(2))
+    first = [Metric("loss", 3.0, 1000, 0), Metric("loss", 2.5, 1000, 5), Metric("loss", 2.5, 1000, 5),
+             Metric("loss", 9.0, 900, 2), Metric("loss", 2.4, 1001, 5), Metric("ent/l0", math.nan, 1000, 5),
+             Metric("ent/l0", 1.0, 1000, 0), Metric("g", math.inf, 1000, 1), Metric("g", -math.inf, 1000, 0)]
+    later = [Metric("loss", 2.0, 1100, 10), Metric("ent/l0", 0.5, 1100, 3), Metric("new", 7.0, 1100, 10)]
+    keys = ("loss", "ent/l0", "g", "new")
+    store = tr._sql_store()
+    assert store is not None
+    assert _sql_log_metrics(store, fast, first)  # the direct path took it
+    tr.log_metrics(fast, later)
+    for batch in (first, later):
+        client.log_batch(ref, metrics=batch)
+    assert _history(client, fast, keys) == _history(client, ref, keys)
+    assert len(_history(client, fast, keys)) == 11  # the repeated (loss, 2.5, step 5) once
+    assert _latest(client, fast) == _latest(client, ref) == {"loss": 2.0, "ent/l0": "nan", "g": 1.7976931348623157e308,
+                                                             "new": 7.0}
+    # a batch sent again: the direct path declines without writing, log_batch skips the duplicates
+    assert not _sql_log_metrics(store, fast, later)
+    tr.log_metrics(fast, later)
+    assert _history(client, fast, keys) == _history(client, ref, keys)
+    # a run that is not active: declined (Tracker.log_metrics then goes through log_batch, which raises)
+    client.delete_run(ref)
+    assert not _sql_log_metrics(store, ref, [Metric("loss", 1.0, 1200, 11)])
+
+
+def test_a_finished_trial_has_its_artifacts_and_results(tmp_path, monkeypatch):
+    """The end of a trial in fewer writes: result metrics and tags, result.json and events.json."""
+    monkeypatch.delenv("ABLATE_TRACKING_URI", raising=False)
+    summary = {"initial_loss": 5.5, "final_loss": 2.0, "best_loss": 1.9, "steps_run": 40, "wall_time": 3.0,
+               "diverged": False, "first_event": None, "device": "cpu", "ended_at": 1.7e9}
+    uri, tr, cb = _finish(tmp_path, {"t1": summary})
+    run = tr.trial_runs("sw")[0]
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "stable"
+    assert run.data.metrics["result/final_loss"] == 2.0 and run.data.tags["steps_run"] == "40"
+    client = MlflowClient(uri)
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["events.json", "result.json"]
+    events = Path(client.download_artifacts(run.info.run_id, "events.json", str(tmp_path / "dl"))).read_text()
+    assert json.loads(events) == []
