@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.faults import Interrupted, StopSignals, WorkdirLock, prepare_workdir
+from orchestrator.quiet import FoldedWarnings
 from orchestrator.spec import SpecError, SweepSpec
 from orchestrator.tracking import TrackingCallback, Tracker, check_store, default_tracking_uri
 from orchestrator.trainable import train_trial
@@ -151,7 +152,8 @@ class Session:
 
     def fit(self, tuner):
         try:
-            return self.signals.fit(tuner) if self.signals else tuner.fit()
+            with FoldedWarnings():  # Tune's bottleneck lines and library warnings: one line at the end
+                return self.signals.fit(tuner) if self.signals else tuner.fit()
         except (Interrupted, KeyboardInterrupt) as e:
             self.interrupted(e)
 
