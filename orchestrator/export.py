@@ -690,6 +690,25 @@ def _loss_figure(plt, rows: list[dict], cell_fields: list[str], crit: str, split
     return fig
 
 
+def loss_figures(table: pa.Table, out: Path, crit: str) -> list[Path]:
+    """The loss-vs-LR figures of a trials table with outcomes (``with_outcomes``; also a
+    ``trials.parquet`` that export wrote): one per value of the split fields (depth), every warmup on
+    its one axes (``_loss_figure``), as PNG and PDF named ``loss_vs_lr[_depthD]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fields = cell_fields_of(table)
+    rows = [r for r in table.to_pylist() if r["status"] in FINISHED]
+    files: list[Path] = []
+    for split, sub in split_rows(rows, comparison_layout(fields).split):
+        fig = _loss_figure(plt, sub, fields, crit, split)
+        files += _save(fig, Path(out), file_stem("loss_vs_lr", split))
+        plt.close(fig)
+    return files
+
+
 @dataclasses.dataclass
 class BoundaryGrid:
     """What the crash-boundary figure of one warmup draws: ``rows`` (labels, in order), ``depths``
@@ -805,11 +824,7 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
     warmups = sorted({r["warmup_steps"] for r in rows})
     crit = criterion_label(crash, kappa)
     files: list[Path] = []
-    # loss vs LR: one figure per value of the split fields (depth), every warmup on its one axes
-    for split, sub in split_rows(rows, comparison_layout(ex.tables.cell_fields).split):
-        fig = _loss_figure(plt, sub, ex.tables.cell_fields, crit, split)
-        files += _save(fig, out, file_stem("loss_vs_lr", split))
-        plt.close(fig)
+    files += loss_figures(ex.table, out, crit)
     for w in warmups:
         grid = boundary_grid(ex.tables.max_stable_lr.get(w, []), ex.tables.cell_fields)
         fig = (_boundary_heatmap if vary_depth else _boundary_points)(plt, grid, w, crit)
