@@ -440,7 +440,9 @@ def write_comparison(out: Path, stem: str, rows: list[dict], cell_fields: list[s
                      caption: str) -> list[Path]:
     """Write the comparison tables of ``rows`` (``compare_pivot``) as Markdown and LaTeX, named
     ``<stem>_by_<column>[_<split>]`` (``best_loss_by_warmup_depth4.md``); nothing when only the
-    stabilizer varies (the flat table is the comparison)."""
+    stabilizer varies (the flat table is the comparison). Any per-cell rows fit, e.g. boundary
+    estimates: ``write_comparison(out, "lr50", rows, tabs.cell_fields, lambda r: f"{r['lr50']:.3g}
+    [{r['lr50_low']:.3g}, {r['lr50_high']:.3g}]", caption)``."""
     layout = comparison_layout(cell_fields)
     if layout.column is None:
         return []
@@ -640,25 +642,26 @@ def _loss_figure(plt, rows: list[dict], cell_fields: list[str], crit: str, split
                 if r["outcome"] != "diverged" and _finite(r["final_loss"]):
                     by_lr[r["lr"]].append(r["final_loss"])
             xs = sorted(by_lr)
-            ax.plot([x * shift[c] for x in xs], [float(np.mean(by_lr[x])) for x in xs], color=colors[k], ls=styles[c], lw=1.4,
-                    label="_mean", gid=f"mean|{tag}")
+            ax.plot([x * shift[c] for x in xs], [float(np.mean(by_lr[x])) for x in xs], color=colors[k],
+                    ls=styles[c], lw=1.4, label="_mean", gid=f"mean|{tag}")
             for cls, style in MARKERS.items():
                 runs = [r for r in mine if r["outcome"] == cls]
-                inside = [(r["lr"] * shift[c], r["final_loss"]) for r in runs if _finite(r["final_loss"]) and r["final_loss"] <= top]
+                fits = [r for r in runs if _finite(r["final_loss"]) and r["final_loss"] <= top]
+                inside = [(r["lr"] * shift[c], r["final_loss"]) for r in fits]
                 if inside:
                     faint = cls in ("stable", "degraded")
                     ax.plot(*zip(*inside), color=colors[k], ms=4 if faint else 6, alpha=0.35 if faint else 0.9,
                             label="_run", gid=f"run|{tag}|{cls}", **{**style, "ls": "none"})
-                off = [r for r in runs if not (_finite(r["final_loss"]) and r["final_loss"] <= top)]
+                off = [r for r in runs if all(r is not f for f in fits)]
                 if off:
-                    ax.plot([r["lr"] * shift[c] for r in off], [top] * len(off), color=colors[k], ms=6, alpha=0.9, clip_on=False,
-                            label="_clipped", gid=f"clipped|{tag}", **{**style, "ls": "none"})
+                    ax.plot([r["lr"] * shift[c] for r in off], [top] * len(off), color=colors[k], ms=6, alpha=0.9,
+                            clip_on=False, label="_clipped", gid=f"clipped|{tag}", **{**style, "ls": "none"})
                 for r in off:
                     n = stacked[r["lr"]]
                     stacked[r["lr"]] += 1
-                    ax.annotate(_fmt(r["final_loss"]) if r["final_loss"] is not None else "inf", (r["lr"] * shift[c], top),
-                                textcoords="offset points", xytext=(5, -9 - 7 * n), fontsize=6, color=colors[k],
-                                gid=f"clipped|{tag}")
+                    value = _fmt(r["final_loss"]) if r["final_loss"] is not None else "inf"
+                    ax.annotate(value, (r["lr"] * shift[c], top), textcoords="offset points", xytext=(5, -9 - 7 * n),
+                                fontsize=6, color=colors[k], gid=f"clipped|{tag}")
     if l0 is not None:
         ax.axhline(l0, color="0.3", lw=0.8, ls="--", label="_l0")
     if bases:

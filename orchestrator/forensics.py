@@ -365,7 +365,7 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
 
 def run_figure_stem(r: RunHistory, used: set[str]) -> str:
     """A per-run figure's file name (no suffix): workload, stabilizer, every other axis that varies
-    (``r.axes``), LR and seed: ``gpt_none_warmup50_depth4_lr1_seed0``. Two runs of one config
+    (``r.axes``), LR and seed: ``gpt_none_depth4_warmup50_lr1_seed0``. Two runs of one config
     (a trial recorded twice) get the run id's start appended rather than one overwriting the other;
     ``used`` collects the names given so far."""
     stem = file_stem(f"{r.workload}_{axis_token('stabilizer', r.stabilizer)}",

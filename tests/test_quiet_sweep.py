@@ -35,14 +35,15 @@ def warning_lines(text: str) -> list[str]:
 def test_sweep_folds_tune_bottleneck_warnings_into_one_line(tmp_path):
     spec = tmp_path / "quiet.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "ABLATE_LIBRARY_WARNINGS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "ABLATE_LIBRARY_WARNINGS")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     env["TUNE_WARN_THRESHOLD_S"] = "0"  # every result's processing is "slow"
     res = subprocess.run([sys.executable, "-c", RUN, "sweep", str(spec), "--workdir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, env=env)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert "2 trials: 2 stable" in out or "2 trials:" in out, out[-3000:]
+    assert "sweep t-quiet-sweep: 2 trials" in out, out[-3000:]
     lines = warning_lines(out)
     assert len(lines) == 1, "\n".join(lines)[-3000:]
     (note,) = lines
@@ -59,7 +60,8 @@ def test_folding_keeps_other_tune_lines_and_own_warnings_and_show_lets_all_throu
     tune_log = logging.getLogger("ray.tune.utils.util")
     with caplog.at_level(logging.WARNING):
         with FoldedWarnings(show=False) as f:
-            tune_log.warning("The `process_trial_result` operation took 0.734 s, which may be a performance bottleneck.")
+            tune_log.warning("The `process_trial_result` operation took 0.734 s, which may be a performance "
+                             "bottleneck.")
             tune_log.warning("something else Tune says")
             warnings.warn("ours", UserWarning)
         assert f.bottlenecks == 1 and f.longest == 0.734

@@ -65,7 +65,8 @@ def test_readme_links_the_reference_and_names_the_defaults_that_change_results()
     sweeps = readme[readme.index("\n## Sweeps"):readme.index("\n## Map the crash boundary")]
     assert "[docs/spec.md](docs/spec.md)" in sweeps
     d = TrialConfig()
-    for text in (f"`schedule: {d.schedule}`", f"`min_lr_ratio: {d.min_lr_ratio:g}`", f"`warmup_steps: {d.warmup_steps}`",
+    for text in (f"`schedule: {d.schedule}`", f"`min_lr_ratio: {d.min_lr_ratio:g}`",
+                 f"`warmup_steps: {d.warmup_steps}`",
                  f"`eval_batches: {d.eval_batches}`", f"`eval_interval: {d.eval_interval}`",
                  f"`probe_interval: {d.probe_interval}`"):
         assert text in sweeps, text
