@@ -19,10 +19,16 @@ config, its outcome and final metrics. From it:
     range gets no value and is flagged.
 (c) ``best_loss``: the best final validation loss per cell and the LR that reached it.
 
+When more than one non-LR axis varies, (b) and (c) are also written as comparison tables
+(``write_comparison``, ``compare_pivot``): the cells without the comparison axis (warmup, else
+schedule, else depth: ``comparison_layout``) as rows, its values as columns, one table per depth
+(``best_loss_by_warmup_depth4.md``); ``compare_pivot`` takes any per-cell text.
+
 Each table is written as Markdown and LaTeX (booktabs), the trials as Parquet and CSV; all are
-logged as artifacts of the sweep's parent run. ``report`` draws loss-vs-LR curves (a panel per
-depth, one curve per cell, crashed runs marked), LR50 per cell with its interval (a heatmap when
-depth varies) and, per cell, the crash fraction per LR with the fitted curve and its band.
+logged as artifacts of the sweep's parent run. ``report`` draws loss vs LR (every run; one figure
+per depth, every warmup on one axes), LR50 per cell with its interval (a heatmap when depth varies)
+and, per cell, the crash fraction per LR with the fitted curve and its band. Every figure's file
+name carries the axes it is split by (``file_stem``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import math
 import typing
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -465,13 +472,141 @@ def boundary_caption(name: str, warmup, rows: list[dict], crit: str) -> str:
                       if any(k in str(r["stop_reason"]).split("+") and not r["converged"] for r in rows))
     bis = ("; method bisect is a one-seed look, its interval is the same fit over the few LRs bisection ran"
            if "bisect" in methods else "")
-    return (f"Crash boundary, {name}, warmup {warmup} steps: LR50 (P(crash) = 0.5) with its 90 % interval, "
+    where = f", warmup {warmup} steps" if warmup is not None else ""
+    return (f"Crash boundary, {name}{where}: LR50 (P(crash) = 0.5) with its 90 % interval, "
             f"from a logistic in log-LR with a {psy.LAPSE:g} lapse fitted to every run of the cell (grid "
             f"posterior, orchestrator/psychometric.py); band = LR where P(crash) is 0.1 and 0.9; "
             f"{crit}; converged = interval narrower than x{'/'.join(f'{v:.3g}' for v in res)}"
             + (f"; {marks}" if marks else "") + bis
             + "; the bracket is the older summary (largest stable LR, smallest crashed LR above it; the runs at "
               "one LR vote, a tie is a crash; * = a crashed LR below the stable one)")
+# -------------------------------------------------------------------------- comparison tables
+COMPARE_AXES = ("warmup_steps", "schedule", "depth")
+"""The comparison axis of a table or figure: the first of these that varies (else the first other
+varying field). Its values become a table's columns and a figure's line styles, so that e.g. warmup
+0 and 50 of one cell sit side by side."""
+SPLIT_AXES = ("depth",)
+"""Fields that get a table (and a loss-vs-LR figure) of their own per value, unless one of them is
+the comparison axis itself."""
+_SHORT = {"warmup_steps": "warmup", "stabilizers": "stabilizer"}
+
+
+@dataclasses.dataclass
+class Layout:
+    """How a comparison is laid out: ``rows`` label a row (the stabilizer first, then every other
+    varying field that is neither the column nor a split), ``column`` is the comparison axis (None:
+    only the stabilizer varies), ``split`` the fields with a table or figure per value."""
+
+    rows: list[str]
+    column: str | None
+    split: list[str]
+
+
+def comparison_layout(cell_fields: list[str]) -> Layout:
+    """The layout of the comparison tables and of the loss-vs-LR figures for cells of
+    ``cell_fields`` (``cell_fields_of``): stabilizer x warmup, per depth, for a spec that sweeps
+    stabilizer, warmup and depth; stabilizer x depth when warmup is fixed."""
+    others = [f for f in cell_fields if f != "stabilizer"]
+    if not others:
+        return Layout(list(cell_fields), None, [])
+    column = next((f for f in COMPARE_AXES if f in others), others[0])
+    split = [f for f in SPLIT_AXES if f in others and f != column]
+    return Layout([f for f in cell_fields if f != column and f not in split], column, split)
+
+
+def axis_name(field: str) -> str:
+    """A field as a table header or a file name shows it (``warmup_steps`` -> ``warmup``)."""
+    return _SHORT.get(field, field)
+
+
+def axis_token(field: str, value: Any) -> str:
+    """One axis value for a file name: ``warmup50``, ``depth4``, ``lr0.1``; the stabilizer alone
+    (``weyl-qk_norm``). Only letters, digits, ``.``, ``_``, ``-``."""
+    text = value if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
+    text = text if field == "stabilizer" else axis_name(field) + text
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text.replace("+", "-"))
+
+
+def file_stem(stem: str, values: dict[str, Any]) -> str:
+    """``stem`` followed by one token per axis value (``loss_vs_lr_depth4``)."""
+    return "_".join([stem] + [axis_token(f, v) for f, v in values.items()])
+
+
+def _order(v: Any) -> tuple:
+    """A sort key for axis values: numbers as numbers, then strings, None last."""
+    return (v is None, not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v))
+
+
+def _sorted_values(values) -> list:
+    return sorted(set(values), key=_order)
+
+
+def split_rows(rows: list[dict], split: list[str]) -> list[tuple[dict[str, Any], list[dict]]]:
+    """``rows`` grouped by the values of the ``split`` fields, in order: [(values, rows)]; one
+    group ({}: all rows) when nothing splits."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[tuple(r.get(f) for f in split)].append(r)
+    keys = sorted(groups, key=lambda k: tuple(_order(v) for v in k))
+    return [(dict(zip(split, k)), groups[k]) for k in keys]
+
+
+@dataclasses.dataclass
+class Pivot:
+    """One comparison table: ``split`` the values of the layout's split fields it is for."""
+
+    split: dict[str, Any]
+    header: list[str]
+    body: list[list[str]]
+
+
+def compare_pivot(rows: list[dict], cell_fields: list[str], text: Callable[[dict], str],
+                  layout: Layout | None = None) -> list[Pivot]:
+    """Per-cell rows (anything keyed by the cell fields: best loss, LR sensitivity, boundary
+    estimates) as comparison tables: the cells without the comparison axis as rows, the comparison
+    axis's values as columns, one table per value of the split fields; each entry ``text(row)``
+    ("–" where a cell did not run). ``layout`` defaults to ``comparison_layout(cell_fields)``; a
+    layout without a column gives one column, "value"."""
+    layout = layout or comparison_layout(cell_fields)
+    out = []
+    for split, sub in split_rows(rows, layout.split):
+        cols = _sorted_values(r.get(layout.column) for r in sub) if layout.column else [None]
+        keys = sorted({tuple(r.get(f) for f in layout.rows) for r in sub}, key=lambda k: tuple(_order(v) for v in k))
+        grid = {(tuple(r.get(f) for f in layout.rows), r.get(layout.column) if layout.column else None): r
+                for r in sub}
+        header = list(layout.rows) + ([f"{axis_name(layout.column)} {_fmt(c)}" for c in cols] if layout.column
+                                      else ["value"])
+        body = [[_fmt(v) for v in k] + [text(grid[(k, c)]) if (k, c) in grid else "–" for c in cols] for k in keys]
+        out.append(Pivot(split, header, body))
+    return out
+
+
+def write_comparison(out: Path, stem: str, rows: list[dict], cell_fields: list[str], text: Callable[[dict], str],
+                     caption: str) -> list[Path]:
+    """Write the comparison tables of ``rows`` (``compare_pivot``) as Markdown and LaTeX, named
+    ``<stem>_by_<column>[_<split>]`` (``best_loss_by_warmup_depth4.md``); nothing when only the
+    stabilizer varies (the flat table is the comparison). Any per-cell rows fit, e.g. boundary
+    estimates: ``write_comparison(out, "lr50", rows, tabs.cell_fields, lambda r: f"{r['lr50']:.3g}
+    [{r['lr50_low']:.3g}, {r['lr50_high']:.3g}]", caption)``."""
+    layout = comparison_layout(cell_fields)
+    if layout.column is None:
+        return []
+    files = []
+    for p in compare_pivot(rows, cell_fields, text, layout):
+        where = ", ".join(f"{axis_name(f)} {_fmt(v)}" for f, v in p.split.items())
+        files += _write(out, file_stem(f"{stem}_by_{axis_name(layout.column)}", p.split), p.header, p.body,
+                        caption + (f"; {where}" if where else ""))
+    return files
+
+
+def _best_text(r: dict) -> str:
+    if r["best_final_loss"] is None:
+        return f"– (0/{r['runs']})"
+    return f"{_fmt(r['best_final_loss'])} at {_fmt(r['at_lr'])} ({r['learned_runs']}/{r['runs']})"
+
+
+def _sensitivity_text(r: dict) -> str:
+    return _fmt(r["lr_sensitivity"]) if r["covers_range"] else f"– ({r['lrs']} lrs, short of the range)"
 
 
 def to_markdown(header: list[str], body: list[list[str]], caption: str = "") -> str:
@@ -539,6 +674,9 @@ def export(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
     pq.write_table(pa.Table.from_pylist([{k: (str(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()}
                                          for r in brows]), out / "boundary.parquet")
     files.append(out / "boundary.parquet")
+    files += write_comparison(out, "lr50", brows, tabs.cell_fields, lambda r: boundary_text(r, with_trials=True),
+                              boundary_caption(name, None, brows, crit)
+                              + "; (n) = runs of the cell")
     cols = tabs.cell_fields + ["lr_sensitivity", "covers_range", "lrs", "initial_loss"]
     lo, hi = (tabs.lr_sensitivity[0]["range_min"], tabs.lr_sensitivity[0]["range_max"]) if tabs.lr_sensitivity else (0, 0)
     files += _write(out, "lr_sensitivity", *flat_table(tabs.lr_sensitivity, cols),
@@ -553,6 +691,13 @@ def export(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
     cols = tabs.cell_fields + ["best_final_loss", "at_lr", "learned_runs", "runs"]
     files += _write(out, "best_loss", *flat_table(tabs.best_loss, cols),
                     f"Best final validation loss per cell, {name} (runs that neither diverged nor collapsed)")
+    files += write_comparison(out, "best_loss", tabs.best_loss, tabs.cell_fields, _best_text,
+                              f"Best final validation loss per cell, {name}, at the LR that reached it (runs "
+                              "that neither diverged nor collapsed / runs)")
+    files += write_comparison(out, "lr_sensitivity", tabs.lr_sensitivity, tabs.cell_fields, _sensitivity_text,
+                              f"LR sensitivity (Wortsman et al. 2023), {name}: E[min(L, L0) - L*] over lr "
+                              f"log-uniform in [{_fmt(lo)}, {_fmt(hi)}]; lower is less sensitive; – where a "
+                              "cell's LRs do not cover the range")
     (out / "max_stable_lr.json").write_text(json.dumps(
         {"crash": list(crash), "kappa": kappa, "criterion": crit, "lapse": psy.LAPSE, "level": psy.LEVEL,
          "stop_reasons": STOP_REASONS, "tables": tabs.max_stable_lr}, indent=1, default=str))
@@ -589,59 +734,133 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _loss_panels(plt, rows: list[dict], warmup, depths: list, cell_fields: list[str], crit: str):
-    """The loss-vs-LR figure of one warmup: a panel per depth, a curve per cell without its depth
-    (the stabilizer and every other field that varies, labelled as on the crash-boundary figure:
-    ``none, width=64``), each in its own colour (kept across the warmups' figures), its runs marked
-    by class."""
+LINESTYLES = ("-", "--", ":", "-.")
+CLIP = 1.25
+"""The loss-vs-LR figure's y axis ends at CLIP x max(l_0, the largest final loss of a run that did
+not diverge); a diverged run above that sits on the top edge with its value written beside it."""
+DODGE = 0.05
+"""Decades between the comparison's values (warmup 0, 50) at one LR on the loss-vs-LR figure."""
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _loss_figure(plt, rows: list[dict], cell_fields: list[str], crit: str, split: dict[str, Any] | None = None):
+    """Final validation loss against the LR for every run of ``rows`` (the trials of one value of
+    the layout's split fields, e.g. one depth; ``outcome`` filled), on one axes with one y scale: a
+    colour per cell without the comparison axis (``none``, ``none, width=64``; the same colours in
+    every figure of a report), a line style per value of the comparison axis (``comparison_layout``:
+    warmup 0 solid, warmup 50 dashed), so that the comparison is drawn in one figure.
+
+    Every run is drawn: stable and degraded seeds as faint points, collapsed and diverged runs with
+    their class's marker; the line is the mean, at each LR, of the runs that did not diverge. A
+    diverged run whose final loss fits under the axis's top (``CLIP``) is drawn where it is; one
+    above it, or non-finite, sits on the top edge with its value written beside it. l_0 and the
+    marginal baseline are reference lines; the legend gives each cell's number of runs. At each LR the
+    comparison's values are drawn side by side (``DODGE`` decades apart, the first on the left) so
+    that their markers do not hide each other. The
+    artists carry ids (``gid``) for tests: ``mean|cell|column``, ``run|cell|column|class``,
+    ``clipped|cell|column``."""
     from matplotlib.lines import Line2D
 
-    row_fields = _row_fields(cell_fields)
-    labels = _row_labels(rows, row_fields)  # every warmup's cells: one colour per cell in all figures
+    layout = comparison_layout(cell_fields)
+    row_fields = layout.rows
+    labels = _row_labels(rows, row_fields)
     cmap = plt.cm.tab10 if len(labels) <= 10 else plt.cm.tab20
     colors = {k: cmap(i % cmap.N) for i, k in enumerate(labels)}
-    fig, axes = plt.subplots(1, len(depths), figsize=(3.6 * len(depths) + 2.4, 4.0), squeeze=False, sharey=True)
-    for ax, d in zip(axes[0], depths):
-        sub = [r for r in rows if r["warmup_steps"] == warmup and r["depth"] == d]
-        l0s = [r["initial_loss"] for r in sub if r["initial_loss"]]
-        bases = [r["baseline_loss"] for r in sub if r["baseline_loss"]]
-        l0 = float(np.mean(l0s)) if l0s else None
-        top = (l0 or max([r["final_loss"] for r in sub if r["final_loss"] and math.isfinite(r["final_loss"])] or [1]))
-        for k, name in labels.items():
-            mine = [r for r in sub if _row_key(r, row_fields) == k]
+    cols = _sorted_values(r.get(layout.column) for r in rows) if layout.column else [None]
+    styles = {c: LINESTYLES[i % len(LINESTYLES)] for i, c in enumerate(cols)}
+    # the comparison's values side by side at each LR, left to right (DODGE decades apart)
+    shift = {c: 10 ** (DODGE * (i - (len(cols) - 1) / 2)) for i, c in enumerate(cols)}
+    l0s = [r["initial_loss"] for r in rows if _finite(r["initial_loss"])]
+    bases = [r["baseline_loss"] for r in rows if _finite(r["baseline_loss"])]
+    l0 = float(np.mean(l0s)) if l0s else None
+    kept = [r["final_loss"] for r in rows if r["outcome"] != "diverged" and _finite(r["final_loss"])]
+    top = CLIP * max([v for v in [l0, *kept] if v is not None] or [1.0])
+    fig, ax = plt.subplots(figsize=(8.2, 4.6))
+    stacked: dict[float, int] = defaultdict(int)  # clipped runs written at one LR so far
+    counts = defaultdict(int)
+    for k, name in labels.items():
+        for c in cols:
+            mine = [r for r in rows if _row_key(r, row_fields) == k and (c is None or r.get(layout.column) == c)]
             if not mine:
                 continue
-            by_lr = defaultdict(list)  # the cell's seeds at one LR
+            counts[k] += len(mine)
+            tag = f"{name}|{'' if c is None else _fmt(c)}"
+            by_lr = defaultdict(list)
             for r in mine:
-                if r["final_loss"] is not None and math.isfinite(r["final_loss"]) and r["outcome"] != "diverged":
+                if r["outcome"] != "diverged" and _finite(r["final_loss"]):
                     by_lr[r["lr"]].append(r["final_loss"])
             xs = sorted(by_lr)
-            ax.plot(xs, [np.mean(by_lr[x]) for x in xs], "-", color=colors[k], lw=1.2, label=name)
+            ax.plot([x * shift[c] for x in xs], [float(np.mean(by_lr[x])) for x in xs], color=colors[k],
+                    ls=styles[c], lw=1.4, label="_mean", gid=f"mean|{tag}")
             for cls, style in MARKERS.items():
-                # a diverged run ended at or above l_0 (or non-finite): drawn on the top edge, off the scale
-                pts = [(r["lr"], 1.08 * top if cls == "diverged" else r["final_loss"])
-                       for r in mine if r["outcome"] == cls]
-                if pts:
-                    ax.plot(*zip(*pts), color=colors[k], ms=6, label=f"_{name} {cls}", **{"ls": "none", **style})
-        if l0 is not None:
-            ax.axhline(l0, color="0.3", lw=0.8, ls="--")
-        if bases:
-            ax.axhline(float(np.mean(bases)), color="0.3", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylim(top=1.12 * top)
-        ax.set_title(f"depth {d}, warmup {warmup}" if d is not None else f"warmup {warmup}")
-    axes[0][0].set_ylabel("final validation loss")
-    here = {_row_key(r, row_fields) for r in rows if r["warmup_steps"] == warmup}
-    handles = [Line2D([], [], color=colors[k], lw=1.2, label=name) for k, name in labels.items() if k in here]
-    handles += [Line2D([], [], color="k", ls="none", ms=6, label=c if c != "diverged" else "diverged (off scale)",
-                       **{k: v for k, v in MARKERS[c].items() if k != "ls"}) for c in MARKERS]
+                runs = [r for r in mine if r["outcome"] == cls]
+                fits = [r for r in runs if _finite(r["final_loss"]) and r["final_loss"] <= top]
+                inside = [(r["lr"] * shift[c], r["final_loss"]) for r in fits]
+                if inside:
+                    faint = cls in ("stable", "degraded")
+                    ax.plot(*zip(*inside), color=colors[k], ms=4 if faint else 6, alpha=0.35 if faint else 0.9,
+                            label="_run", gid=f"run|{tag}|{cls}", **{**style, "ls": "none"})
+                off = [r for r in runs if all(r is not f for f in fits)]
+                if off:
+                    ax.plot([r["lr"] * shift[c] for r in off], [top] * len(off), color=colors[k], ms=6, alpha=0.9,
+                            clip_on=False, label="_clipped", gid=f"clipped|{tag}", **{**style, "ls": "none"})
+                for r in off:
+                    n = stacked[r["lr"]]
+                    stacked[r["lr"]] += 1
+                    value = _fmt(r["final_loss"]) if r["final_loss"] is not None else "inf"
+                    ax.annotate(value, (r["lr"] * shift[c], top), textcoords="offset points", xytext=(5, -9 - 7 * n),
+                                fontsize=6, color=colors[k], gid=f"clipped|{tag}")
+    if l0 is not None:
+        ax.axhline(l0, color="0.3", lw=0.8, ls="--", label="_l0")
+    if bases:
+        ax.axhline(float(np.mean(bases)), color="0.3", lw=0.8, ls=":", label="_baseline")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation loss")
+    ax.set_ylim(top=top)
+    where = ", ".join(f"{axis_name(f)} {_fmt(v)}" for f, v in (split or {}).items())
+    ax.set_title("final loss vs learning rate" + (f", {where}" if where else ""), fontsize=9)
+    handles = [Line2D([], [], color=colors[k], lw=1.4, label=f"{name} ({counts[k]} runs)")
+               for k, name in labels.items() if counts[k]]
+    if layout.column:
+        handles += [Line2D([], [], color="k", lw=1.2, ls=styles[c], label=f"{axis_name(layout.column)} {_fmt(c)}")
+                    for c in cols]
+    handles += [Line2D([], [], color="k", ls="none", ms=6, alpha=0.35 if c in ("stable", "degraded") else 0.9,
+                       label={"stable": "stable (each seed)", "diverged": "diverged (above the axis: on its top "
+                              "edge, value written)"}.get(c, c), **{k: v for k, v in MARKERS[c].items() if k != "ls"})
+                for c in MARKERS]
     handles += [Line2D([], [], color="0.3", ls="--", lw=0.8, label="l_0 (before training)"),
                 Line2D([], [], color="0.3", ls=":", lw=0.8, label="marginal baseline")]
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    fig.text(0.01, 0.01, crit, fontsize=6, wrap=True)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    note = "line: mean over the runs that did not diverge"
+    if len(cols) > 1:
+        note += (f"; at each LR the points of {axis_name(layout.column)} "
+                 f"{', '.join(_fmt(c) for c in cols)} are drawn left to right")
+    fig.text(0.01, 0.01, f"{note}; {crit}", fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
+
+
+def loss_figures(table: pa.Table, out: Path, crit: str) -> list[Path]:
+    """The loss-vs-LR figures of a trials table with outcomes (``with_outcomes``; also a
+    ``trials.parquet`` that export wrote): one per value of the split fields (depth), every warmup on
+    its one axes (``_loss_figure``), as PNG and PDF named ``loss_vs_lr[_depthD]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fields = cell_fields_of(table)
+    rows = [r for r in table.to_pylist() if r["status"] in FINISHED]
+    files: list[Path] = []
+    for split, sub in split_rows(rows, comparison_layout(fields).split):
+        fig = _loss_figure(plt, sub, fields, crit, split)
+        files += _save(fig, Path(out), file_stem("loss_vs_lr", split))
+        plt.close(fig)
+    return files
 
 
 @dataclasses.dataclass
@@ -786,9 +1005,10 @@ def _boundary_heatmap(plt, grid: BoundaryGrid, warmup, crit: str):
 def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str | Path,
            crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA, sensitivity_range: tuple[float, float] | None = None,
            log_to_mlflow: bool = True) -> list[Path]:
-    """Loss-vs-LR panels (classes marked, l_0 and the baseline drawn), the crash boundary (LR50 with
-    its interval; a heatmap when depth varies too) and the fitted curves (crash fraction per LR with
-    the fit and its band, a panel per cell), as PNG and PDF; and the forensic
+    """Loss vs LR (``_loss_figure``: every run, one figure per depth with every warmup on its axes;
+    named ``loss_vs_lr[_depthD]``), the crash boundary (LR50 with its interval; a heatmap when depth
+    varies too) and the fitted curves (crash fraction per LR with the fit and its band, a panel per
+    cell), as PNG and PDF; and the forensic
     figures (``orchestrator.forensics``: AUC of each probe against the fraction of training, and one
     figure per crashed run with its probes, warnings and crash step)."""
     import matplotlib
@@ -804,13 +1024,10 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
         if not vary_depth:
             r["depth"] = None
     warmups = sorted({r["warmup_steps"] for r in rows})
-    depths = sorted({r["depth"] for r in rows}, key=lambda d: (d is None, d))
     crit = table_criterion(ex.table, crash, kappa)
     files: list[Path] = []
+    files += loss_figures(ex.table, out, crit)
     for w in warmups:
-        fig = _loss_panels(plt, rows, w, depths, ex.tables.cell_fields, crit)
-        files += _save(fig, out, f"loss_vs_lr_warmup{w}")
-        plt.close(fig)
         grid = boundary_grid(ex.tables.max_stable_lr.get(w, []), ex.tables.cell_fields)
         fig = (_boundary_heatmap if vary_depth else _boundary_points)(plt, grid, w, crit)
         files += _save(fig, out, f"max_stable_lr_warmup{w}")

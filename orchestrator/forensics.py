@@ -48,7 +48,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.export import FINISHED, _fmt, _log_artifacts, _write, fetch_runs, runs_table, with_outcomes
+from orchestrator.export import (FINISHED, _fmt, _log_artifacts, _write, axis_token, cell_fields_of, fetch_runs,
+                                 file_stem, runs_table, with_outcomes)
 from orchestrator.tracking import TAG_SWEEP, Tracker
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, criterion_label
 
@@ -95,6 +96,9 @@ class RunHistory:
     split: str = ""                               # "train" | "test"
     steps_run: int | None = None                  # None: all ``steps``
     scores: dict = dataclasses.field(default_factory=dict, repr=False)  # (metric, fraction) -> _score's answer
+    axes: dict = dataclasses.field(default_factory=dict)
+    """The run's value of every other field that varies in the table (warmup_steps, depth, ...):
+    its figure's file name carries them."""
 
     @property
     def group(self) -> Group:
@@ -156,6 +160,7 @@ def load_histories(tracking_uri: str, experiment: str, sweep: str | None, crash=
         table = with_outcomes(runs_table(runs, experiment), crash, kappa)
     tr = Tracker(tracking_uri, experiment)
     out = []
+    varying = [f for f in cell_fields_of(table) if f not in ("stabilizer", "workload")]  # for figure names
     for row in table.to_pylist():
         if row["status"] not in FINISHED or row["outcome"] is None:
             continue
@@ -168,7 +173,8 @@ def load_histories(tracking_uri: str, experiment: str, sweep: str | None, crash=
                 series[m] = sorted((h.step, h.value) for h in hist)
         out.append(RunHistory(row["run_id"], row["label"] or row["run_id"], row["workload"], row["stabilizer"],
                               row["lr"], row["seed"] or 0, row["steps"], row["outcome"], bool(row["crashed"]),
-                              row["initial_loss"], row["baseline_loss"], series, steps_run=row.get("steps_run")))
+                              row["initial_loss"], row["baseline_loss"], series, steps_run=row.get("steps_run"),
+                              axes={f: row[f] for f in varying}))
     assign_split(out)
     return out
 
@@ -480,6 +486,7 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
 
     # seed 0 of every crashed group first, then further seeds: max_runs covers the workloads and groups
     crashed = sorted((r for r in fx.runs if r.crashed), key=lambda r: (r.seed, r.workload, r.stabilizer, r.lr))[:max_runs]
+    used: set[str] = set()
     if crashed:
         (out / "forensics_runs").mkdir(exist_ok=True)
     for r in crashed:
@@ -500,11 +507,24 @@ def figures(fx: Forensics, out: Path, max_runs: int = 40, fractions=FRACTIONS) -
         axes[-1, 0].set_xlabel("step (red: crash step; orange dashed: warning; grey dashed: late crossing)", fontsize=7)
         fig.suptitle(f"{r.label} [{r.workload}]: {r.outcome}", fontsize=8)
         fig.tight_layout()
-        path = out / "forensics_runs" / f"{r.workload}_{r.stabilizer}_lr{r.lr:g}_seed{r.seed}.png".replace("+", "-")
+        path = out / "forensics_runs" / f"{run_figure_stem(r, used)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path)
     return files
+
+
+def run_figure_stem(r: RunHistory, used: set[str]) -> str:
+    """A per-run figure's file name (no suffix): workload, stabilizer, every other axis that varies
+    (``r.axes``), LR and seed: ``gpt_none_depth4_warmup50_lr1_seed0``. Two runs of one config
+    (a trial recorded twice) get the run id's start appended rather than one overwriting the other;
+    ``used`` collects the names given so far."""
+    stem = file_stem(f"{r.workload}_{axis_token('stabilizer', r.stabilizer)}",
+                     {**r.axes, "lr": float(r.lr), "seed": r.seed})
+    if stem in used:
+        stem = f"{stem}_{r.run_id[:8]}"
+    used.add(stem)
+    return stem
 
 
 def forensics(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str | Path, crash=DEFAULT_CRASH,

@@ -25,6 +25,9 @@ grid is built as a ``TrialConfig`` once, so a bad combination fails now, not ins
     storage_path: null                # Tune storage (shared storage on a cluster); default workdir
     max_trials: 10000                 # refuse a grid larger than this (CLI: --max-trials)
 
+Every key, its type, default, allowed values and meaning: ``docs/spec.md``, generated from these
+models (attribute docstrings are the descriptions) by ``python docs/gen_spec_reference.py``.
+
 Numbers: YAML 1.1 (PyYAML) reads ``1e-3`` as a string (it wants ``1.0e-3``); a numeric string is
 accepted wherever a trial field is a float.
 """
@@ -86,12 +89,16 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # attribute docstrings are the fields' descriptions: docs/spec.md is generated from them
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class Resources(_Strict):
     cpus: float = Field(1.0, gt=0)
+    """CPUs per trial (Ray's resource); also the trial's torch threads (whole CPUs, at least 1)."""
     gpus: float = Field(0.0, ge=0)
+    """GPUs per trial; a fraction packs trials onto one GPU (0.25: four), more than 1 must be whole.
+    0 trains on the CPU."""
 
     @field_validator("gpus")
     @classmethod
@@ -116,27 +123,49 @@ class Divergence(_Strict):
 
 class LogRange(_Strict):
     log_range: tuple[float, float]
+    """[low, high], 0 < low < high: the axis's values are spaced evenly in log between them, ends included."""
     num: int = Field(ge=2)
+    """How many values (rounded to 6 significant digits)."""
 
 
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
+    """The sweep's name: its MLflow parent run, its Tune experiment folder, its Optuna studies; the
+    same name resumes an interrupted sweep."""
     experiment: str | None = None
+    """MLflow experiment (default: ``ablate-<name>``)."""
     description: str = ""
+    """Free text, recorded with the spec."""
     workload: str
+    """The model and its data family: a byte-level GPT on text, or timm's ViT / Swin on images."""
     steps: int = Field(gt=0)
+    """Optimizer steps per trial (the LR schedule's length)."""
     fixed: dict[str, Any] = {}
+    """Trial fields with one value for every trial (see the trial fields below)."""
     axes: dict[str, list[Any]] = {}
+    """Swept trial fields, each a list of values or ``{log_range: [low, high], num: N}``; the grid is
+    their cartesian product (a boundary search chooses ``lr`` itself and ignores an ``lr`` axis)."""
     seeds: int = Field(1, ge=1)
+    """Each grid point runs with seeds 0..seeds-1 (or give ``axes.seed: [...]`` instead)."""
     resources: Resources = Resources()
+    """Per-trial resources (the ``resources:`` block below)."""
     concurrency: int | None = Field(None, ge=1)
+    """Trials at once (default: as many as the cluster's resources allow)."""
     max_failures: int = Field(1, ge=0)
+    """Retries of a trial that raised (an exception, a lost node) before it is recorded ``failed``."""
     probe_interval: int | None = Field(None, ge=1)
+    """Steps between stability probes; shorthand for ``fixed.probe_interval`` (left out: the trial
+    field's default)."""
     divergence: Divergence = Divergence()
+    """Events and early stopping (the ``divergence:`` block below)."""
     crash: tuple[str, ...] = DEFAULT_CRASH
     """Outcome classes that count as a crash (``workloads.outcome``)."""
     degraded_kappa: float = Field(DEFAULT_KAPPA, gt=0)
+    """A finished run is ``degraded`` when (L - L*) / (l_0 - L*) > kappa, L* the cell's best final loss at
+    a lower LR."""
     storage_path: str | None = None
+    """Tune's storage (on a cluster: shared storage, e.g. ``s3://...``); default
+    ``$ABLATE_STORAGE_PATH``, else ``<workdir>/ray_results``."""
     max_trials: int = Field(MAX_TRIALS, ge=1)
     """The largest grid (trials, seeds included) this spec may expand to; a bigger one is refused."""
     boundary: dict[str, Any] | None = None

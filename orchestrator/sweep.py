@@ -19,6 +19,7 @@ import yaml
 
 from orchestrator.faults import Interrupted, RayStartError, StopSignals, WorkdirLock, prepare_workdir
 from orchestrator.preflight import check_data, check_gpus, embedded_run
+from orchestrator.quiet import FoldedWarnings
 from orchestrator.spec import SpecError, SweepSpec
 from orchestrator.tracking import TrackingCallback, Tracker, check_store, default_tracking_uri
 from orchestrator.trainable import train_trial
@@ -274,7 +275,8 @@ class Session:
 
     def fit(self, tuner):
         try:
-            return self.signals.fit(tuner) if self.signals else tuner.fit()
+            with FoldedWarnings():  # Tune's bottleneck lines and library warnings: one line at the end
+                return self.signals.fit(tuner) if self.signals else tuner.fit()
         except (Interrupted, KeyboardInterrupt) as e:
             self.interrupted(e)
 

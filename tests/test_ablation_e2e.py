@@ -154,7 +154,7 @@ def test_report_writes_plots(ray_local, tmp_path):
     files = report(out.tracking_uri, out.experiment, spec.name, tmp_path / "rep")
     names = sorted(f.name for f in files if f.parent.name == "rep")
     assert names == ["boundary_fit_warmup0.pdf", "boundary_fit_warmup0.png", "forensics_auc.pdf",
-                     "forensics_auc.png", "loss_vs_lr_warmup0.pdf", "loss_vs_lr_warmup0.png",
+                     "forensics_auc.png", "loss_vs_lr.pdf", "loss_vs_lr.png",
                      "max_stable_lr_warmup0.pdf", "max_stable_lr_warmup0.png"]
     crashed = [r for r in pq.read_table(tmp_path / "rep" / "trials.parquet").to_pylist() if r["crashed"]]
     per_run = [f for f in files if f.parent.name == "forensics_runs"]

@@ -6,8 +6,11 @@ import math
 
 import pyarrow as pa
 
-from orchestrator.export import (SCHEMA, _boundary_heatmap, _boundary_points, _loss_panels, ablation_tables,
-                                 boundary_grid, with_outcomes)
+import pytest
+
+from orchestrator.export import (CLIP, DODGE, SCHEMA, Layout, _boundary_heatmap, _boundary_points, _loss_figure,
+                                 ablation_tables, axis_token, boundary_grid, compare_pivot, comparison_layout,
+                                 file_stem, with_outcomes)
 
 L0, BASE = 5.0, 3.0
 
@@ -79,56 +82,66 @@ def test_a_fixed_warmup_names_its_table_and_figure():
     assert boundary_grid(tabs.max_stable_lr[100], tabs.cell_fields).rows == ["none", "qk_norm"]
 
 
-def loss_figure(cells, losses=None):
-    """The report's loss-vs-LR figure (depth does not vary: one panel) and its curves by label."""
+def loss_figure(cells, losses=None, extra=()):
+    """The report's loss-vs-LR figure (one axes) and its mean lines by gid (``mean|cell|column``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = with_outcomes(table(cells, losses=losses))
+    t = with_outcomes(pa.concat_tables([table(cells, losses=losses), *extra]))
     rows = [dict(r, depth=None) for r in t.to_pylist()]  # as report() does when depth is fixed
-    fig = _loss_panels(plt, rows, 0, [None], ablation_tables(t).cell_fields, "crit")
+    fig = _loss_figure(plt, rows, ablation_tables(t).cell_fields, "crit")
     ax = fig.axes[0]
-    curves = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    curves = {line.get_gid(): line for line in ax.lines if (line.get_gid() or "").startswith("mean|")}
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     return plt, fig, ax, curves, legend
 
 
-def points(ax, color) -> set[tuple[float, float]]:
-    """The class markers drawn in one colour (the lines without a legend label)."""
-    return {(float(x), float(y)) for line in ax.lines if line.get_label().startswith("_")
-            and line.get_color() == color and line.get_marker() not in (None, "None", "")
+def points(ax, prefix) -> set[tuple[float, float]]:
+    """The runs drawn by artists whose gid starts with ``prefix`` (``run|none|``, ``clipped|none|``)."""
+    return {(float(x), float(y)) for line in ax.lines if (line.get_gid() or "").startswith(prefix)
             for x, y in zip(line.get_xdata(), line.get_ydata())}
 
 
 def test_loss_curves_keep_cells_of_one_stabilizer_that_differ_in_width_apart():
-    """Two cells of "none", widths 64 and 128: a curve each (not their mean at each LR), labelled
-    apart in the legend, in colours of their own, each with its own runs' markers."""
+    """Two cells of "none", widths 64 and 128: width is the comparison axis, so a curve each (not
+    their mean at each LR) in the cell's colour, a line style per width, each with its own runs;
+    diverged runs (inf) on the top edge with their value written; the legend counts the runs."""
     plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("none", 128, 2): 5e-3},
                                                losses={("none", 64, 2): 2.0, ("none", 128, 2): 1.5})
-    assert sorted(curves) == ["none, width=128", "none, width=64"]
-    narrow, wide = curves["none, width=64"], curves["none, width=128"]
-    assert list(narrow.get_xdata()) == [1e-3, 2e-3] and list(narrow.get_ydata()) == [2.0, 2.0]
-    assert list(wide.get_xdata()) == [1e-3, 2e-3, 4e-3] and list(wide.get_ydata()) == [1.5, 1.5, 1.5]
-    assert narrow.get_color() != wide.get_color()
-    off_scale = 1.08 * L0  # diverged runs sit on the top edge
-    assert points(ax, narrow.get_color()) == {(1e-3, 2.0), (2e-3, 2.0), (4e-3, off_scale), (8e-3, off_scale),
-                                              (1.6e-2, off_scale)}
-    assert points(ax, wide.get_color()) == {(1e-3, 1.5), (2e-3, 1.5), (4e-3, 1.5), (8e-3, off_scale),
-                                            (1.6e-2, off_scale)}
-    assert legend[:2] == ["none, width=64", "none, width=128"]
-    assert legend[2:] == ["stable", "degraded", "collapsed", "diverged (off scale)", "l_0 (before training)",
+    assert sorted(curves) == ["mean|none|128", "mean|none|64"]
+    narrow, wide = curves["mean|none|64"], curves["mean|none|128"]
+    left, right = 10 ** (-DODGE / 2), 10 ** (DODGE / 2)  # width 64 drawn left of 128 at each LR
+    assert list(narrow.get_xdata()) == pytest.approx([1e-3 * left, 2e-3 * left])
+    assert list(narrow.get_ydata()) == [2.0, 2.0]
+    assert list(wide.get_xdata()) == pytest.approx([1e-3 * right, 2e-3 * right, 4e-3 * right])
+    assert list(wide.get_ydata()) == [1.5, 1.5, 1.5]
+    assert narrow.get_color() == wide.get_color() and narrow.get_linestyle() != wide.get_linestyle()
+    top = CLIP * L0
+
+    def at(prefix, scale):
+        return {(round(x / scale, 12), y) for x, y in points(ax, prefix)}
+
+    assert at("run|none|64|", left) == {(1e-3, 2.0), (2e-3, 2.0)}
+    assert at("clipped|none|64", left) == {(4e-3, top), (8e-3, top), (1.6e-2, top)}
+    assert at("run|none|128|", right) == {(1e-3, 1.5), (2e-3, 1.5), (4e-3, 1.5)}
+    assert at("clipped|none|128", right) == {(8e-3, top), (1.6e-2, top)}
+    assert [t.get_text() for t in ax.texts] == ["inf"] * 5 and ax.get_ylim()[1] == top
+    assert legend[:3] == ["none (10 runs)", "width 64", "width 128"]
+    assert legend[3:] == ["stable (each seed)", "degraded", "collapsed",
+                          "diverged (above the axis: on its top edge, value written)", "l_0 (before training)",
                           "marginal baseline"]
-    assert sorted(line.get_ydata()[0] for line in ax.lines if line.get_linestyle() in ("--", ":")) == [BASE, L0]
+    assert sorted(line.get_ydata()[0] for line in ax.lines if line.get_linestyle() in ("--", ":")
+                  and not (line.get_gid() or "").startswith("mean|")) == [BASE, L0]
     plt.close(fig)
 
 
 def test_loss_curves_are_one_per_stabilizer_when_only_stabilizer_and_lr_vary():
     plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3})
-    assert sorted(curves) == ["none", "qk_norm"] and legend[:2] == ["none", "qk_norm"]
-    assert list(curves["none"].get_xdata()) == [1e-3, 2e-3]
-    assert list(curves["qk_norm"].get_xdata()) == [1e-3, 2e-3, 4e-3]
+    assert sorted(curves) == ["mean|none|", "mean|qk_norm|"] and legend[:2] == ["none (5 runs)", "qk_norm (5 runs)"]
+    assert list(curves["mean|none|"].get_xdata()) == [1e-3, 2e-3]
+    assert list(curves["mean|qk_norm|"].get_xdata()) == [1e-3, 2e-3, 4e-3]
     plt.close(fig)
 
 
@@ -160,3 +173,70 @@ def test_boundary_rows_say_how_each_search_ended_in_the_table_and_the_rows():
     assert "† = not converged: the cell's trial budget was spent first" in cap and "one-seed look" in cap
     assert "| none | " in to_markdown(h, body, cap)
     assert r"$^\dagger$" in to_latex(h, body, cap) and "†" not in to_latex(h, body, cap)
+def test_diverged_runs_that_fit_are_drawn_where_they_are_and_seeds_are_points_around_their_mean():
+    """The smoke sweep's lr-1 case: a diverged final loss of 6.19 (l_0 5) fits under the top (1.25 l_0)
+    and is drawn at 6.19; 27.9 does not and sits on the top edge, "27.9" written beside it. Two seeds
+    at one LR: two faint points, the line through their mean."""
+    extra = pa.Table.from_pylist([
+        {"status": "stable", "stabilizer": "none", "width": 64, "depth": 2, "warmup_steps": 0, "lr": 1e-3, "seed": 1,
+         "initial_loss": L0, "baseline_loss": BASE, "final_loss": 2.4},
+        {"status": "diverged", "stabilizer": "qk_norm", "width": 64, "depth": 2, "warmup_steps": 0, "lr": 1.6e-2,
+         "seed": 1, "initial_loss": L0, "baseline_loss": BASE, "final_loss": 27.9}], schema=SCHEMA)
+    plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3},
+                                               losses={("none", 64, 2): 2.0}, extra=[extra])
+    assert (1e-3, 2.0) in points(ax, "run|none|") and (1e-3, 2.4) in points(ax, "run|none|")
+    assert list(curves["mean|none|"].get_ydata())[0] == pytest.approx(2.2)
+    faint = [line for line in ax.lines if line.get_gid() == "run|none||stable"]
+    assert faint and all(line.get_alpha() < 0.5 for line in faint)
+    plt.close(fig)
+    six = pa.Table.from_pylist([
+        {"status": "diverged", "stabilizer": "none", "width": 64, "depth": 2, "warmup_steps": 0, "lr": 3.2e-2,
+         "seed": 0, "initial_loss": L0, "baseline_loss": BASE, "final_loss": 6.19}], schema=SCHEMA)
+    plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3},
+                                               extra=[extra, six])
+    assert (3.2e-2, 6.19) in points(ax, "run|none||diverged")  # fits: where it is
+    assert (1.6e-2, CLIP * L0) in points(ax, "clipped|qk_norm|")
+    assert "27.9" in [t.get_text() for t in ax.texts] and "6.19" not in [t.get_text() for t in ax.texts]
+    plt.close(fig)
+
+
+def test_warmups_share_one_axes_with_a_line_style_each():
+    """warmup 0 and 50 of the same cells on one axes: a curve per cell and warmup, the same colour
+    for a cell, a line style per warmup, the points of each warmup side by side at each LR."""
+    t = pa.concat_tables([table({("none", 64, 2): 2.5e-3}, warmup=0),
+                          table({("none", 64, 2): 5e-3}, warmup=50, losses={("none", 64, 2): 1.8})])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = with_outcomes(t)
+    fields = ablation_tables(t).cell_fields
+    assert fields == ["stabilizer", "warmup_steps"]
+    assert comparison_layout(fields) == Layout(["stabilizer"], "warmup_steps", [])
+    fig = _loss_figure(plt, [dict(r, depth=None) for r in t.to_pylist()], fields, "crit")
+    ax = fig.axes[0]
+    w0 = next(line for line in ax.lines if line.get_gid() == "mean|none|0")
+    w50 = next(line for line in ax.lines if line.get_gid() == "mean|none|50")
+    assert w0.get_color() == w50.get_color() and w0.get_linestyle() != w50.get_linestyle()
+    assert list(w0.get_ydata()) == [2.0, 2.0] and list(w50.get_ydata()) == [1.8, 1.8, 1.8]
+    assert all(a < b for a, b in zip(w0.get_xdata(), w50.get_xdata()))  # warmup 0 left of 50 at each LR
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:3] == ["none (10 runs)", "warmup 0", "warmup 50"]
+    plt.close(fig)
+
+
+def test_compare_pivot_takes_any_cell_text_and_splits_by_depth():
+    rows = [{"stabilizer": s, "warmup_steps": w, "depth": d, "v": f"{s}/{w}/{d}"}
+            for s in ("none", "weyl") for w in (0, 50) for d in (2, 4) if (s, w, d) != ("weyl", 50, 4)]
+    fields = ["stabilizer", "depth", "warmup_steps"]
+    assert comparison_layout(fields) == Layout(["stabilizer"], "warmup_steps", ["depth"])
+    pivots = compare_pivot(rows, fields, lambda r: r["v"])
+    assert [p.split for p in pivots] == [{"depth": 2}, {"depth": 4}]
+    assert pivots[1].header == ["stabilizer", "warmup 0", "warmup 50"]
+    assert pivots[1].body == [["none", "none/0/4", "none/50/4"], ["weyl", "weyl/0/4", "–"]]
+    # depth alone beside the stabilizer: depth is the comparison axis, no split
+    assert comparison_layout(["stabilizer", "depth"]) == Layout(["stabilizer"], "depth", [])
+    assert comparison_layout(["stabilizer"]).column is None
+    assert file_stem("loss_vs_lr", {"depth": 4, "warmup_steps": 50}) == "loss_vs_lr_depth4_warmup50"
+    assert axis_token("stabilizer", "weyl+qk_norm") == "weyl-qk_norm" and axis_token("lr", 0.1) == "lr0.1"

@@ -617,6 +617,7 @@ _HELP = {
 }
 _CHOICES = {"workload": list(WORKLOADS), "schedule": list(SCHEDULES), "precision": list(PRECISIONS),
             "data": ["auto", *data_mod.TEXT_SOURCES, *data_mod.IMAGE_SOURCES]}
+FIELD_HELP, FIELD_CHOICES = _HELP, _CHOICES  # public: the spec reference (docs/spec.md) is generated from them
 
 
 def _parser() -> argparse.ArgumentParser:
