@@ -81,17 +81,24 @@ class BoundaryConfig(BaseModel):
     """The spec's ``boundary:`` block (``seed_offset``, ``crash`` and ``kappa`` come from the rest of
     the spec)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     lr_range: tuple[float, float]
+    """[low, high], 0 < low < high: the learning rates searched, in log space (required)."""
     method: Literal["psi", "bisect"] = "psi"
+    """psi: a Psi-method search of LR50 over every run of the cell, a fresh seed per trial; bisect:
+    a quick one-seed bisection of the bracket, labelled as such in every table."""
     resolution: float | None = Field(None, gt=1)
+    """psi: a cell has converged when LR50's 90 % interval (high / low) is at most this (default
+    1.5); bisect: when its bracket (crash LR / stable LR) is (default 2^(1/4))."""
     max_trials_per_cell: int | None = Field(None, ge=2)
+    """A cell's budget of trials: its search stops there, converged or not (default psi 40, bisect 12)."""
     min_trials_per_cell: int = Field(8, ge=1)
     """psi: the interval may stop a cell only after this many finished trials (with fewer, a sharp
     transition and a wide one can look alike: see benchmarks/boundary_efficiency.py)."""
     seeds: int = Field(1, ge=1)
     """bisect only: the final bracket's ends are repeated with this many seeds."""
     max_in_flight_per_cell: int = Field(1, ge=1)
+    """A cell's trials running at once (psi places them by expected information, pending ones counted)."""
     seed_offset: int = 0
     """From the spec's ``fixed.seed``: every seed of the search is offset by it."""
     crash: tuple[str, ...] = DEFAULT_CRASH

@@ -39,7 +39,7 @@ SPEC_HELP = {
     "stabilizer_options": "per-stabilizer options, a mapping: {weyl: {tau: 0.05}, mlra: {rank: 4}}",
     "stop_on": "event kinds that stop the run",
 }
-BOUNDARY_SKIP = ("crash", "kappa")
+BOUNDARY_SKIP = ("crash", "kappa", "seed_offset")
 """BoundaryConfig fields that are not keys of the block (set from the spec's top-level keys)."""
 
 
