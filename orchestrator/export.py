@@ -923,6 +923,61 @@ def _boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
     return fig
 
 
+def boundary_compare_figures(plt, brows: list[dict], cell_fields: list[str], out: Path, crit: str) -> list[Path]:
+    """LR50 of every cell on one shared log axis, one figure per value of the split fields (depth):
+    a group of points per cell without the comparison axis (``comparison_layout``: warmup, else
+    schedule, else depth), a point per value of that axis side by side within the group, each with
+    its 90 % interval as an error bar and its trial count (and the stop mark of a search that did not
+    converge); a triangle where LR50 lies outside the LR range. Named ``lr50_by_<axis>[_depthD]``;
+    nothing when only the stabilizer varies (``_boundary_points`` is that figure)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    layout = comparison_layout(cell_fields)
+    if layout.column is None:
+        return []
+    files: list[Path] = []
+    for split, sub in split_rows(brows, layout.split):
+        keys = sorted({tuple(r.get(f) for f in layout.rows) for r in sub}, key=lambda k: tuple(_order(v) for v in k))
+        cols = _sorted_values(r.get(layout.column) for r in sub)
+        width = 0.8 / len(cols)
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.4 + 1.0 * len(keys)), 3.9))
+        for r in sub:
+            i = keys.index(tuple(r.get(f) for f in layout.rows))
+            j = cols.index(r.get(layout.column))
+            x, color = i - 0.4 + width * (j + 0.5), f"C{j % 10}"
+            if r["above_range"] or r["below_range"]:
+                y = r["lr50_low"] if r["above_range"] else r["lr50_high"]
+                ax.plot([x], [y], "^" if r["above_range"] else "v", color=color, ms=7, gid=f"edge|{i}|{j}")
+            else:
+                y = r["lr50_high"]
+                ax.errorbar([x], [r["lr50"]], yerr=[[r["lr50"] - r["lr50_low"]], [r["lr50_high"] - r["lr50"]]],
+                            fmt="o", color=color, capsize=3, ms=4, gid=f"lr50|{i}|{j}")
+            mark = "" if r["converged"] else "".join(MARKS.get(x_, "") for x_ in str(r["stop_reason"]).split("+"))
+            ax.annotate(f"{r['n_trials']}{mark}", (x, y), textcoords="offset points", xytext=(0, 4), ha="center",
+                        fontsize=6)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+        ax.grid(True, which="both", axis="y", lw=0.3, alpha=0.5)
+        labels = [", ".join(_fmt(v) if f == "stabilizer" else f"{axis_name(f)}={_fmt(v)}"
+                            for f, v in zip(layout.rows, k)) for k in keys]
+        ax.set_xticks(range(len(keys)), labels, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(keys) - 0.4)
+        ax.set_ylabel("LR50 (bar: 90 % interval)")
+        where = ", ".join(f"{axis_name(f)} {_fmt(v)}" for f, v in split.items())
+        ax.set_title("crash boundary by " + axis_name(layout.column) + (f", {where}" if where else "")
+                     + " (number: trials; † budget spent)", fontsize=9)
+        ax.legend(handles=[Line2D([], [], color=f"C{j % 10}", marker="o", ls="none",
+                                  label=f"{axis_name(layout.column)} {_fmt(c)}") for j, c in enumerate(cols)],
+                  fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+        fig.text(0.01, 0.01, crit, fontsize=6, wrap=True)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        files += _save(fig, out, file_stem(f"lr50_by_{axis_name(layout.column)}", split))
+        plt.close(fig)
+    return files
+
+
 def _boundary_fits(plt, tabs: Tables, warmup, crit: str):
     """A panel per cell: the fraction of runs that crashed at each LR (marker area ~ runs), the
     fitted P(crash) (posterior median) with its 90 % band, LR50's interval shaded."""
@@ -1027,6 +1082,8 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
     crit = table_criterion(ex.table, crash, kappa)
     files: list[Path] = []
     files += loss_figures(ex.table, out, crit)
+    brows = [{"warmup_steps": w, **r} for w, rs in ex.tables.max_stable_lr.items() for r in rs]
+    files += boundary_compare_figures(plt, brows, ex.tables.cell_fields, out, crit)
     for w in warmups:
         grid = boundary_grid(ex.tables.max_stable_lr.get(w, []), ex.tables.cell_fields)
         fig = (_boundary_heatmap if vary_depth else _boundary_points)(plt, grid, w, crit)

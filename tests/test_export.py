@@ -3,6 +3,7 @@ point on the crash-boundary figure and its own curve on the loss-vs-LR figure, a
 differ in a field other than the stabilizer and depth."""
 
 import math
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -240,3 +241,41 @@ def test_compare_pivot_takes_any_cell_text_and_splits_by_depth():
     assert comparison_layout(["stabilizer"]).column is None
     assert file_stem("loss_vs_lr", {"depth": 4, "warmup_steps": 50}) == "loss_vs_lr_depth4_warmup50"
     assert axis_token("stabilizer", "weyl+qk_norm") == "weyl-qk_norm" and axis_token("lr", 0.1) == "lr0.1"
+
+
+def test_boundary_of_every_cell_on_one_axis_grouped_by_warmup_per_depth(tmp_path):
+    """Issue 21: 'does warmup raise the baseline's LR50 at depth 4?' is one figure: per depth, every
+    cell's LR50 with its interval, warmup 0 and 50 side by side within the cell's group; a cell whose
+    LR50 lies above the range is a triangle; file names carry the split axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from orchestrator.export import boundary_compare_figures
+
+    def row(stab, w, d, lr50, above=False):
+        return {"stabilizer": stab, "warmup_steps": w, "depth": d, "lr50": lr50, "lr50_low": lr50 / 1.3,
+                "lr50_high": lr50 * 1.3, "above_range": above, "below_range": False, "converged": not above,
+                "stop_reason": "range_edge" if above else "interval", "n_trials": 12}
+    rows = [row(s, w, d, 0.1 * (1 + w / 50) * (2 if s == "qk_norm" else 1), above=(s, w, d) == ("qk_norm", 50, 4))
+            for s in ("none", "qk_norm") for w in (0, 50) for d in (2, 4)]
+    captured = []
+    real_save = plt.Figure.savefig
+
+    def spy(fig, path, *a, **k):
+        captured.append((Path(path).name, [line.get_gid() for line in fig.axes[0].lines if line.get_gid()]))
+        return real_save(fig, path, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        files = boundary_compare_figures(plt, rows, ["stabilizer", "depth", "warmup_steps"], tmp_path, "crit")
+    finally:
+        plt.Figure.savefig = real_save
+    assert [f.name for f in files] == ["lr50_by_warmup_depth2.png", "lr50_by_warmup_depth2.pdf",
+                                       "lr50_by_warmup_depth4.png", "lr50_by_warmup_depth4.pdf"]
+    gids = dict(captured)
+    assert sorted({g for g in gids["lr50_by_warmup_depth2.png"] if g.startswith("lr50")}) == \
+        ["lr50|0|0", "lr50|0|1", "lr50|1|0", "lr50|1|1"]
+    assert "edge|1|1" in gids["lr50_by_warmup_depth4.png"]  # qk_norm, warmup 50: above the range
+    assert boundary_compare_figures(plt, rows[:1], ["stabilizer"], tmp_path, "crit") == []
