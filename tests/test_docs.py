@@ -18,10 +18,13 @@ def test_readme_tables_equal_their_export_files():
 
 
 def test_shipped_results_carry_their_crash_criterion_and_trial_counts():
-    smoke = pq.read_table(ROOT / "docs/results/smoke/trials.parquet").to_pylist()
-    assert len(smoke) == 25 and {r["crash_criterion"] for r in smoke} == {
-        "crash = diverged (non-finite, or final val loss >= l_0) or collapsed (final val loss >= marginal baseline)"}
-    assert all(r["crashed"] == (r["outcome"] in ("diverged", "collapsed")) for r in smoke)
+    from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, criterion_label
+
+    for name, n in (("smoke", 25), ("smoke_seeds", 75)):  # recorded under today's rule, with its measurements
+        smoke = pq.read_table(ROOT / f"docs/results/{name}/trials.parquet").to_pylist()
+        assert len(smoke) == n and {r["crash_criterion"] for r in smoke} == {criterion_label(DEFAULT_CRASH, DEFAULT_KAPPA)}
+        assert all(r["eval_baseline"] is not None and r["final_loss_se"] is not None for r in smoke)
+        assert all(r["crashed"] == (r["outcome"] in ("diverged", "collapsed")) for r in smoke)
     table = (ROOT / "docs/results/boundary_smoke/max_stable_lr_warmup0.md").read_text()
     assert "LR50 [90 % interval]" in table and "crash = diverged" in table
     lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
