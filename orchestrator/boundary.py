@@ -180,19 +180,25 @@ def next_lr(points: list[Point], cfg: BoundaryConfig, reference_gain: float | No
     return None
 
 
-class BoundarySampler(BaseSampler):
-    """Optuna sampler for the ``lr`` of a boundary study (``method: bisect``): bisection of the
-    stable/crashed bracket read from the study's finished trials (see :func:`study_observations`)."""
+class _LRSampler(BaseSampler):
+    """What the boundary samplers share: one independent parameter, ``lr``, proposed from the
+    study's own trials; ``reference`` gives the best gain over the search's cells
+    (CellSearch.reference_gain), which the cell's classes depend on."""
 
     def __init__(self, cfg: BoundaryConfig, reference: Callable[[], float | None] = lambda: None):
         self.cfg = cfg
-        self.reference = reference  # the best gain over the search's cells (CellSearch.reference_gain)
+        self.reference = reference
 
     def infer_relative_search_space(self, study, trial):
         return {}
 
     def sample_relative(self, study, trial, search_space):
         return {}
+
+
+class BoundarySampler(_LRSampler):
+    """Optuna sampler for the ``lr`` of a boundary study (``method: bisect``): bisection of the
+    stable/crashed bracket read from the study's finished trials (see :func:`study_observations`)."""
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name != "lr":
@@ -217,23 +223,16 @@ def cell_fit(points: list[Point], cfg: BoundaryConfig, grid: psy.Grid | None = N
     return psy.fit(cfg.lr_range, [p.lr for p in points], crashes(points, cfg, reference_gain), grid)
 
 
-class PsiSampler(BaseSampler):
+class PsiSampler(_LRSampler):
     """Optuna sampler for the ``lr`` of a boundary study (``method: psi``, the default): the LR that
     minimises the expected entropy of LR50's posterior (:func:`orchestrator.psychometric.next_lr`),
     given the study's finished trials and the LRs of its trials still running (their outcomes
     unknown, averaged over)."""
 
     def __init__(self, cfg: BoundaryConfig, reference: Callable[[], float | None] = lambda: None):
-        self.cfg = cfg
-        self.reference = reference  # the best gain over the search's cells (CellSearch.reference_gain)
+        super().__init__(cfg, reference)
         self.grid = psy.make_grid(cfg.lr_range)
         self.cands = psy.candidates(cfg.lr_range)
-
-    def infer_relative_search_space(self, study, trial):
-        return {}
-
-    def sample_relative(self, study, trial, search_space):
-        return {}
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name != "lr":

@@ -120,18 +120,8 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int,
     add-one smoothing so that a token unseen in training has a finite cost. Splits longer than
     ``max_tokens`` are read through evenly spaced contiguous chunks (nanoGPT shards can hold
     billions of tokens): an estimate then, exact otherwise."""
-    def counts(tokens: np.ndarray) -> np.ndarray:
-        n = tokens.size
-        if n <= max_tokens:
-            return np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size]
-        chunk, k = 1_000_000, max(1, max_tokens // 1_000_000)
-        out = np.zeros(vocab_size, dtype=np.int64)
-        for start in np.linspace(0, n - chunk, k).astype(np.int64):
-            out += np.bincount(np.asarray(tokens[start:start + chunk], dtype=np.int64),
-                               minlength=vocab_size)[:vocab_size]
-        return out
-
-    return marginal_cross_entropy(counts(train), counts(val))
+    return marginal_cross_entropy(_token_counts(train, vocab_size, max_tokens),
+                                  _token_counts(val, vocab_size, max_tokens))
 
 
 def marginal_log_prob(train_counts: np.ndarray) -> np.ndarray:
