@@ -421,6 +421,11 @@ MARKS = {"budget": "†", "range_edge": "‡", "running": "§"}
 """The mark of a row whose search did not reach its interval, per stop reason (footnoted)."""
 
 
+def stop_mark(r: dict) -> str:
+    """A boundary row's stop mark (``MARKS``): none for a search that converged."""
+    return "" if r["converged"] else "".join(MARKS.get(x, "") for x in str(r["stop_reason"]).split("+"))
+
+
 def boundary_text(r: dict, with_trials: bool = False) -> str:
     """One cell's boundary: 'LR50 [low, high]' (90 % interval), '>' / '<' when LR50 lies outside
     the LR range, the stop mark when not converged."""
@@ -429,8 +434,7 @@ def boundary_text(r: dict, with_trials: bool = False) -> str:
         text = f"> {_fmt(r['lr50_low'])} (above range)"
     elif r["below_range"]:
         text = f"< {_fmt(r['lr50_high'])} (below range)"
-    if not r["converged"]:
-        text += "".join(MARKS.get(x, "") for x in str(r["stop_reason"]).split("+"))
+    text += stop_mark(r)
     if with_trials:
         text += f" ({r['n_trials']})"
     return text
@@ -885,6 +889,16 @@ def boundary_grid(msl: list[dict], cell_fields: list[str]) -> BoundaryGrid:
     return BoundaryGrid(list(labels.values()), depths, {(labels[k], d): c for (k, d), c in keyed.items()})
 
 
+def _log_lr_axis(ax) -> None:
+    """A learning-rate y axis: log scale, plain numbers (minor ticks at 2 and 5), a light grid."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+    ax.grid(True, which="both", axis="y", lw=0.3, alpha=0.5)
+
+
 def _boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
     """One-dimensional cells: LR50 per cell with its 90 % interval as an error bar (a triangle where
     LR50 lies outside the LR range), the band lr10-lr90 as a faint bar, the stop mark of a cell that
@@ -905,15 +919,9 @@ def _boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
             ax.errorbar([i], [c["lr50"]], yerr=[[c["lr50"] - c["lr50_low"]], [c["lr50_high"] - c["lr50"]]],
                         fmt="o", color="C0", capsize=4)
             y = c["lr50_high"]
-        mark = "" if c["converged"] else "".join(MARKS.get(x, "") for x in str(c["stop_reason"]).split("+"))
-        ax.annotate(f"{c['n_trials']}{mark}", (i, y), textcoords="offset points", xytext=(0, 5), ha="center",
+        ax.annotate(f"{c['n_trials']}{stop_mark(c)}", (i, y), textcoords="offset points", xytext=(0, 5), ha="center",
                     fontsize=7)
-    from matplotlib.ticker import FuncFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
-    ax.grid(True, which="both", axis="y", lw=0.3, alpha=0.5)
+    _log_lr_axis(ax)
     ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel("LR50 (bar: 90 % interval;\nshade: lr10-lr90)")
@@ -931,7 +939,6 @@ def boundary_compare_figures(plt, brows: list[dict], cell_fields: list[str], out
     converge); a triangle where LR50 lies outside the LR range. Named ``lr50_by_<axis>[_depthD]``;
     nothing when only the stabilizer varies (``_boundary_points`` is that figure)."""
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter
 
     layout = comparison_layout(cell_fields)
     if layout.column is None:
@@ -953,13 +960,9 @@ def boundary_compare_figures(plt, brows: list[dict], cell_fields: list[str], out
                 y = r["lr50_high"]
                 ax.errorbar([x], [r["lr50"]], yerr=[[r["lr50"] - r["lr50_low"]], [r["lr50_high"] - r["lr50"]]],
                             fmt="o", color=color, capsize=3, ms=4, gid=f"lr50|{i}|{j}")
-            mark = "" if r["converged"] else "".join(MARKS.get(x_, "") for x_ in str(r["stop_reason"]).split("+"))
-            ax.annotate(f"{r['n_trials']}{mark}", (x, y), textcoords="offset points", xytext=(0, 4), ha="center",
+            ax.annotate(f"{r['n_trials']}{stop_mark(r)}", (x, y), textcoords="offset points", xytext=(0, 4), ha="center",
                         fontsize=6)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
-        ax.grid(True, which="both", axis="y", lw=0.3, alpha=0.5)
+        _log_lr_axis(ax)
         labels = [", ".join(_fmt(v) if f == "stabilizer" else f"{axis_name(f)}={_fmt(v)}"
                             for f, v in zip(layout.rows, k)) for k in keys]
         ax.set_xticks(range(len(keys)), labels, rotation=30, ha="right")
@@ -1007,7 +1010,7 @@ def _boundary_fits(plt, tabs: Tables, warmup, crit: str):
         ax.set_xscale("log")
         ax.set_ylim(-0.05, 1.05)
         label = ", ".join(_fmt(r[f]) for f in cf if f not in ("warmup_steps",))
-        mark = "" if r["converged"] else " " + "".join(MARKS.get(x, "") for x in str(r["stop_reason"]).split("+"))
+        mark = "" if r["converged"] else " " + stop_mark(r)
         ax.set_title(f"{label}: LR50 {_fmt(r['lr50'])} [{_fmt(r['lr50_low'])}, {_fmt(r['lr50_high'])}]{mark}",
                      fontsize=7)
         ax.set_xlabel("learning rate", fontsize=7)

@@ -259,14 +259,8 @@ def test_grid_posterior_equals_the_direct_likelihood():
     assert f.lr50_low < f.lr50 < f.lr50_high and f.lr10 < f.lr50 < f.lr90
 
 
-def test_efficiency_benchmark_runs_at_a_tiny_size(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "boundary_efficiency.py"
-    spec = importlib.util.spec_from_file_location("boundary_efficiency", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_efficiency_benchmark_runs_at_a_tiny_size(tmp_path, benchmark_module):
+    bench = benchmark_module("boundary_efficiency")
     out = tmp_path / "eff.md"
     summary = bench.main(["--cells-per-kind", "2", "--max-grid-seeds", "2", "--budget", "30", "--out", str(out)])
     assert summary["all"]["n"] == 6 and set(summary) == set(bench.KINDS) | {"all"}

@@ -87,18 +87,7 @@ def test_bad_config_names_allowed_values():
     assert math.isfinite(DivergenceConfig().max_loss_ratio)
 
 
-def _calibration():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "detector_calibration.py"
-    spec = importlib.util.spec_from_file_location("detector_calibration", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_the_default_stopping_rule_makes_no_false_stop_on_held_out_full_runs():
+def test_the_default_stopping_rule_makes_no_false_stop_on_held_out_full_runs(benchmark_module):
     """The recorded full runs (``docs/calibration/cpu_runs*.json``: GPT and ViT at 100, 150 (the
     boundary smoke config, LR 0.1-1, 2 seeds), 200, 600 and 1000 steps, only a non-finite loss
     stopped them), halved: the loss rule is chosen on one half and judged on the other. The default
@@ -107,7 +96,7 @@ def test_the_default_stopping_rule_makes_no_false_stop_on_held_out_full_runs():
     import json
     from pathlib import Path
 
-    cal = _calibration()
+    cal = benchmark_module("detector_calibration")
     root = Path(__file__).resolve().parent.parent / "docs" / "calibration"
     records = [r for f in ("cpu_runs.json", "cpu_runs_heldout.json") for r in json.loads((root / f).read_text())]
     assert {r["steps"] for r in records} >= {100, 150, 200, 600, 1000}

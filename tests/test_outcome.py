@@ -260,18 +260,7 @@ def test_paired_gap_is_the_mean_difference_and_its_standard_error():
     assert math.isnan(paired_gap([3.0], [3.1])[1])
 
 
-def _class_stability():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "class_stability.py"
-    spec = importlib.util.spec_from_file_location("class_stability", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_classes_of_recorded_sweeps_survive_a_resample_of_the_eval_windows():
+def test_classes_of_recorded_sweeps_survive_a_resample_of_the_eval_windows(benchmark_module):
     """``docs/calibration/class_stability.json`` (``benchmarks/class_stability.py``): 60 real runs
     (the smoke grid and the boundary smoke config at lr 0.1-0.8), each measured on its own eval
     windows and on 20 fresh draws. Classed per draw by ``classify``, >= 95 % of (run, draw) pairs
@@ -279,7 +268,7 @@ def test_classes_of_recorded_sweeps_survive_a_resample_of_the_eval_windows():
     import json
     from pathlib import Path
 
-    cs = _class_stability()
+    cs = benchmark_module("class_stability")
     rec = json.loads((Path(__file__).resolve().parent.parent / "docs/calibration/class_stability.json").read_text())
     runs = rec["runs"]
     for r in runs:
@@ -298,11 +287,11 @@ def test_classes_of_recorded_sweeps_survive_a_resample_of_the_eval_windows():
     assert cls[i][0] == "degraded"
 
 
-def test_pairing_with_the_windows_baseline_cancels_window_noise():
+def test_pairing_with_the_windows_baseline_cancels_window_noise(benchmark_module):
     """A real (small) run measured on 8 fresh draws of eval windows: its loss minus the draws'
     baseline varies much less between draws than its loss does, and about as much as the standard
     error it reports."""
-    cs = _class_stability()
+    cs = benchmark_module("class_stability")
     fields = dict(workload="gpt", depth=1, width=32, heads=2, seq_len=32, batch_size=8, steps=60, lr=3e-3,
                   schedule="constant", eval_interval=0, eval_batches=4, probe_interval=50, device="cpu",
                   threads=1)
