@@ -51,6 +51,9 @@ class _SigmaReparam:
     ``u``, ``v`` and ``W_hat = gamma / sigma(W) W``, sigma that of the weight as a matrix
     ``[out, rest]`` (a conv kernel ``[out, in, kh, kw]`` as ``[out, in * kh * kw]``)."""
 
+    def extra_repr(self) -> str:  # the mixin comes first: super() is nn.Linear's / nn.Conv2d's
+        return super().extra_repr() + ", sigma_reparam=True"
+
     def _init_sigma(self, device, dtype) -> None:
         out, rest = self.weight.shape[0], self.weight[0].numel()
         self.gamma = nn.Parameter(torch.ones((), device=device, dtype=dtype))
@@ -122,9 +125,6 @@ class SigmaReparamLinear(_SigmaReparam, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self._weight_for_call(), self.bias)
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", sigma_reparam=True"
-
 
 class SigmaReparamConv2d(_SigmaReparam, nn.Conv2d):
     """sigmaReparam of a convolution (Zhai et al. reparametrise the patch embedding too): sigma of the
@@ -146,9 +146,6 @@ class SigmaReparamConv2d(_SigmaReparam, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self._weight_for_call(), self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", sigma_reparam=True"
 
 
 def batched_power_step(layers: list[SigmaReparamLinear]) -> tuple[Tensor, Tensor, Tensor]:
