@@ -341,6 +341,19 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._call(self.client.set_terminated, run_id, status)
 
+    def download_artifact(self, run_id: str, path: str, dst: str) -> str:
+        """Download one artifact of a run into the folder ``dst``; returns its local path (raises
+        when the run has no such artifact)."""
+        return self._call(self.client.download_artifacts, run_id, path, dst)
+
+    def log_sweep_artifacts(self, sweep: str, files: list[Path], folder: str) -> None:
+        """Log ``files`` as artifacts under ``folder`` of the sweep's parent run (nothing when the
+        sweep has none): what ``ablate export``, ``report`` and ``forensics`` wrote."""
+        parents = self.sweep_runs(sweep)
+        if parents:
+            for f in files:
+                self.log_artifact(parents[0].info.run_id, str(f), folder)
+
 
 _MAX_FLOAT = 1.7976931348623157e308
 
