@@ -1,2 +1,3 @@
 """Everything cluster-shaped: spec validation, Ray Tune sweeps, Optuna boundary search, MLflow
-tracking, export and the ``ablate`` CLI. See shared DESIGN.md."""
+tracking, the analysis (``runs`` -> ``tables`` / ``figures`` -> ``forensics``, ``report``) and the
+``ablate`` CLI. See shared DESIGN.md."""

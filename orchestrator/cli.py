@@ -394,7 +394,7 @@ def export_cmd(spec: Optional[Path] = READ_SPEC, experiment: Optional[str] = EXP
     """Read the trials back from MLflow: Parquet/CSV of every trial, ablation tables (Markdown, LaTeX).
 
     Refuses a sweep that was interrupted or is still running, unless --allow-incomplete."""
-    from orchestrator.export import export
+    from orchestrator.report import export
 
     t = _target(spec, experiment, sweep, out, crash, kappa, workdir, tracking_uri)
     with _reading(t, allow_incomplete):
@@ -418,7 +418,7 @@ def report(spec: Optional[Path] = READ_SPEC, experiment: Optional[str] = EXPERIM
     stable LR, and the forensic figures (see ablate forensics).
 
     Refuses a sweep that was interrupted or is still running, unless --allow-incomplete."""
-    from orchestrator.export import report as make_report
+    from orchestrator.report import report as make_report
 
     t = _target(spec, experiment, sweep, out, crash, kappa, workdir, tracking_uri)
     with _reading(t, allow_incomplete):

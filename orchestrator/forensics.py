@@ -1,9 +1,10 @@
 """Divergence forensics: which stability probe warns of a crash first, how far ahead, how reliably.
 
-Read from MLflow alone (like ``export``): every finished trial run's class (``workloads.outcome``,
-via ``export.with_outcomes``: the run's end decides; forensics has no crash rule of its own) and the
-histories of its probe metrics. Runs are grouped by (workload, stabilizer, LR): the seeds of one
-group are replicates, so every split and every interval here is over groups, never over runs.
+Read from MLflow alone (``orchestrator.runs``, as ``export`` reads it): every finished trial run's
+class (``workloads.outcome``, via ``runs.with_outcomes``: the run's end decides; forensics has no
+crash rule of its own) and the histories of its probe metrics. Runs are grouped by (workload,
+stabilizer, LR): the seeds of one group are replicates, so every split and every interval here is
+over groups, never over runs.
 Per workload and probe:
 
 - **Predictive power.** The probe's value at a fraction of training (``FRACTIONS``) scores "ends
@@ -48,9 +49,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.export import (FINISHED, _fmt, _log_artifacts, _write, axis_token, cell_fields_of, fetch_runs,
-                                 file_stem, runs_table, with_outcomes)
+from orchestrator.runs import FINISHED, cell_fields_of, fetch_runs, runs_table, with_outcomes
 from orchestrator.tracking import TAG_SWEEP, Tracker
+from orchestrator.writers import axis_token, file_stem, fmt, write_table
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, criterion_label
 
 LR = "learning rate"
@@ -151,7 +152,7 @@ class RunHistory:
 def load_histories(tracking_uri: str, experiment: str, sweep: str | None, crash=DEFAULT_CRASH,
                    kappa: float = DEFAULT_KAPPA, probes=tuple(PROBES), table: pa.Table | None = None) -> list[RunHistory]:
     """The finished runs with their probe histories; ``table``: the trials table with outcomes
-    (``export.with_outcomes``) when the caller has read it already."""
+    (``runs.with_outcomes``) when the caller has read it already."""
     if table is None:
         runs = fetch_runs(tracking_uri, experiment, sweep)
         if not runs:
@@ -417,32 +418,32 @@ def write_tables(fx: Forensics, out: Path, name: str, crit: str, fractions=FRACT
                f"{r['groups_with_pairs']})".replace("  ", " "),
                f"{r['crashed_runs']} / {r['stable_runs']}"]
             for r in fx.auc_rows]
-    files += _write(out, "forensics_auc", header, body,
-                    f"Which probe predicts a crash, {name}: ROC AUC of 'ends crashed' from the probe's value at the "
-                    "first probe step at or after a fraction of training and after step 0 (of "
-                    + "/".join(map(str, runs_steps)) + " steps; the step read is in each header), with bootstrap "
-                    "95% intervals over (stabilizer, LR) groups; 'within a group': over crashed/stable pairs of "
-                    "seeds that ran the same stabilizer at the same LR (what the probe adds to both); "
-                    f"{crit}")
+    files += write_table(out, "forensics_auc", header, body,
+                         f"Which probe predicts a crash, {name}: ROC AUC of 'ends crashed' from the probe's value at "
+                         "the first probe step at or after a fraction of training and after step 0 (of "
+                         + "/".join(map(str, runs_steps)) + " steps; the step read is in each header), with bootstrap "
+                         "95% intervals over (stabilizer, LR) groups; 'within a group': over crashed/stable pairs of "
+                         "seeds that ran the same stabilizer at the same LR (what the probe adds to both); "
+                         f"{crit}")
     header = ["workload", "probe", "threshold", "crashed warned before the crash (test) [95% CI]",
               "late: crossed at/after the crash (test)", "false alarms (test) [95% CI]",
               "lead steps median [min, max]", "lead / run", "train / test groups"]
     body = []
     for r in fx.warning_rows:
         lead = ("–" if r["lead_steps_median"] is None else
-                f"{_fmt(r['lead_steps_median'])} [{r['lead_steps_min']}, {r['lead_steps_max']}]")
-        body.append([r["workload"], r["probe"], "none" if r["threshold"] is None else _fmt(r["threshold"]),
+                f"{fmt(r['lead_steps_median'])} [{r['lead_steps_min']}, {r['lead_steps_max']}]")
+        body.append([r["workload"], r["probe"], "none" if r["threshold"] is None else fmt(r["threshold"]),
                      f"{r['test_crashed_warned']} {r['ci_warned']}".strip(), r["test_crashed_late"],
                      f"{r['test_false_alarms']} {r['ci_false_alarms']}".strip(), lead,
-                     _fmt(r["lead_fraction_median"]), r["train_test_groups"]])
-    files += _write(out, "forensics_warnings", header, body,
-                    f"Probe warnings, {name}: threshold chosen on the train groups (every other (stabilizer, LR) "
-                    "group, all seeds of a group on one side) as the least extreme value no stable train run "
-                    "reached ('none': no crashed train run reached it either); evaluated on the test groups. "
-                    "A crash is warned only if the probe crossed strictly before its crash step (the first probe "
-                    "step from which the loss stays at the crash level: l_0 for diverged, the baseline for "
-                    "collapsed runs); later crossings are 'late'. Lead: steps from the warning to the crash step. "
-                    f"Intervals: bootstrap over test groups; {crit}")
+                     fmt(r["lead_fraction_median"]), r["train_test_groups"]])
+    files += write_table(out, "forensics_warnings", header, body,
+                         f"Probe warnings, {name}: threshold chosen on the train groups (every other (stabilizer, LR) "
+                         "group, all seeds of a group on one side) as the least extreme value no stable train run "
+                         "reached ('none': no crashed train run reached it either); evaluated on the test groups. "
+                         "A crash is warned only if the probe crossed strictly before its crash step (the first probe "
+                         "step from which the loss stays at the crash level: l_0 for diverged, the baseline for "
+                         "collapsed runs); later crossings are 'late'. Lead: steps from the warning to the crash step. "
+                         f"Intervals: bootstrap over test groups; {crit}")
     for stem, rows in (("forensics_auc", fx.auc_rows), ("forensics_warnings", fx.warning_rows)):
         path = out / f"{stem}.parquet"
         cols = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
@@ -541,5 +542,6 @@ def forensics(tracking_uri: str, experiment: str, sweep: str | None, out_dir: st
         sweeps = [sweep] if sweep else sorted({r.data.tags.get(TAG_SWEEP) for r in fetch_runs(tracking_uri, experiment)}
                                               - {None})
         for sw in sweeps:
-            _log_artifacts(tracking_uri, experiment, sw, [f for f in files if f.parent == out], "forensics")
+            Tracker(tracking_uri, experiment).log_sweep_artifacts(sw, [f for f in files if f.parent == out],
+                                                                  "forensics")
     return fx, files

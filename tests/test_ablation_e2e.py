@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from orchestrator.boundary import dense_grid_size, boundary_config
-from orchestrator.export import SCHEMA, export
+from orchestrator.report import export
+from orchestrator.runs import SCHEMA
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import run_sweep
 from workloads.trial import run
@@ -149,7 +150,7 @@ def test_export_reproduces_the_trials_own_results_in_every_format(ray_local, tmp
 def test_report_writes_plots(ray_local, tmp_path):
     spec = parse_spec(SWEEP)
     out = run_sweep(spec, SWEEP, workdir=tmp_path, progress=False)
-    from orchestrator.export import report
+    from orchestrator.report import report
 
     files = report(out.tracking_uri, out.experiment, spec.name, tmp_path / "rep")
     names = sorted(f.name for f in files if f.parent.name == "rep")
@@ -172,7 +173,7 @@ def test_calibration_sweep_through_forensics(ray_local, tmp_path):
     classes from workloads.outcome (the trials table's) and no denormal threshold."""
     from pathlib import Path
 
-    from orchestrator.export import export
+    from orchestrator.report import export
     from orchestrator.forensics import forensics
 
     raw = yaml.safe_load((Path(__file__).parent.parent / "search_spaces" / "calibration_gpt.yaml").read_text())

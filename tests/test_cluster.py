@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.export import FINISHED
+from orchestrator.runs import FINISHED
 
 from orchestrator.localcluster import LocalCluster, MlflowServer
 from orchestrator.spec import parse_spec

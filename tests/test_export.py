@@ -9,9 +9,10 @@ import pyarrow as pa
 
 import pytest
 
-from orchestrator.export import (CLIP, DODGE, SCHEMA, Layout, _boundary_heatmap, _boundary_points, _loss_figure,
-                                 ablation_tables, axis_token, boundary_grid, compare_pivot, comparison_layout,
-                                 file_stem, with_outcomes)
+from orchestrator.figures import CLIP, DODGE, boundary_grid, boundary_heatmap, boundary_points, loss_figure
+from orchestrator.runs import SCHEMA, with_outcomes
+from orchestrator.tables import Layout, ablation_tables, compare_pivot, comparison_layout
+from orchestrator.writers import axis_token, file_stem
 
 L0, BASE = 5.0, 3.0
 
@@ -50,7 +51,7 @@ def test_cells_of_one_stabilizer_that_differ_in_width_keep_their_own_points():
     assert [grid.cells[(r, None)]["max_stable_lr"] for r in grid.rows] == [2e-3, 4e-3, 8e-3]
     lr50 = [grid.cells[(r, None)]["lr50"] for r in grid.rows]
     assert lr50[0] < lr50[1] < lr50[2]
-    fig = _boundary_points(plt, grid, 0, "crit")
+    fig = boundary_points(plt, grid, 0, "crit")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == grid.rows
     drawn = {(float(x), float(y)) for line in ax.lines for x, y in zip(line.get_xdata(), line.get_ydata())}
@@ -68,7 +69,7 @@ def test_heatmap_rows_keep_width_apart_when_depth_varies_too():
                                 ("none", 128, 2): 1.5e-3})
     assert fields == ["stabilizer", "depth", "width"] and grid.depths == [1, 2]
     assert grid.rows == ["none, width=64", "none, width=128"]
-    fig = _boundary_heatmap(plt, grid, 0, "crit")
+    fig = boundary_heatmap(plt, grid, 0, "crit")
     image = fig.axes[0].get_images()[0].get_array()
     assert image.tolist() == [[grid.cells[(r, d)]["lr50"] for d in (1, 2)] for r in grid.rows]
     assert image[0][0] < image[0][1] and image[1][1] < image[1][0]  # each cell its own LR50
@@ -83,7 +84,7 @@ def test_a_fixed_warmup_names_its_table_and_figure():
     assert boundary_grid(tabs.max_stable_lr[100], tabs.cell_fields).rows == ["none", "qk_norm"]
 
 
-def loss_figure(cells, losses=None, extra=()):
+def drawn_loss_figure(cells, losses=None, extra=()):
     """The report's loss-vs-LR figure (one axes) and its mean lines by gid (``mean|cell|column``)."""
     import matplotlib
 
@@ -92,7 +93,7 @@ def loss_figure(cells, losses=None, extra=()):
 
     t = with_outcomes(pa.concat_tables([table(cells, losses=losses), *extra]))
     rows = [dict(r, depth=None) for r in t.to_pylist()]  # as report() does when depth is fixed
-    fig = _loss_figure(plt, rows, ablation_tables(t).cell_fields, "crit")
+    fig = loss_figure(plt, rows, ablation_tables(t).cell_fields, "crit")
     ax = fig.axes[0]
     curves = {line.get_gid(): line for line in ax.lines if (line.get_gid() or "").startswith("mean|")}
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -109,8 +110,8 @@ def test_loss_curves_keep_cells_of_one_stabilizer_that_differ_in_width_apart():
     """Two cells of "none", widths 64 and 128: width is the comparison axis, so a curve each (not
     their mean at each LR) in the cell's colour, a line style per width, each with its own runs;
     diverged runs (inf) on the top edge with their value written; the legend counts the runs."""
-    plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("none", 128, 2): 5e-3},
-                                               losses={("none", 64, 2): 2.0, ("none", 128, 2): 1.5})
+    plt, fig, ax, curves, legend = drawn_loss_figure({("none", 64, 2): 2.5e-3, ("none", 128, 2): 5e-3},
+                                                     losses={("none", 64, 2): 2.0, ("none", 128, 2): 1.5})
     assert sorted(curves) == ["mean|none|128", "mean|none|64"]
     narrow, wide = curves["mean|none|64"], curves["mean|none|128"]
     left, right = 10 ** (-DODGE / 2), 10 ** (DODGE / 2)  # width 64 drawn left of 128 at each LR
@@ -139,7 +140,7 @@ def test_loss_curves_keep_cells_of_one_stabilizer_that_differ_in_width_apart():
 
 
 def test_loss_curves_are_one_per_stabilizer_when_only_stabilizer_and_lr_vary():
-    plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3})
+    plt, fig, ax, curves, legend = drawn_loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3})
     assert sorted(curves) == ["mean|none|", "mean|qk_norm|"] and legend[:2] == ["none (5 runs)", "qk_norm (5 runs)"]
     assert list(curves["mean|none|"].get_xdata()) == [1e-3, 2e-3]
     assert list(curves["mean|qk_norm|"].get_xdata()) == [1e-3, 2e-3, 4e-3]
@@ -149,7 +150,8 @@ def test_loss_curves_are_one_per_stabilizer_when_only_stabilizer_and_lr_vary():
 def test_boundary_rows_say_how_each_search_ended_in_the_table_and_the_rows():
     """Issue 21, nothing hidden: every row carries ``converged`` and ``stop_reason``; a cell that did
     not converge is marked in the Markdown and LaTeX table with a footnote; bisect is labelled."""
-    from orchestrator.export import boundary_caption, pivot_max_stable, to_latex, to_markdown
+    from orchestrator.tables import boundary_caption, pivot_max_stable
+    from orchestrator.writers import to_latex, to_markdown
 
     t = table({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3, ("weyl", 64, 2): 9e-3})
     records = [  # what ablate boundary logged for two of the cells (the third came from a grid sweep)
@@ -183,8 +185,8 @@ def test_diverged_runs_that_fit_are_drawn_where_they_are_and_seeds_are_points_ar
          "initial_loss": L0, "baseline_loss": BASE, "final_loss": 2.4},
         {"status": "diverged", "stabilizer": "qk_norm", "width": 64, "depth": 2, "warmup_steps": 0, "lr": 1.6e-2,
          "seed": 1, "initial_loss": L0, "baseline_loss": BASE, "final_loss": 27.9}], schema=SCHEMA)
-    plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3},
-                                               losses={("none", 64, 2): 2.0}, extra=[extra])
+    plt, fig, ax, curves, legend = drawn_loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3},
+                                                     losses={("none", 64, 2): 2.0}, extra=[extra])
     assert (1e-3, 2.0) in points(ax, "run|none|") and (1e-3, 2.4) in points(ax, "run|none|")
     assert list(curves["mean|none|"].get_ydata())[0] == pytest.approx(2.2)
     faint = [line for line in ax.lines if line.get_gid() == "run|none||stable"]
@@ -193,8 +195,8 @@ def test_diverged_runs_that_fit_are_drawn_where_they_are_and_seeds_are_points_ar
     six = pa.Table.from_pylist([
         {"status": "diverged", "stabilizer": "none", "width": 64, "depth": 2, "warmup_steps": 0, "lr": 3.2e-2,
          "seed": 0, "initial_loss": L0, "baseline_loss": BASE, "final_loss": 6.19}], schema=SCHEMA)
-    plt, fig, ax, curves, legend = loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3},
-                                               extra=[extra, six])
+    plt, fig, ax, curves, legend = drawn_loss_figure({("none", 64, 2): 2.5e-3, ("qk_norm", 64, 2): 5e-3},
+                                                     extra=[extra, six])
     assert (3.2e-2, 6.19) in points(ax, "run|none||diverged")  # fits: where it is
     assert (1.6e-2, CLIP * L0) in points(ax, "clipped|qk_norm|")
     assert "27.9" in [t.get_text() for t in ax.texts] and "6.19" not in [t.get_text() for t in ax.texts]
@@ -215,7 +217,7 @@ def test_warmups_share_one_axes_with_a_line_style_each():
     fields = ablation_tables(t).cell_fields
     assert fields == ["stabilizer", "warmup_steps"]
     assert comparison_layout(fields) == Layout(["stabilizer"], "warmup_steps", [])
-    fig = _loss_figure(plt, [dict(r, depth=None) for r in t.to_pylist()], fields, "crit")
+    fig = loss_figure(plt, [dict(r, depth=None) for r in t.to_pylist()], fields, "crit")
     ax = fig.axes[0]
     w0 = next(line for line in ax.lines if line.get_gid() == "mean|none|0")
     w50 = next(line for line in ax.lines if line.get_gid() == "mean|none|50")
@@ -252,7 +254,7 @@ def test_boundary_of_every_cell_on_one_axis_grouped_by_warmup_per_depth(tmp_path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from orchestrator.export import boundary_compare_figures
+    from orchestrator.figures import boundary_compare_figures
 
     def row(stab, w, d, lr50, above=False):
         return {"stabilizer": stab, "warmup_steps": w, "depth": d, "lr50": lr50, "lr50_low": lr50 / 1.3,

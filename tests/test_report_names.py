@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from orchestrator.export import report
+from orchestrator.report import report
 from orchestrator.tracking import Tracker
 from workloads.trial import TrialConfig
 
@@ -73,7 +73,7 @@ def test_no_figure_is_written_twice_and_names_carry_warmup_and_depth(store, tmp_
 
 
 def test_comparison_tables_put_warmups_side_by_side_per_depth(store, tmp_path):
-    from orchestrator.export import export
+    from orchestrator.report import export
 
     res = export(store, "syn", "syn", tmp_path / "exp", log_to_mlflow=False)
     names = {f.name for f in res.files}

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from orchestrator.export import fetch_runs, runs_table
+from orchestrator.runs import fetch_runs, runs_table
 from orchestrator.tracking import (EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, Tracker, TrackingCallback,
                                    json_dumps_finite)
 
