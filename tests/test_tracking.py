@@ -4,14 +4,13 @@ Real MLflow (SQLite in a temp dir); no Ray."""
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
 from orchestrator.export import fetch_runs, runs_table
-from orchestrator.tracking import (EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, Tracker, TrackingCallback,
-                                   json_dumps_finite)
+from orchestrator.recorder import TrialRecorder
+from orchestrator.tracking import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, Tracker, json_dumps_finite
 
 
 def test_experiments_are_tagged_model_training(tmp_path):
@@ -31,18 +30,18 @@ def test_experiments_are_tagged_model_training(tmp_path):
 
 
 def _finish(tmp_path, summaries: dict[str, dict]):
-    """Record finished trials through the Tune callback's own code path (the trial object Tune
-    passes is only read for its id). The callback prefers $ABLATE_TRACKING_URI, which an earlier
-    sweep in this process may have left set: the caller removes it."""
+    """Record finished trials through the recorder the Tune callback drives. The recorder prefers
+    $ABLATE_TRACKING_URI, which an earlier sweep in this process may have left set: the caller
+    removes it."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tr = Tracker(uri, "exp")
     parent = tr.sweep_run("sw", {"name": "sw"}, "name: sw\n")
-    cb = TrackingCallback(uri, "exp", "sw", parent, len(summaries), progress=False)
+    rec = TrialRecorder(uri, "exp", "sw", parent)
     for tid, summary in summaries.items():
         cfg = {"workload": "gpt", "lr": 0.1, "stabilizers": ["none"], "stabilizer": "none"}
-        cb._runs[tid] = tr.trial_run("sw", parent, tid, tid, cfg, replace=False)
-        cb._finish_trial(SimpleNamespace(trial_id=tid), summary)
-    return uri, tr, cb
+        rec.start(tid, tid, cfg)
+        rec.finish(tid, summary)
+    return uri, tr
 
 
 def test_nonfinite_results_are_tags_not_max_float_metrics_and_json_is_standard(tmp_path, monkeypatch):
@@ -50,7 +49,7 @@ def test_nonfinite_results_are_tags_not_max_float_metrics_and_json_is_standard(t
     base = {"initial_loss": 5.5, "final_train_loss": 2.1, "steps_run": 40, "wall_time": 3.0, "throughput": 900.0,
             "device": "cpu", "num_params": 10, "ended_at": 1.7e9, "events": []}
     ev = {"kind": "nonfinite", "step": 3, "value": "nan"}
-    uri, tr, cb = _finish(tmp_path, {
+    uri, tr = _finish(tmp_path, {
         "ok": {**base, "final_loss": 2.0, "best_loss": 1.9, "diverged": False, "first_event": None},
         "inf": {**base, "final_loss": math.inf, "best_loss": 4.0, "diverged": True, "first_event": ev,
                 "new_field": -math.inf},
@@ -97,12 +96,12 @@ def _latest(client, run_id):
 
 
 def test_sql_metric_writer_stores_what_log_batch_stores(tmp_path):
-    """Tracker.log_metrics writes a SQL store's tables directly (_sql_log_metrics): the same rows and
+    """Tracker.log_metrics writes a SQL store's tables directly (sql_log_metrics): the same rows and
     latest values as MLflow's log_batch, for NaN, +-inf, a repeated value, steps out of order, a
     later batch, and a batch sent twice (nothing doubled)."""
     from mlflow.entities import Metric
 
-    from orchestrator.tracking import _sql_log_metrics
+    from orchestrator.tracking import sql_log_metrics
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tr = Tracker(uri, "ingest")
@@ -115,7 +114,7 @@ def test_sql_metric_writer_stores_what_log_batch_stores(tmp_path):
     keys = ("loss", "ent/l0", "g", "new")
     store = tr._sql_store()
     assert store is not None
-    assert _sql_log_metrics(store, fast, first)  # the direct path took it
+    assert sql_log_metrics(store, fast, first)  # the direct path took it
     tr.log_metrics(fast, later)
     for batch in (first, later):
         client.log_batch(ref, metrics=batch)
@@ -124,12 +123,12 @@ def test_sql_metric_writer_stores_what_log_batch_stores(tmp_path):
     assert _latest(client, fast) == _latest(client, ref) == {"loss": 2.0, "ent/l0": "nan", "g": 1.7976931348623157e308,
                                                              "new": 7.0}
     # a batch sent again: the direct path declines without writing, log_batch skips the duplicates
-    assert not _sql_log_metrics(store, fast, later)
+    assert not sql_log_metrics(store, fast, later)
     tr.log_metrics(fast, later)
     assert _history(client, fast, keys) == _history(client, ref, keys)
     # a run that is not active: declined (Tracker.log_metrics then goes through log_batch, which raises)
     client.delete_run(ref)
-    assert not _sql_log_metrics(store, ref, [Metric("loss", 1.0, 1200, 11)])
+    assert not sql_log_metrics(store, ref, [Metric("loss", 1.0, 1200, 11)])
 
 
 def test_a_finished_trial_has_its_artifacts_and_results(tmp_path, monkeypatch):
@@ -137,7 +136,7 @@ def test_a_finished_trial_has_its_artifacts_and_results(tmp_path, monkeypatch):
     monkeypatch.delenv("ABLATE_TRACKING_URI", raising=False)
     summary = {"initial_loss": 5.5, "final_loss": 2.0, "best_loss": 1.9, "steps_run": 40, "wall_time": 3.0,
                "diverged": False, "first_event": None, "device": "cpu", "ended_at": 1.7e9}
-    uri, tr, cb = _finish(tmp_path, {"t1": summary})
+    uri, tr = _finish(tmp_path, {"t1": summary})
     run = tr.trial_runs("sw")[0]
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "stable"
     assert run.data.metrics["result/final_loss"] == 2.0 and run.data.tags["steps_run"] == "40"
