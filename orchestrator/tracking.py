@@ -393,3 +393,14 @@ def sql_log_metrics(store, run_id: str, metrics: list[Metric]) -> bool:
             return False
         raise
     return True
+
+
+def __getattr__(name: str):
+    """``TrackingCallback`` where Tune state pickled before it moved to :mod:`orchestrator.tune_tracking`
+    looks for it (``Tuner.restore`` of a workdir an earlier ablate wrote: a resumed or re-run sweep);
+    imported on that look only, so that this module does not import Ray."""
+    if name == "TrackingCallback":
+        from orchestrator.tune_tracking import TrackingCallback
+
+        return TrackingCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -244,6 +244,10 @@ def test_the_tune_callback_translates_trials_and_pickles_only_its_settings(tmp_p
 
     back = pickle.loads(pickle.dumps(cb))
     assert back.settings == cb.settings and back.recorder.runs == {} and back.recorder.outcomes == {}
+    # Tune state an earlier ablate pickled names the callback orchestrator.tracking.TrackingCallback
+    older = pickle.dumps(cb, protocol=0).replace(b"orchestrator.tune_tracking", b"orchestrator.tracking")
+    assert b"orchestrator.tracking\nTrackingCallback" in older
+    assert type(pickle.loads(older)) is TrackingCallback and pickle.loads(older).settings == cb.settings
 
 
 def test_progress_line(capsys):
