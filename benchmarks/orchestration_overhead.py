@@ -82,7 +82,7 @@ class _HookTimer:
              "on_experiment_end")
 
     def __init__(self):
-        from orchestrator.tracking import TrackingCallback
+        from orchestrator.tune_tracking import TrackingCallback
 
         self.cls, self.total, self.cpu, self.saved = TrackingCallback, 0.0, 0.0, {}
 

@@ -85,7 +85,7 @@ def _typed(field: pa.Field, raw: str | None):
 
 def _metric(v: float | None, tag: str | None = None) -> float | None:
     """A metric's value; when there is none, the tag of the same name that records a non-finite
-    result ("inf", "-inf", "nan"; see TrackingCallback._finish_trial). MLflow's SQL stores write
+    result ("inf", "-inf", "nan"; see orchestrator.recorder.TrialRecorder.finish). MLflow's SQL stores write
     +-inf as +-max float (runs recorded before those tags): read back as inf."""
     if v is None and tag:
         return float(tag)

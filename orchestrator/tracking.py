@@ -1,9 +1,10 @@
 """MLflow tracking: one experiment per spec, a parent run per sweep, a child run per trial.
 
-All writes happen in one process (the sweep driver, through :class:`TrackingCallback`, a Ray Tune
-callback), so an embedded SQLite store is never written by several processes at once, and metrics
-go in batches, never one call per scalar: into a SQL store (the embedded SQLite one) one transaction
-per batch straight into MLflow's tables (``_sql_log_metrics``, several times ``log_batch``'s rate),
+All writes happen in one process (the sweep driver: :class:`orchestrator.recorder.TrialRecorder`,
+driven by the Ray Tune callback :class:`orchestrator.tune_tracking.TrackingCallback`), so an
+embedded SQLite store is never written by several processes at once, and metrics go in batches,
+never one call per scalar: into a SQL store (the embedded SQLite one) one transaction per batch
+straight into MLflow's tables (:func:`sql_log_metrics`, several times ``log_batch``'s rate),
 to a tracking server ``log_batch`` calls of up to 1000 values.
 
 A trial attempt that restarts (Ray retry after a crash, or a resumed sweep re-running a trial that
@@ -18,17 +19,12 @@ import logging
 import math
 import os
 import subprocess
-import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from ray.tune import Callback
-
-from workloads.stabilizers import label as stabilizer_label
 
 log = logging.getLogger("ablate")
 
@@ -88,10 +84,7 @@ def code_version() -> dict[str, str]:
     return out
 
 
-RESULT_KEYS = ("final_loss", "best_loss", "initial_loss", "final_train_loss", "baseline_loss", "wall_time", "throughput")
-
-
-def _nonfinite_text(v: float) -> str:
+def nonfinite_text(v: float) -> str:
     return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
 
 
@@ -100,7 +93,7 @@ def finite_json(obj: Any) -> Any:
     can be written as standard JSON (which has no Infinity or NaN tokens). ``float(s)`` reads such a
     string back."""
     if isinstance(obj, float) and not math.isfinite(obj):
-        return _nonfinite_text(obj)
+        return nonfinite_text(obj)
     if isinstance(obj, dict):
         return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -288,12 +281,12 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
         """All of ``metrics`` for one run. Into a SQL store (the embedded SQLite one): one
         transaction of one multi-row INSERT and one ``latest_metrics`` write per key
-        (:func:`_sql_log_metrics`); elsewhere, or when that path declines, ``log_batch`` calls of
+        (:func:`sql_log_metrics`); elsewhere, or when that path declines, ``log_batch`` calls of
         up to 1000 values."""
         if not metrics:
             return
         store = self._sql_store()
-        if store is not None and self._call(_sql_log_metrics, store, run_id, metrics):
+        if store is not None and self._call(sql_log_metrics, store, run_id, metrics):
             return
         for i in range(0, len(metrics), BATCH):
             self._call(self.client.log_batch, run_id, metrics=metrics[i:i + BATCH])
@@ -358,7 +351,7 @@ class Tracker:
 _MAX_FLOAT = 1.7976931348623157e308
 
 
-def _sql_log_metrics(store, run_id: str, metrics: list[Metric]) -> bool:
+def sql_log_metrics(store, run_id: str, metrics: list[Metric]) -> bool:
     """Write ``metrics`` of one run straight into a SQLAlchemy store's ``metrics`` and
     ``latest_metrics`` tables, in one transaction: what ``log_batch`` stores (the same rows, NaN
     as value 0 with ``is_nan``, +-inf as +-max float, the latest value of a key by (step,
@@ -415,187 +408,12 @@ def _sql_log_metrics(store, run_id: str, metrics: list[Metric]) -> bool:
     return True
 
 
-class TrackingCallback(Callback):
-    """Ray Tune callback: mirrors every trial into MLflow, and shows progress on the terminal.
+def __getattr__(name: str):
+    """``TrackingCallback`` where Tune state pickled before it moved to :mod:`orchestrator.tune_tracking`
+    looks for it (``Tuner.restore`` of a workdir an earlier ablate wrote: a resumed or re-run sweep);
+    imported on that look only, so that this module does not import Ray."""
+    if name == "TrackingCallback":
+        from orchestrator.tune_tracking import TrackingCallback
 
-    Picklable: Tune stores callbacks with the experiment so that ``Tuner.restore`` brings it back;
-    only settings are pickled and the client is re-created on first use.
-    """
-
-    def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_id: str,
-                 total_trials: int, flush_every: float = 2.0, progress: bool = True,
-                 total_is_budget: bool = False, crash: tuple[str, ...] = (), crash_criterion: str = ""):
-        self.settings = dict(tracking_uri=tracking_uri, experiment=experiment, sweep=sweep,
-                             parent_id=parent_id, total_trials=total_trials, flush_every=flush_every,
-                             progress=progress, total_is_budget=total_is_budget,
-                             crash=crash_criterion, crash_classes=list(crash))
-        self._init_state()
-
-    def _init_state(self) -> None:
-        self._tracker: Tracker | None = None
-        self._runs: dict[str, str] = {}          # trial_id -> run_id of the current attempt
-        self._buf: dict[str, list[Metric]] = defaultdict(list)
-        self._events: dict[str, list[dict]] = defaultdict(list)
-        self._tagged: set[str] = set()
-        self._fresh: set[str] = set()            # trials whose run on_trial_start made for this attempt
-        self._last_flush = time.monotonic()
-        self._last_progress = 0.0
-        self._t0 = time.monotonic()
-        self._done_here = 0
-        self.outcomes: dict[str, str] = {}       # trial_id -> stable | collapsed | diverged | failed
-
-    def __getstate__(self):
-        return {"settings": self.settings}
-
-    def __setstate__(self, state):
-        self.settings = state["settings"]
-        self._init_state()
-
-    # ---- helpers
-    @property
-    def tracker(self) -> Tracker:
-        if self._tracker is None:
-            uri = os.environ.get("ABLATE_TRACKING_URI") or self.settings["tracking_uri"]
-            self._tracker = Tracker(uri, self.settings["experiment"])
-        return self._tracker
-
-    def _run_for(self, trial, replace: bool) -> str:
-        tid = trial.trial_id
-        if tid not in self._runs or replace:
-            point = trial.config["point"]
-            params = {**point["trial"], "stabilizer": stabilizer_label(tuple(point["trial"]["stabilizers"]))}
-            self._runs[tid] = self.tracker.trial_run(
-                self.settings["sweep"], self.settings["parent_id"], tid, point["label"], params,
-                replace=replace)
-            self._buf.pop(tid, None)
-            self._events.pop(tid, None)
-            self._tagged.discard(tid)
-        return self._runs[tid]
-
-    def _flush(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_flush < self.settings["flush_every"]:
-            return
-        self._last_flush = now
-        for tid, metrics in list(self._buf.items()):
-            if metrics:
-                self.tracker.log_metrics(self._runs[tid], metrics)
-                self._buf[tid] = []
-
-    # ---- Tune hooks
-    def on_trial_start(self, iteration, trials, trial, **info):
-        """The trial's run is made when the trial starts (RUNNING, tag status=running, its config as
-        params), replacing a run of an earlier attempt: a sweep stopped before the trial's first
-        report still shows it, and marks it KILLED."""
-        self._run_for(trial, replace=True)
-        self._fresh.add(trial.trial_id)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        tid = trial.trial_id
-        first = result.get("training_iteration") == 1  # an attempt's first report: its run is replaced,
-        run_id = self._run_for(trial, replace=first and tid not in self._fresh)  # unless made at its start
-        if first:
-            self._fresh.discard(tid)
-        ts = int(time.time() * 1000)
-        for step, metrics, events in json.loads(result.get("batch") or "[]"):
-            self._buf[tid] += [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
-            self._events[tid] += events
-        if tid not in self._tagged and result.get("node_id"):
-            self.tracker.set_tags(run_id, {k: result.get(k, "") for k in ("node_id", "hostname", "gpu_ids",
-                                                                          "started_at")})
-            self._tagged.add(tid)
-        if result.get("summary"):
-            self._finish_trial(trial, json.loads(result["summary"]))
-        self._flush(force=len(self._buf[tid]) >= BATCH)
-
-    def _finish_trial(self, trial, summary: dict) -> None:
-        tid = trial.trial_id
-        run_id = self._runs[tid]
-        self._flush_trial(tid)
-        ev = summary.get("first_event")
-        # The trial's class from its final state (workloads.outcome.trial_class); ``degraded`` is
-        # decided against the cell's other runs at export.
-        status = summary.get("outcome") or ("diverged" if summary.get("diverged") else "stable")
-        tags = {"status": status, "stop_reason": summary.get("stop_reason") or "",
-                "divergence_kind": ev["kind"] if ev else "",
-                "divergence_step": ev["step"] if ev else "", "steps_run": summary["steps_run"],
-                "device": summary.get("device", ""), "ended_at": summary.get("ended_at", "")}
-        if self.settings.get("crash"):
-            tags["crash_criterion"] = self.settings["crash"]
-            tags["crashed"] = status in self.settings["crash_classes"]
-        # Every float result becomes a metric result/<name>, except a non-finite one: MLflow's SQL
-        # stores would keep inf as 1.8e308, so it is recorded as the tag result/<name> = inf | -inf |
-        # nan instead (export reads it back as a float). Timestamps are tags, not results.
-        final = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                 and (k in RESULT_KEYS or (isinstance(v, float) and not k.endswith("_at")))}
-        tags.update({f"result/{k}": _nonfinite_text(v) for k, v in final.items() if not math.isfinite(v)})
-        ts = int(time.time() * 1000)
-        self.tracker.log_batch(run_id, [Metric(f"result/{k}", v, ts, summary["steps_run"])
-                                        for k, v in final.items() if math.isfinite(v)], tags)
-        self._close(tid, run_id, status, "FINISHED", {"result.json": json_dumps_finite(summary)})
-
-    def _close(self, tid: str, run_id: str, status: str, run_status: str, texts: dict[str, str]) -> None:
-        """Last writes of a trial's run, whatever its outcome: its artifacts (``texts`` and its
-        events as events.json, in one call), its terminal state."""
-        self.tracker.log_texts(run_id, {**texts, "events.json": json.dumps(self._events.get(tid, []), indent=1)})
-        self.tracker.finish(run_id, run_status)
-        self.outcomes[tid] = status
-        self._done_here += 1
-
-    def _flush_trial(self, tid: str) -> None:
-        """The buffered metrics of one trial (a trial that ends: the others' wait for the next flush)."""
-        metrics = self._buf.pop(tid, None)
-        if metrics:
-            self.tracker.log_metrics(self._runs[tid], metrics)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        if trial.trial_id in self._runs:
-            self._flush_trial(trial.trial_id)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        tid = trial.trial_id
-        run_id = self._run_for(trial, replace=False)
-        self._flush_trial(tid)
-        tb = ""
-        if trial.error_file and Path(trial.error_file).is_file():
-            tb = Path(trial.error_file).read_text()
-        last_line = tb.strip().splitlines()[-1] if tb.strip() else "unknown error"
-        self.tracker.set_tags(run_id, {"status": "failed", "error": last_line,
-                                       "num_failures": trial.num_failures})
-        self._close(tid, run_id, "failed", "FAILED", {"traceback.txt": tb or "no traceback was recorded"})
-
-    def on_step_end(self, iteration, trials, **info):
-        self._flush()
-        if not self.settings["progress"] or time.monotonic() - self._last_progress < 5:
-            return
-        self._last_progress = time.monotonic()
-        self.print_progress(trials)
-
-    def on_experiment_end(self, trials, **info):
-        self._flush(force=True)
-        if self.settings["progress"]:
-            self.print_progress(trials)
-
-    def print_progress(self, trials) -> None:
-        total = self.settings["total_trials"]
-        by = defaultdict(int)
-        for t in trials:
-            by[t.status] += 1
-        finished = by["TERMINATED"] + by["ERROR"]
-        diverged = sum(1 for v in self.outcomes.values() if v in ("diverged", "collapsed"))
-        elapsed = time.monotonic() - self._t0
-        if self.settings.get("total_is_budget"):  # a search: the total is an upper bound, no ETA
-            print(f"[{self.settings['sweep']}] {finished} trials done (budget {total}; {diverged} diverged/collapsed, "
-                  f"{by['ERROR']} failed), {by['RUNNING']} running, elapsed {_hms(elapsed)}",
-                  file=sys.stderr, flush=True)
-            return
-        remaining = total - finished
-        eta = (elapsed / self._done_here * remaining) if self._done_here and remaining else 0.0
-        print(f"[{self.settings['sweep']}] {finished}/{total} done ({diverged} diverged/collapsed, "
-              f"{by['ERROR']} failed), {by['RUNNING']} running, elapsed {_hms(elapsed)}"
-              + (f", ETA {_hms(eta)}" if remaining and self._done_here else ""), file=sys.stderr, flush=True)
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+        return TrackingCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -80,9 +80,9 @@ def _sigma_power_step_ops(depth: int) -> int:
     model = Trainer(cfg).model
     counter = OpCounter()
     with counter:
-        sigma_reparam._pre_forward(model, ())
+        sigma_reparam.pre_forward(model, ())
     assert all(m._batched_weight is not None for m in model.modules() if isinstance(m, sigma_reparam.SigmaReparamLinear))
-    sigma_reparam._post_forward(model, (), None)  # drops the unused W_hat
+    sigma_reparam.post_forward(model, (), None)  # drops the unused W_hat
     return sum(counter.ops.values())
 
 

@@ -292,7 +292,7 @@ def _reference_weyl_step(opt_state, params, lr, betas, eps, weight_decay, tau, t
     """The per-matrix loop the batched WeylAdamW replaced (host syncs and all), same maths: kept as
     the reference the sync-free step must equal. Per matrix: the step direction D = U bc1 + wd bc1 W,
     sigma_1(D) from above (trace of a power of its Gram matrix), sigma_1(W) from below."""
-    from workloads.stabilizers.weyl import _init_vector, matrix_shape, power_iteration, spectral_norm_upper
+    from workloads.stabilizers.weyl import init_vector, matrix_shape, power_iteration, spectral_norm_upper
 
     beta1, beta2 = betas
     wd = weight_decay
@@ -302,7 +302,7 @@ def _reference_weyl_step(opt_state, params, lr, betas, eps, weight_decay, tau, t
             st.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
             shape = matrix_shape(p)
             if shape:
-                st["vw"] = _init_vector(shape[0], shape[2], p.numel(), p.device)
+                st["vw"] = init_vector(shape[0], shape[2], p.numel(), p.device)
         st["step"] += 1
         t = st["step"]
         st["m"].lerp_(p.grad, 1 - beta1)

@@ -1,17 +1,16 @@
 """MLflow records as a user meets them: the experiment's kind, honest non-finite results.
-Real MLflow (SQLite in a temp dir); no Ray."""
+Real MLflow (SQLite in a temp dir); no Ray cluster (the Tune callback is driven by hand)."""
 
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
+from orchestrator.recorder import TrialRecorder
 from orchestrator.runs import fetch_runs, runs_table
-from orchestrator.tracking import (EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, Tracker, TrackingCallback,
-                                   json_dumps_finite)
+from orchestrator.tracking import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, Tracker, json_dumps_finite
 
 
 def test_experiments_are_tagged_model_training(tmp_path):
@@ -31,18 +30,18 @@ def test_experiments_are_tagged_model_training(tmp_path):
 
 
 def _finish(tmp_path, summaries: dict[str, dict]):
-    """Record finished trials through the Tune callback's own code path (the trial object Tune
-    passes is only read for its id). The callback prefers $ABLATE_TRACKING_URI, which an earlier
-    sweep in this process may have left set: the caller removes it."""
+    """Record finished trials through the recorder the Tune callback drives. The recorder prefers
+    $ABLATE_TRACKING_URI, which an earlier sweep in this process may have left set: the caller
+    removes it."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tr = Tracker(uri, "exp")
     parent = tr.sweep_run("sw", {"name": "sw"}, "name: sw\n")
-    cb = TrackingCallback(uri, "exp", "sw", parent, len(summaries), progress=False)
+    rec = TrialRecorder(uri, "exp", "sw", parent)
     for tid, summary in summaries.items():
         cfg = {"workload": "gpt", "lr": 0.1, "stabilizers": ["none"], "stabilizer": "none"}
-        cb._runs[tid] = tr.trial_run("sw", parent, tid, tid, cfg, replace=False)
-        cb._finish_trial(SimpleNamespace(trial_id=tid), summary)
-    return uri, tr, cb
+        rec.start(tid, tid, cfg)
+        rec.finish(tid, summary)
+    return uri, tr
 
 
 def test_nonfinite_results_are_tags_not_max_float_metrics_and_json_is_standard(tmp_path, monkeypatch):
@@ -50,7 +49,7 @@ def test_nonfinite_results_are_tags_not_max_float_metrics_and_json_is_standard(t
     base = {"initial_loss": 5.5, "final_train_loss": 2.1, "steps_run": 40, "wall_time": 3.0, "throughput": 900.0,
             "device": "cpu", "num_params": 10, "ended_at": 1.7e9, "events": []}
     ev = {"kind": "nonfinite", "step": 3, "value": "nan"}
-    uri, tr, cb = _finish(tmp_path, {
+    uri, tr = _finish(tmp_path, {
         "ok": {**base, "final_loss": 2.0, "best_loss": 1.9, "diverged": False, "first_event": None},
         "inf": {**base, "final_loss": math.inf, "best_loss": 4.0, "diverged": True, "first_event": ev,
                 "new_field": -math.inf},
@@ -97,12 +96,12 @@ def _latest(client, run_id):
 
 
 def test_sql_metric_writer_stores_what_log_batch_stores(tmp_path):
-    """Tracker.log_metrics writes a SQL store's tables directly (_sql_log_metrics): the same rows and
+    """Tracker.log_metrics writes a SQL store's tables directly (sql_log_metrics): the same rows and
     latest values as MLflow's log_batch, for NaN, +-inf, a repeated value, steps out of order, a
     later batch, and a batch sent twice (nothing doubled)."""
     from mlflow.entities import Metric
 
-    from orchestrator.tracking import _sql_log_metrics
+    from orchestrator.tracking import sql_log_metrics
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tr = Tracker(uri, "ingest")
@@ -115,7 +114,7 @@ def test_sql_metric_writer_stores_what_log_batch_stores(tmp_path):
     keys = ("loss", "ent/l0", "g", "new")
     store = tr._sql_store()
     assert store is not None
-    assert _sql_log_metrics(store, fast, first)  # the direct path took it
+    assert sql_log_metrics(store, fast, first)  # the direct path took it
     tr.log_metrics(fast, later)
     for batch in (first, later):
         client.log_batch(ref, metrics=batch)
@@ -124,12 +123,12 @@ def test_sql_metric_writer_stores_what_log_batch_stores(tmp_path):
     assert _latest(client, fast) == _latest(client, ref) == {"loss": 2.0, "ent/l0": "nan", "g": 1.7976931348623157e308,
                                                              "new": 7.0}
     # a batch sent again: the direct path declines without writing, log_batch skips the duplicates
-    assert not _sql_log_metrics(store, fast, later)
+    assert not sql_log_metrics(store, fast, later)
     tr.log_metrics(fast, later)
     assert _history(client, fast, keys) == _history(client, ref, keys)
     # a run that is not active: declined (Tracker.log_metrics then goes through log_batch, which raises)
     client.delete_run(ref)
-    assert not _sql_log_metrics(store, ref, [Metric("loss", 1.0, 1200, 11)])
+    assert not sql_log_metrics(store, ref, [Metric("loss", 1.0, 1200, 11)])
 
 
 def test_a_finished_trial_has_its_artifacts_and_results(tmp_path, monkeypatch):
@@ -137,7 +136,7 @@ def test_a_finished_trial_has_its_artifacts_and_results(tmp_path, monkeypatch):
     monkeypatch.delenv("ABLATE_TRACKING_URI", raising=False)
     summary = {"initial_loss": 5.5, "final_loss": 2.0, "best_loss": 1.9, "steps_run": 40, "wall_time": 3.0,
                "diverged": False, "first_event": None, "device": "cpu", "ended_at": 1.7e9}
-    uri, tr, cb = _finish(tmp_path, {"t1": summary})
+    uri, tr = _finish(tmp_path, {"t1": summary})
     run = tr.trial_runs("sw")[0]
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "stable"
     assert run.data.metrics["result/final_loss"] == 2.0 and run.data.tags["steps_run"] == "40"
@@ -145,3 +144,123 @@ def test_a_finished_trial_has_its_artifacts_and_results(tmp_path, monkeypatch):
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["events.json", "result.json"]
     events = Path(client.download_artifacts(run.info.run_id, "events.json", str(tmp_path / "dl"))).read_text()
     assert json.loads(events) == []
+
+
+def _artifact(client, run_id, name, dest):
+    return Path(client.download_artifacts(run_id, name, str(dest))).read_text()
+
+
+def test_the_recorder_mirrors_trials_without_tune(tmp_path, monkeypatch):
+    """A trial's run from start to end through TrialRecorder's plain calls: metrics wait in the buffer
+    until a flush (time, a full buffer, or the trial's end), placement is tagged once, events go to
+    events.json, a finished and a failed trial end with their tags, artifacts and terminal state."""
+    monkeypatch.delenv("ABLATE_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = Tracker(uri, "exp")
+    client = MlflowClient(uri)
+    parent = tr.sweep_run("sw", {"name": "sw"}, "name: sw\n")
+    rec = TrialRecorder(uri, "exp", "sw", parent, flush_every=3600, crash=("diverged",),
+                        crash_criterion="crash = diverged")
+    run_id = rec.start("t1", "lr=0.1", {"lr": 0.1, "stabilizers": ["none"]})
+    assert rec.has_run("t1") and not rec.has_run("t2")
+    spike = {"kind": "spike", "step": 5}
+    rec.add("t1", [[0, {"loss": 3.0, "lr": 0.1}, []], [5, {"loss": 2.5, "lr": 0.1}, [spike]]])
+    rec.place("t1", {"node_id": "n1", "hostname": "h1", "gpu_ids": "", "started_at": "1.5"})
+    rec.place("t1", {"node_id": "n2", "hostname": "h2"})  # tagged once per attempt
+    rec.flush()  # less than flush_every since the last flush: nothing written yet
+    assert client.get_metric_history(run_id, "loss") == [] and not rec.full("t1")
+    rec.flush(force=True)
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [3.0, 2.5]
+    rec.add("t1", [[10, {"loss": 9.0}, []]])
+    rec.finish("t1", {"initial_loss": 5.0, "final_loss": 9.0, "steps_run": 10, "diverged": True,
+                      "first_event": spike, "device": "cpu", "ended_at": 1.7e9})
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
+    tags = run.data.tags
+    assert (tags["status"], tags["crashed"], tags["crash_criterion"]) == ("diverged", "True", "crash = diverged")
+    assert (tags["node_id"], tags["hostname"], tags["started_at"]) == ("n1", "h1", "1.5")
+    assert (tags["divergence_kind"], tags["divergence_step"], tags["steps_run"]) == ("spike", "5", "10")
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert loss == [(0, 3.0), (5, 2.5), (10, 9.0)]
+    assert run.data.metrics["result/final_loss"] == 9.0 and "result/ended_at" not in run.data.metrics
+    assert json.loads(_artifact(client, run_id, "events.json", tmp_path / "a")) == [spike]
+
+    failed = rec.start("t2", "lr=1.0", {"lr": 1.0})
+    rec.add("t2", [[0, {"loss": 3.0}, []]])
+    rec.fail("t2", "Traceback (most recent call last):\n  ...\nValueError: boom\n", 2)
+    run = client.get_run(failed)
+    assert run.info.status == "FAILED" and client.get_metric_history(failed, "loss")[0].value == 3.0
+    tags = run.data.tags
+    assert (tags["status"], tags["error"], tags["num_failures"]) == ("failed", "ValueError: boom", "2")
+    assert "ValueError: boom" in _artifact(client, failed, "traceback.txt", tmp_path / "b")
+    assert rec.outcomes == {"t1": "diverged", "t2": "failed"} and rec.done == 2
+    # a new attempt of a trial replaces its earlier run
+    again = rec.start("t2", "lr=1.0", {"lr": 1.0})
+    rec.fail("t2", "", 3)
+    assert [r.info.run_id for r in tr.trial_runs("sw", "tags.`ablate.trial_id` = 't2'")] == [again]
+    assert client.get_run(again).data.tags["error"] == "unknown error"
+    assert _artifact(client, again, "traceback.txt", tmp_path / "c") == "no traceback was recorded"
+
+
+def test_the_tune_callback_translates_trials_and_pickles_only_its_settings(tmp_path, monkeypatch):
+    """TrackingCallback's hooks on stand-ins of Tune's trial objects (what they read: id, grid point,
+    status, error file, failure count): the trial's run, params, placement, metrics and end."""
+    import pickle
+    from types import SimpleNamespace
+
+    from orchestrator.tune_tracking import TrackingCallback
+
+    monkeypatch.delenv("ABLATE_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = Tracker(uri, "exp")
+    client = MlflowClient(uri)
+    parent = tr.sweep_run("sw", {"name": "sw"}, "name: sw\n")
+    cb = TrackingCallback(uri, "exp", "sw", parent, 2, progress=False)
+    point = {"trial": {"lr": 0.1, "stabilizers": ["weyl", "qk_norm"]}, "label": "lr=0.1 stabilizers=qk_norm+weyl"}
+    ok = SimpleNamespace(trial_id="ok", config={"point": point}, status="RUNNING")
+    cb.on_trial_start(0, [ok], ok)
+    placed = {"node_id": "n1", "hostname": "h1", "gpu_ids": "0", "started_at": "1.5"}
+    cb.on_trial_result(0, [ok], ok, {"training_iteration": 1, "batch": json.dumps([[0, {"loss": 3.0}, []]]), **placed})
+    summary = {"initial_loss": 5.0, "final_loss": 2.0, "steps_run": 5, "diverged": False, "first_event": None}
+    cb.on_trial_result(0, [ok], ok, {"training_iteration": 2, "batch": json.dumps([[5, {"loss": 2.0}, []]]),
+                                     "summary": json.dumps(summary), **placed})
+    cb.on_trial_complete(0, [ok], ok)
+    runs = tr.trial_runs("sw")
+    assert len(runs) == 1 and runs[0].info.run_name == point["label"]
+    run = client.get_run(runs[0].info.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["stabilizer"] == "qk_norm+weyl"
+    assert run.data.tags["gpu_ids"] == "0" and run.data.tags["status"] == "stable"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 5]
+
+    error = tmp_path / "error.txt"
+    error.write_text("Traceback\nRuntimeError: out of memory\n")
+    bad = SimpleNamespace(trial_id="bad", config={"point": {**point, "label": "bad"}}, status="ERROR",
+                          error_file=str(error), num_failures=2)
+    cb.on_trial_error(0, [ok, bad], bad)  # failed before its first report: the run is made then
+    run = client.get_run(cb.recorder.runs["bad"])
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: out of memory"
+    assert cb.recorder.outcomes == {"ok": "stable", "bad": "failed"}
+    cb.on_experiment_end([ok, bad])
+
+    back = pickle.loads(pickle.dumps(cb))
+    assert back.settings == cb.settings and back.recorder.runs == {} and back.recorder.outcomes == {}
+    # Tune state an earlier ablate pickled names the callback orchestrator.tracking.TrackingCallback
+    older = pickle.dumps(cb, protocol=0).replace(b"orchestrator.tune_tracking", b"orchestrator.tracking")
+    assert b"orchestrator.tracking\nTrackingCallback" in older
+    assert type(pickle.loads(older)) is TrackingCallback and pickle.loads(older).settings == cb.settings
+
+
+def test_progress_line(capsys):
+    from orchestrator.progress import Progress
+
+    statuses = ["TERMINATED", "ERROR", "RUNNING", "PENDING"]
+    line = Progress("sw", 4).line(statuses, ["diverged", "stable"], 2)
+    assert line == "[sw] 2/4 done (1 diverged/collapsed, 1 failed), 1 running, elapsed 0:00:00, ETA 0:00:00"
+    line = Progress("sw", 4).line(statuses, [], 0)  # no trial ended here yet: no ETA
+    assert line == "[sw] 2/4 done (0 diverged/collapsed, 1 failed), 1 running, elapsed 0:00:00"
+    assert Progress("sw", 10, total_is_budget=True).line(statuses, ["collapsed"], 2) == (
+        "[sw] 2 trials done (budget 10; 1 diverged/collapsed, 1 failed), 1 running, elapsed 0:00:00")
+    p = Progress("sw", 4)
+    p.tick(statuses, [], 0)
+    p.tick(statuses, [], 0)  # within `every` seconds of the last line: nothing
+    assert capsys.readouterr().err.count("[sw]") == 1

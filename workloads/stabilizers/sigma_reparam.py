@@ -174,7 +174,7 @@ def batched_power_step(layers: list[SigmaReparamLinear]) -> tuple[Tensor, Tensor
     return w_hat, u_old, v_old
 
 
-def _pre_forward(model: nn.Module, args) -> None:
+def pre_forward(model: nn.Module, args) -> None:
     """Forward pre-hook of a reparametrised model: the batched power step of its training layers,
     one per (shape, dtype, device) group, and each layer's effective weight for this forward."""
     if not (model.training and torch.is_grad_enabled() and getattr(model, "sigma_reparam_batched", True)):
@@ -192,7 +192,7 @@ def _pre_forward(model: nn.Module, args) -> None:
     model._sigma_reparam_pending = pending
 
 
-def _post_forward(model: nn.Module, args, output) -> None:
+def post_forward(model: nn.Module, args, output) -> None:
     """Forward hook (also on an exception): drop the effective weights this forward did not use and
     give the layers that did not run their previous ``u``, ``v``, so nothing leaks into the next
     forward."""
@@ -239,7 +239,7 @@ def apply_sigma_reparam(model: nn.Module, scope: str = "blocks") -> nn.Module:
     if count == 0:
         raise ValueError("apply_sigma_reparam: no nn.Linear found to reparametrise")
     if not getattr(model, "_sigma_reparam_hooked", False):
-        model.register_forward_pre_hook(_pre_forward)
-        model.register_forward_hook(_post_forward, always_call=True)
+        model.register_forward_pre_hook(pre_forward)
+        model.register_forward_hook(post_forward, always_call=True)
         model._sigma_reparam_hooked = True
     return model

@@ -176,7 +176,10 @@ def spectral_norm_upper(a: Tensor, squarings: int = 3) -> Tensor:
     return torch.exp(log_tr / (2 * k))
 
 
-def _init_vector(count: int, cols: int, seed: int, device) -> Tensor:
+def init_vector(count: int, cols: int, seed: int, device) -> Tensor:
+    """The power iteration's start for ``count`` matrices of ``cols`` columns: ``[count, 2, cols]``,
+    two orthonormal random rows per matrix, from a CPU generator seeded with ``seed`` (the same
+    start on every device)."""
     g = torch.Generator(device="cpu").manual_seed(seed % (2**31))
     start = torch.randn(count, cols, 2, generator=g, dtype=torch.float32).transpose(1, 2).contiguous()
     return _orth2(start).to(device)
@@ -233,7 +236,7 @@ class WeylAdamW(Optimizer):
             shape = matrix_shape(p)
             if shape is not None:
                 count, _, cols = shape
-                state["v_weight"] = _init_vector(count, cols, p.numel(), p.device)
+                state["v_weight"] = init_vector(count, cols, p.numel(), p.device)
         return state
 
     @torch.no_grad()

@@ -1,0 +1,98 @@
+"""The Ray Tune callback of a sweep: Tune's trial events turned into MLflow writes
+(:class:`orchestrator.recorder.TrialRecorder`) and the terminal's progress line
+(:class:`orchestrator.progress.Progress`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ray.tune import Callback
+
+from orchestrator.progress import Progress
+from orchestrator.recorder import TrialRecorder
+from workloads.stabilizers import label as stabilizer_label
+
+
+class TrackingCallback(Callback):
+    """Ray Tune callback: mirrors every trial into MLflow, and shows progress on the terminal.
+
+    Picklable: Tune stores callbacks with the experiment so that ``Tuner.restore`` brings it back;
+    only settings are pickled and the client is re-created on first use.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_id: str,
+                 total_trials: int, flush_every: float = 2.0, progress: bool = True,
+                 total_is_budget: bool = False, crash: tuple[str, ...] = (), crash_criterion: str = ""):
+        self.settings = dict(tracking_uri=tracking_uri, experiment=experiment, sweep=sweep,
+                             parent_id=parent_id, total_trials=total_trials, flush_every=flush_every,
+                             progress=progress, total_is_budget=total_is_budget,
+                             crash=crash_criterion, crash_classes=list(crash))
+        self._init_state()
+
+    def _init_state(self) -> None:
+        s = self.settings
+        self.recorder = TrialRecorder(s["tracking_uri"], s["experiment"], s["sweep"], s["parent_id"],
+                                      flush_every=s["flush_every"], crash=s["crash_classes"],
+                                      crash_criterion=s["crash"])
+        self.progress = Progress(s["sweep"], s["total_trials"], total_is_budget=s["total_is_budget"])
+        self._fresh: set[str] = set()            # trials whose run on_trial_start made for this attempt
+
+    def __getstate__(self):
+        return {"settings": self.settings}
+
+    def __setstate__(self, state):
+        self.settings = state["settings"]
+        self._init_state()
+
+    def _run_for(self, trial, replace: bool) -> None:
+        """The trial's run (a new one with ``replace``), its params from the trial's grid point."""
+        if replace or not self.recorder.has_run(trial.trial_id):
+            point = trial.config["point"]
+            params = {**point["trial"], "stabilizer": stabilizer_label(tuple(point["trial"]["stabilizers"]))}
+            self.recorder.start(trial.trial_id, point["label"], params, replace=replace)
+
+    def _progress_of(self, trials) -> tuple:
+        """What the progress line counts: the trials' Tune statuses (read only when a line is
+        shown), the classes of the trials that ended here and their count."""
+        return (t.status for t in trials), self.recorder.outcomes.values(), self.recorder.done
+
+    # ---- Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        """The trial's run is made when the trial starts (RUNNING, tag status=running, its config as
+        params), replacing a run of an earlier attempt: a sweep stopped before the trial's first
+        report still shows it, and marks it KILLED."""
+        self._run_for(trial, replace=True)
+        self._fresh.add(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tid = trial.trial_id
+        first = result.get("training_iteration") == 1  # an attempt's first report: its run is replaced,
+        self._run_for(trial, replace=first and tid not in self._fresh)  # unless made at its start
+        if first:
+            self._fresh.discard(tid)
+        self.recorder.add(tid, json.loads(result.get("batch") or "[]"))
+        self.recorder.place(tid, result)
+        if result.get("summary"):
+            self.recorder.finish(tid, json.loads(result["summary"]))
+        self.recorder.flush(force=self.recorder.full(tid))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.recorder.flush_trial(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._run_for(trial, replace=False)
+        tb = ""
+        if trial.error_file and Path(trial.error_file).is_file():
+            tb = Path(trial.error_file).read_text()
+        self.recorder.fail(trial.trial_id, tb, trial.num_failures)
+
+    def on_step_end(self, iteration, trials, **info):
+        self.recorder.flush()
+        if self.settings["progress"]:
+            self.progress.tick(*self._progress_of(trials))
+
+    def on_experiment_end(self, trials, **info):
+        self.recorder.flush(force=True)
+        if self.settings["progress"]:
+            self.progress.show(*self._progress_of(trials))
