@@ -82,7 +82,7 @@ class _HookTimer:
              "on_experiment_end")
 
     def __init__(self):
-        from orchestrator.tune_tracking import TrackingCallback
+        from orchestrator.tracking import TrackingCallback
 
         self.cls, self.total, self.cpu, self.saved = TrackingCallback, 0.0, 0.0, {}
 
@@ -116,7 +116,7 @@ def through_sweep(raws: list[dict], workdir: Path) -> tuple[list[dict], float]:
 
     from orchestrator.spec import parse_spec
     from orchestrator.sweep import init_ray, run_sweep
-    from orchestrator.tracking import Tracker
+    from orchestrator.mlflow_store import Tracker
 
     t0 = time.perf_counter()
     init_ray(None, workdir)
@@ -168,7 +168,7 @@ def raw_sqlite_rate(path: Path, metrics) -> float:
 def mlflow_rate(path: Path, metrics, how: str) -> float:
     """Values/s into a fresh SQLite store, one run: ``how`` = "tracker" (Tracker.log_metrics) or
     "log_batch" (MlflowClient.log_batch, 1000 a call). Every value is then read back and compared."""
-    from orchestrator.tracking import BATCH, Tracker
+    from orchestrator.mlflow_store import BATCH, Tracker
 
     tr = Tracker(f"sqlite:///{path}", "throughput")
     run_id = tr.client.create_run(tr.experiment_id).info.run_id

@@ -586,7 +586,7 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     from ray.tune.search import ConcurrencyLimiter
 
     from orchestrator.sweep import open_session, run_config, trainable_for
-    from orchestrator.tune_tracking import TrackingCallback
+    from orchestrator.tracking import TrackingCallback
 
     t0 = time.monotonic()
     cfg = boundary_config(spec)

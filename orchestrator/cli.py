@@ -137,7 +137,7 @@ def _errors(uri: str | None = None):
     except (WorkdirBusy, WorkdirError, RayStartError) as e:
         _fail(str(e), 1)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, the traceback in a file
-        tracking = sys.modules.get("orchestrator.tracking")  # a StoreError needs the module loaded
+        tracking = sys.modules.get("orchestrator.mlflow_store")  # a StoreError needs the module loaded
         if tracking is not None and isinstance(e, tracking.StoreError):
             _fail(str(e), 1)
         tb = _save_traceback()
@@ -150,7 +150,7 @@ def _read_check(uri: str, experiment: str, sweep: Optional[str], allow_incomplet
     running, no trial cut off) unless ``--allow-incomplete``."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import TAG_KIND, TAG_SWEEP, check_store
+    from orchestrator.mlflow_store import TAG_KIND, TAG_SWEEP, check_store
 
     check_store(uri, write=False)
     client = MlflowClient(uri)
@@ -204,7 +204,7 @@ def _preflight(spec: Path, kind: str, max_trials: Optional[int], address: Option
 
 def _ui_hint(tracking_uri: str, experiment: str) -> None:
     """Where to look at the experiment: its own page in the MLflow UI (``Tracker.experiment_url``)."""
-    from orchestrator.tracking import Tracker
+    from orchestrator.mlflow_store import Tracker
 
     if tracking_uri.startswith("sqlite:"):
         url = Tracker(tracking_uri, experiment).experiment_url()
@@ -321,7 +321,7 @@ def _target(spec: Optional[Path], experiment: Optional[str], sweep: Optional[str
     """Experiment, sweep and crash criterion from the spec, overridden by the options; the store
     and the output folder (default ``<workdir>/export/<sweep or experiment>``)."""
     from orchestrator.spec import SpecError, load_spec
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.mlflow_store import default_tracking_uri
     from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, validate_crash
 
     crash_t, kappa_v = DEFAULT_CRASH, DEFAULT_KAPPA
@@ -481,7 +481,7 @@ def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, addr
 
     from orchestrator.faults import WorkdirError, prepare_workdir
     from orchestrator.sweep import init_ray
-    from orchestrator.tracking import StoreError, check_store, default_tracking_uri
+    from orchestrator.mlflow_store import StoreError, check_store, default_tracking_uri
 
     try:
         workdir = prepare_workdir(workdir)

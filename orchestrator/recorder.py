@@ -2,8 +2,8 @@
 batches, its end (results, tags, artifacts, terminal state) in a few writes.
 
 :class:`TrialRecorder` knows trial ids, labels, params, metric batches and summaries, not Ray: the
-Tune callback (:mod:`orchestrator.tune_tracking`) translates Tune's trial objects into its calls,
-and a test drives it directly. All its writes go through one :class:`orchestrator.tracking.Tracker`
+Tune callback (:mod:`orchestrator.tracking`) translates Tune's trial objects into its calls,
+and a test drives it directly. All its writes go through one :class:`orchestrator.mlflow_store.Tracker`
 in one process (the sweep driver).
 """
 
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from mlflow.entities import Metric
 
-from orchestrator.tracking import BATCH, Tracker, json_dumps_finite, nonfinite_text
+from orchestrator.mlflow_store import BATCH, Tracker, json_dumps_finite, nonfinite_text
 
 # The summary's floats that are results even when they are ints (the others: every float result).
 RESULT_KEYS = ("final_loss", "best_loss", "initial_loss", "final_train_loss", "baseline_loss", "wall_time", "throughput")

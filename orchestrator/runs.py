@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from orchestrator.tracking import TAG_KIND, TAG_SWEEP, TAG_TRIAL, Tracker
+from orchestrator.mlflow_store import TAG_KIND, TAG_SWEEP, TAG_TRIAL, Tracker
 from workloads.outcome import (SIZE_FIELDS, DEFAULT_CRASH, DEFAULT_KAPPA, Point, best_gain, classify,
                                criterion_label)
 from workloads.stabilizers import label as stabilizer_label

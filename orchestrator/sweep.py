@@ -1,7 +1,7 @@
 """Ray Tune sweeps: one ``tune.Tuner`` per spec over a plain function trainable.
 
 The trainable calls ``workloads.trial.run`` and forwards its reporter to ``tune.report``; the
-driver's :class:`orchestrator.tune_tracking.TrackingCallback` writes everything to MLflow. A diverged
+driver's :class:`orchestrator.tracking.TrackingCallback` writes everything to MLflow. A diverged
 trial is a finished trial (``diverged`` in its summary); a trial that raises is retried
 ``max_failures`` times by Ray, then recorded ``failed`` with its traceback, and the sweep goes on.
 Re-running a sweep whose Tune state exists (or ``--resume``) continues it with ``Tuner.restore``.
@@ -21,9 +21,9 @@ from orchestrator.faults import Interrupted, RayStartError, StopSignals, Workdir
 from orchestrator.preflight import check_data, check_gpus, embedded_run
 from orchestrator.quiet import FoldedWarnings
 from orchestrator.spec import SpecError, SweepSpec
-from orchestrator.tracking import Tracker, check_store, default_tracking_uri
+from orchestrator.mlflow_store import Tracker, check_store, default_tracking_uri
 from orchestrator.trainable import train_trial
-from orchestrator.tune_tracking import TrackingCallback
+from orchestrator.tracking import TrackingCallback
 
 log = logging.getLogger("ablate")
 

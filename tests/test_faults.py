@@ -280,7 +280,7 @@ def test_read_only_commands_fail_fast_and_create_nothing(tmp_path):
 
 
 def test_permanent_store_errors_are_not_retried(tmp_path):
-    from orchestrator.tracking import Tracker, permanent_error
+    from orchestrator.mlflow_store import Tracker, permanent_error
 
     tr = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", retries=3)
     calls = []

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from orchestrator.forensics import RunHistory, auc, bootstrap_groups, by_group, forensics, pooled_auc
-from orchestrator.tracking import Tracker
+from orchestrator.mlflow_store import Tracker
 from workloads.trial import TrialConfig
 
 STEPS, LEAD, SETTLE = 100, 20, 40

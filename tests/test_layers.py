@@ -154,10 +154,10 @@ def test_the_analysis_layers_stack_runs_then_tables_and_figures_then_forensics_a
     forensics stands on runs and writers; nothing below report imports it (DESIGN.md, Style)."""
     edges = graph()
     analysis = {f"orchestrator.{m}" for m in ("runs", "writers", "tables", "figures", "forensics", "report")}
-    assert not edges["orchestrator.writers"] & (analysis | {"orchestrator.tracking"})
+    assert not edges["orchestrator.writers"] & (analysis | {"orchestrator.mlflow_store"})
     assert not edges["orchestrator.runs"] & analysis
     assert edges["orchestrator.forensics"] & analysis <= {"orchestrator.runs", "orchestrator.writers"}
     assert not edges["orchestrator.tables"] & {"orchestrator.figures", "orchestrator.forensics", "orchestrator.report"}
     assert not edges["orchestrator.figures"] & {"orchestrator.forensics", "orchestrator.report"}
-    for low in ("orchestrator.boundary", "orchestrator.sweep", "orchestrator.tracking"):
+    for low in ("orchestrator.boundary", "orchestrator.sweep", "orchestrator.tracking", "orchestrator.mlflow_store"):
         assert not edges[low] & analysis, f"{low} imports an analysis layer: {sorted(edges[low] & analysis)}"

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from mlflow.entities import Metric
 
-from orchestrator.tracking import Tracker
+from orchestrator.mlflow_store import Tracker
 
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")

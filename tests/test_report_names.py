@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from orchestrator.report import report
-from orchestrator.tracking import Tracker
+from orchestrator.mlflow_store import Tracker
 from workloads.trial import TrialConfig
 
 STEPS = 40

@@ -1,0 +1,410 @@
+"""The MLflow store: one experiment per spec, a parent run per sweep, a child run per trial, written
+through :class:`Tracker` (retries, batched metrics); the store's checks.
+
+All writes happen in one process (the sweep driver: :class:`orchestrator.recorder.TrialRecorder`,
+driven by the Ray Tune callback :class:`orchestrator.tracking.TrackingCallback`), so an
+embedded SQLite store is never written by several processes at once, and metrics go in batches,
+never one call per scalar: into a SQL store (the embedded SQLite one) one transaction per batch
+straight into MLflow's tables (:func:`sql_log_metrics`, several times ``log_batch``'s rate),
+to a tracking server ``log_batch`` calls of up to 1000 values.
+
+A trial attempt that restarts (Ray retry after a crash, or a resumed sweep re-running a trial that
+was cut off) replaces its earlier partial run (soft-deleted), so every trial appears exactly once.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger("ablate")
+
+# MLflow's HTTP client retries a refused connection 7 times with doubling backoff (minutes per
+# call); Tracker._call below owns the retry policy, so the client's own is kept short.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+TAG_SWEEP = "ablate.sweep"
+TAG_TRIAL = "ablate.trial_id"
+TAG_KIND = "ablate.kind"  # "sweep" | "trial"
+BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+# MLflow 3 records an experiment's kind in this tag ("genai_development" or
+# "custom_model_development"; the UI's ExperimentKind enum, mlflow/server/js, and the tag its
+# "experiment type" selector writes). ablate's experiments are model training. MLflow 3.17's UI
+# still opens every experiment in its GenAI view until the sidebar's "Model training" switch is
+# clicked (kept per browser) or the page is opened with ?workflowType=machine_learning: see
+# Tracker.experiment_url and the README.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def default_tracking_uri(workdir: str | Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """Beside an embedded SQLite store, artifacts go to ``<store folder>/mlartifacts`` (MLflow's own
+    default would be ``./mlruns`` under whatever folder the driver was started from). A server
+    (http) chooses its own artifact root."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def code_version() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    try:
+        out["ablate.version"] = version("ablate")
+    except PackageNotFoundError:
+        pass
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            out["mlflow.source.git.commit"] = sha
+            out["ablate.git_dirty"] = str(bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def nonfinite_text(v: float) -> str:
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by the string "inf", "-inf" or "nan", so that it
+    can be written as standard JSON (which has no Infinity or NaN tokens). ``float(s)`` reads such a
+    string back."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return nonfinite_text(obj)
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_dumps_finite(obj: Any) -> str:
+    """Standard JSON (``allow_nan=False``) of ``obj``, non-finite floats written as strings."""
+    return json.dumps(finite_json(obj), indent=1, default=str, allow_nan=False)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+# Store errors that no retry fixes (matched in the exception's text: MLflow wraps the OS / SQLite
+# error in its own types): wrong requests, a read-only or unwritable store, a full disk.
+_PERMANENT = ("resource_does_not_exist", "invalid_parameter", "readonly database", "read-only file system",
+              "permission denied", "database or disk is full", "no space left on device",
+              "unable to open database file", "[errno 13]", "[errno 28]", "[errno 30]")
+
+
+def permanent_error(e: BaseException) -> bool:
+    """True when retrying ``e`` cannot help (permission, read-only, disk full, bad request)."""
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        return True
+    text = str(e).lower()
+    return any(p in text for p in _PERMANENT)
+
+
+class StoreError(RuntimeError):
+    """The tracking store cannot be used as asked; one line naming the URI or path and what to do."""
+
+
+MIN_FREE_BYTES = 32 * 2**20
+
+
+def check_store(tracking_uri: str, write: bool = True, timeout: float = 5.0) -> None:
+    """Fail at once, in one line, when the store cannot serve this command: a tracking server that
+    refuses connections, a SQLite store that does not exist (read-only commands, which must not
+    create one), is not writable, or sits on a full disk (commands that write). No retries: a
+    sweep that loses the store later is retried by :meth:`Tracker._call`."""
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        folder = path.parent
+        if not path.exists():
+            if not write:
+                raise StoreError(f"no MLflow store at {path}: run a sweep first, or point --workdir / "
+                                 "--tracking-uri at the sweep's store")
+            if not folder.is_dir():
+                raise StoreError(f"MLflow store {tracking_uri}: the folder {folder} does not exist")
+        if write:
+            if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise StoreError(f"MLflow store {path} is not writable by this user (SQLite writes the file and "
+                                 f"its folder {folder}); fix the permissions, or choose another --workdir / "
+                                 "--tracking-uri")
+            free = shutil.disk_usage(folder).free
+            if free < MIN_FREE_BYTES:
+                raise StoreError(f"MLflow store {path}: only {free / 2**20:.1f} MiB free on its disk; free some "
+                                 "space or choose another --workdir")
+    elif tracking_uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered: reachable
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise StoreError(f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}); start it, "
+                             "or pass another --tracking-uri (or unset MLFLOW_TRACKING_URI)") from None
+
+
+class Tracker:
+    """A thin, batched writer over ``MlflowClient``: sweep runs, trial runs, metrics, tags."""
+
+    def __init__(self, tracking_uri: str, experiment: str, retries: int = 8):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.retries = retries
+        exp = self._call(self.client.get_experiment_by_name, experiment)
+        if exp is None:
+            self.experiment_id = self._call(self.client.create_experiment, experiment,
+                                            artifact_location=local_artifact_root(tracking_uri),
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+        else:
+            self.experiment_id = exp.experiment_id
+            if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older ablate; a kind set by hand is kept
+                self._call(self.client.set_experiment_tag, self.experiment_id, TAG_EXPERIMENT_KIND,
+                           EXPERIMENT_KIND)
+
+    def experiment_url(self, ui: str = "http://127.0.0.1:5000") -> str:
+        """The experiment's page in the MLflow UI at ``ui``, on its model-training view (runs, not
+        traces): MLflow 3.17's UI reads the view from ``workflowType``, not from the experiment's tag."""
+        return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+
+    def _call(self, fn, *args, **kwargs):
+        """Retry transient store errors (a restarting server, a busy SQLite file) with backoff:
+        0.5 s doubling to 10 s, about a minute in all; then the error propagates and the sweep
+        stops with it (metrics are never dropped silently). Errors no retry can fix (a read-only
+        store, a full disk, a wrong request: :func:`permanent_error`) propagate at once."""
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - MLflow raises many types for transport errors
+                if attempt == self.retries or permanent_error(e):
+                    raise
+                log.warning("MLflow call %s failed (%s); retrying in %.1fs", fn.__name__, e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    # ---- runs
+    def find_runs(self, filter_string: str, include_deleted: bool = False) -> list:
+        from mlflow.entities import ViewType
+
+        view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
+        runs, token = [], None
+        while True:
+            page = self._call(self.client.search_runs, [self.experiment_id], filter_string,
+                              run_view_type=view, max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def trial_runs(self, sweep: str, extra: str = "") -> list:
+        """The active trial runs of a sweep (``extra``: more filter, e.g. "tags.status = 'running'")."""
+        return self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_KIND}` = 'trial'"
+                              + (f" and {extra}" if extra else ""))
+
+    def sweep_runs(self, sweep: str) -> list:
+        """The sweep's parent run (a list: empty before the sweep first ran)."""
+        return self.find_runs(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_KIND}` = 'sweep'")
+
+    def sweep_run(self, sweep: str, spec_raw: dict, spec_text: str) -> str:
+        """The sweep's parent run: found by tag (a resumed sweep reuses it) or created."""
+        found = self.sweep_runs(sweep)
+        if found:
+            run_id = found[0].info.run_id
+            self._call(self.client.update_run, run_id, "RUNNING")
+            return run_id
+        tags = {TAG_SWEEP: sweep, TAG_KIND: "sweep", "mlflow.runName": sweep, **code_version()}
+        run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=sweep)
+        run_id = run.info.run_id
+        self.log_params(run_id, spec_raw)
+        self._call(self.client.log_text, run_id, spec_text, "spec.yaml")
+        return run_id
+
+    def trial_run(self, sweep: str, parent_id: str, trial_id: str, name: str, config: dict,
+                  replace: bool) -> str:
+        """A trial's child run. With ``replace``, an earlier run of the same trial (a partial
+        attempt) is soft-deleted first so that the trial is recorded once."""
+        existing = self.trial_runs(sweep, f"tags.`{TAG_TRIAL}` = '{trial_id}'")
+        if existing and not replace:
+            return existing[0].info.run_id
+        for r in existing:
+            self.delete_run(r.info.run_id)
+        tags = {TAG_SWEEP: sweep, TAG_TRIAL: trial_id, TAG_KIND: "trial", "mlflow.parentRunId": parent_id,
+                "mlflow.runName": name, "status": "running"}
+        run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=name)
+        run_id = run.info.run_id
+        self.log_params(run_id, config)
+        return run_id
+
+    def metric_history(self, run_id: str, key: str) -> list:
+        return self._call(self.client.get_metric_history, run_id, key)
+
+    def log_params(self, run_id: str, values: dict) -> None:
+        """Nested dicts flattened to dotted keys; MLflow takes at most 100 params a batch."""
+        params = [Param(k[:250], v[:6000]) for k, v in _flatten(values).items()]
+        for i in range(0, len(params), 100):
+            self._call(self.client.log_batch, run_id, params=params[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        """All of ``metrics`` for one run. Into a SQL store (the embedded SQLite one): one
+        transaction of one multi-row INSERT and one ``latest_metrics`` write per key
+        (:func:`sql_log_metrics`); elsewhere, or when that path declines, ``log_batch`` calls of
+        up to 1000 values."""
+        if not metrics:
+            return
+        store = self._sql_store()
+        if store is not None and self._call(sql_log_metrics, store, run_id, metrics):
+            return
+        for i in range(0, len(metrics), BATCH):
+            self._call(self.client.log_batch, run_id, metrics=metrics[i:i + BATCH])
+
+    def _sql_store(self):
+        """The client's SQLAlchemy store (sqlite, postgresql, mysql URIs), else None (a server)."""
+        if not hasattr(self, "_sql"):
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
+            self._sql = store if isinstance(store, SqlAlchemyStore) else None
+        return self._sql
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self._call(self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_batch(self, run_id: str, metrics: list[Metric], tags: dict[str, Any]) -> None:
+        """Tags and a few metrics (a trial's results) in one call; more than 1000 metrics go apart."""
+        if len(metrics) > BATCH:
+            self.log_metrics(run_id, metrics)
+            metrics = []
+        self._call(self.client.log_batch, run_id, metrics=metrics,
+                   tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self._call(self.client.log_text, run_id, text, path)
+
+    def log_texts(self, run_id: str, texts: dict[str, str]) -> None:
+        """Several text artifacts (name -> text) in one ``log_artifacts`` call."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ablate-artifacts-") as tmp:
+            for name, text in texts.items():
+                path = Path(tmp) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text, encoding="utf-8")
+            self._call(self.client.log_artifacts, run_id, tmp)
+
+    def log_artifact(self, run_id: str, path: str, folder: str) -> None:
+        self._call(self.client.log_artifact, run_id, path, folder)
+
+    def delete_run(self, run_id: str) -> None:
+        self._call(self.client.delete_run, run_id)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call(self.client.set_terminated, run_id, status)
+
+    def download_artifact(self, run_id: str, path: str, dst: str) -> str:
+        """Download one artifact of a run into the folder ``dst``; returns its local path (raises
+        when the run has no such artifact)."""
+        return self._call(self.client.download_artifacts, run_id, path, dst)
+
+    def log_sweep_artifacts(self, sweep: str, files: list[Path], folder: str) -> None:
+        """Log ``files`` as artifacts under ``folder`` of the sweep's parent run (nothing when the
+        sweep has none): what ``ablate export``, ``report`` and ``forensics`` wrote."""
+        parents = self.sweep_runs(sweep)
+        if parents:
+            for f in files:
+                self.log_artifact(parents[0].info.run_id, str(f), folder)
+
+
+_MAX_FLOAT = 1.7976931348623157e308
+
+
+def sql_log_metrics(store, run_id: str, metrics: list[Metric]) -> bool:
+    """Write ``metrics`` of one run straight into a SQLAlchemy store's ``metrics`` and
+    ``latest_metrics`` tables, in one transaction: what ``log_batch`` stores (the same rows, NaN
+    as value 0 with ``is_nan``, +-inf as +-max float, the latest value of a key by (step,
+    timestamp, value)), without building one ORM object per value and without re-reading
+    ``latest_metrics`` once per 1000 values. ``log_batch`` spends ~95 % of its time there: this
+    path is several times faster (``benchmarks/orchestration_overhead.py`` prints both).
+
+    False, with nothing written, when the run is not an active run of the store or a row of the
+    batch is already stored (a batch sent again): the caller then goes through ``log_batch``,
+    which raises MLflow's own error or skips the duplicates."""
+    import sqlalchemy
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
+    from mlflow.utils.validation import _validate_metric
+
+    rows: dict[tuple, None] = {}  # (key, value, timestamp, step, is_nan), in order, duplicates once
+    latest: dict[str, tuple] = {}
+    checked: set[str] = set()
+    for m in metrics:
+        if m.key not in checked:  # names and types as MLflow checks them, once per key
+            _validate_metric(m.key, m.value, m.timestamp, m.step)
+            checked.add(m.key)
+        value = float(m.value)
+        is_nan = value != value
+        if is_nan:
+            value = 0.0
+        elif value in (math.inf, -math.inf):
+            value = _MAX_FLOAT if value > 0 else -_MAX_FLOAT
+        row = (m.key, value, int(m.timestamp), int(m.step), is_nan)
+        rows[row] = None
+        cur = latest.get(m.key)
+        if cur is None or (row[3], row[2], row[1]) > (cur[3], cur[2], cur[1]):
+            latest[m.key] = row
+    cols = ("key", "value", "timestamp", "step", "is_nan")
+    try:
+        with store.ManagedSessionMaker(read_only=False) as session:
+            stage = session.query(SqlRun.lifecycle_stage).filter(SqlRun.run_uuid == run_id).one_or_none()
+            if stage is None or stage[0] != "active":
+                return False
+            session.execute(sqlalchemy.insert(SqlMetric.__table__),
+                            [dict(zip(cols, r), run_uuid=run_id) for r in rows])
+            stored = {r.key: r for r in session.query(SqlLatestMetric).filter(
+                SqlLatestMetric.run_uuid == run_id, SqlLatestMetric.key.in_(list(latest)))}
+            for key, row in latest.items():
+                old = stored.get(key)
+                if old is None:
+                    session.add(SqlLatestMetric(run_uuid=run_id, **dict(zip(cols, row))))
+                elif (row[3], row[2], row[1]) > (old.step, old.timestamp, old.value):
+                    old.value, old.timestamp, old.step, old.is_nan = row[1], row[2], row[3], row[4]
+    except MlflowException as e:  # the session maker rolled back and wrapped the SQL error
+        if isinstance(e.__cause__, sqlalchemy.exc.IntegrityError):  # a row of this batch is there
+            return False
+        raise
+    return True
+
