@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator import psychometric as psy
-from orchestrator.boundary import BoundaryConfig, Cell, search_local
+from orchestrator.boundary import Cell, search_local
+from orchestrator.boundary_config import BoundaryConfig
 
 LR_RANGE = (1e-3, 1.0)
 KINDS = {"sharp (band x1.2)": 1.2, "medium (band x2)": 2.0, "wide (band x5)": 5.0}

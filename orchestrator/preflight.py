@@ -183,7 +183,7 @@ def plan(spec_path: str | Path, kind: str = "sweep", max_trials: int | None = No
     embedded = embedded_run(address)
     cells = per_cell = None
     if kind == "boundary":
-        from orchestrator.boundary import boundary_config
+        from orchestrator.boundary_config import boundary_config
 
         if isinstance(spec.boundary, dict) and spec.boundary and "lr_range" not in spec.boundary:
             raise SpecError("boundary.lr_range: missing; a boundary search needs boundary: {lr_range: [low, high]}")

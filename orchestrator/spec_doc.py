@@ -191,7 +191,7 @@ def results_defaults() -> list[str]:
 
 # ---------------------------------------------------------------------------------- render
 def render() -> str:
-    from orchestrator.boundary import BoundaryConfig
+    from orchestrator.boundary_config import BoundaryConfig
     from orchestrator.spec import Divergence, LogRange, Resources, SweepSpec
     from workloads.divergence import STOP_KINDS
     from workloads.models import WORKLOADS

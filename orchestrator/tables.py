@@ -142,7 +142,7 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
 def psy_default_resolution(method: str) -> float:
     """The resolution a row is judged converged at when its search did not record one: the boundary
     search's default for the method (a grid is judged as psi would be)."""
-    from orchestrator.boundary import DEFAULTS
+    from orchestrator.boundary_config import DEFAULTS
 
     return DEFAULTS.get(method, DEFAULTS["psi"])["resolution"]
 

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from orchestrator.boundary import dense_grid_size, boundary_config
+from orchestrator.boundary import dense_grid_size
+from orchestrator.boundary_config import boundary_config
 from orchestrator.report import export
 from orchestrator.runs import SCHEMA
 from orchestrator.spec import parse_spec

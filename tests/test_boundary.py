@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from orchestrator.boundary import BoundaryConfig, Cell, CellSearch, dense_grid_size, next_lr, search_local
+from orchestrator.boundary import Cell, CellSearch, dense_grid_size, next_lr, search_local
+from orchestrator.boundary_config import BoundaryConfig
 from orchestrator.spec import SpecError, parse_spec
 from workloads.outcome import Point
 
@@ -105,7 +106,7 @@ def test_interrupted_search_resumes_from_the_optuna_store(tmp_path):
 
 def test_boundary_spec_errors():
     base = {"name": "b", "workload": "gpt", "steps": 5, "axes": {"stabilizers": ["none"]}}
-    from orchestrator.boundary import boundary_config
+    from orchestrator.boundary_config import boundary_config
 
     with pytest.raises(SpecError, match="boundary: missing"):
         boundary_config(parse_spec(base))
@@ -153,7 +154,8 @@ def logistic_cell(mu: float, s: float):
 def test_psi_gives_every_trial_a_fresh_seed_offset_by_fixed_seed():
     base = {"name": "b", "workload": "gpt", "steps": 5, "axes": {"stabilizers": ["none"]},
             "boundary": {"lr_range": [1e-3, 1.0], "max_trials_per_cell": 10}}
-    from orchestrator.boundary import boundary_config, cells_of
+    from orchestrator.boundary import cells_of
+    from orchestrator.boundary_config import boundary_config
 
     runs = {}
     for offset in (0, 100):

@@ -118,7 +118,7 @@ def test_the_sources_are_found():
     assert target("orchestrator", "psychometric") == "orchestrator.psychometric"
     assert target("orchestrator.runs", "SCHEMA") == "orchestrator.runs"
     assert target("numpy", None) is None
-    assert "orchestrator.boundary" in graph()["orchestrator.tables"]  # a lazy import inside a function counts
+    assert "orchestrator.boundary_config" in graph()["orchestrator.tables"]  # a lazy import inside a function counts
 
 
 def test_no_module_imports_another_modules_private_name():

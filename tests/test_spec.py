@@ -64,7 +64,7 @@ def test_shipped_specs_are_valid():
 
     paths = sorted(Path(__file__).parent.parent.joinpath("search_spaces").glob("*.yaml"))
     assert {p.stem for p in paths} >= {"smoke", "gpt_warmup_ablation", "vit_ablation", "swin_ablation"}
-    from orchestrator.boundary import boundary_config
+    from orchestrator.boundary_config import boundary_config
 
     for p in paths:
         s = load_spec(p)

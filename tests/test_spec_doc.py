@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.boundary import BoundaryConfig
+from orchestrator.boundary_config import BoundaryConfig
 from orchestrator.spec import DIVERGENCE_FIELDS, RESERVED, Divergence, LogRange, Resources, SweepSpec, parse_spec
 from orchestrator.spec_doc import BOUNDARY_SKIP, NO_MEANING, OUT, render, results_defaults
 from workloads.trial import SCHEDULES, TrialConfig
