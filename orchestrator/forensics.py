@@ -49,8 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.runs import FINISHED, cell_fields_of, fetch_runs, runs_table, with_outcomes
 from orchestrator.mlflow_store import TAG_SWEEP, Tracker
+from orchestrator.runs import FINISHED, cell_fields_of, fetch_runs, runs_table, with_outcomes
 from orchestrator.writers import axis_token, file_stem, fmt, write_table
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, criterion_label
 

@@ -22,10 +22,10 @@ from orchestrator import psychometric as psy
 from orchestrator.figures import (boundary_compare_figures, boundary_fits, boundary_grid, boundary_heatmap,
                                   boundary_points, loss_figures, save)
 from orchestrator.forensics import forensics
+from orchestrator.mlflow_store import Tracker
 from orchestrator.runs import FINISHED, fetch_runs, runs_table, search_records, table_criterion, with_outcomes
 from orchestrator.tables import (STOP_REASONS, Tables, ablation_tables, best_text, boundary_caption, boundary_text,
                                  final_loss_grid, pivot_max_stable, sensitivity_text, write_comparison)
-from orchestrator.mlflow_store import Tracker
 from orchestrator.writers import flat_table, fmt, write_table
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import yaml
 
 from orchestrator.faults import Interrupted, RayStartError, StopSignals, WorkdirLock, prepare_workdir
+from orchestrator.mlflow_store import Tracker, check_store, default_tracking_uri
 from orchestrator.preflight import check_data, check_gpus, embedded_run
 from orchestrator.quiet import FoldedWarnings
 from orchestrator.spec import SpecError, SweepSpec
-from orchestrator.mlflow_store import Tracker, check_store, default_tracking_uri
-from orchestrator.trainable import train_trial
 from orchestrator.tracking import TrackingCallback
+from orchestrator.trainable import train_trial
 
 log = logging.getLogger("ablate")
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.runs import FINISHED
-
 from orchestrator.localcluster import LocalCluster, MlflowServer
+from orchestrator.runs import FINISHED
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import init_ray, open_session, run_sweep
 

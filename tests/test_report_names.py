@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from orchestrator.report import report
 from orchestrator.mlflow_store import Tracker
+from orchestrator.report import report
 from workloads.trial import TrialConfig
 
 STEPS = 40

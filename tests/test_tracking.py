@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
+from orchestrator.mlflow_store import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, Tracker, json_dumps_finite
 from orchestrator.recorder import TrialRecorder
 from orchestrator.runs import fetch_runs, runs_table
-from orchestrator.mlflow_store import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, Tracker, json_dumps_finite
 
 
 def test_experiments_are_tagged_model_training(tmp_path):
