@@ -57,7 +57,8 @@ def _one(args: tuple[str, dict, int]) -> dict:
     import torch
 
     from workloads import data as data_mod
-    from workloads.trial import Trainer, TrialConfig, evaluate_windows
+    from workloads.trainer import Trainer, evaluate_windows
+    from workloads.trial import TrialConfig
 
     cfg = TrialConfig(**fields, stop_on=("nonfinite",))
     tr = Trainer(cfg)

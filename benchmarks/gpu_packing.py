@@ -31,7 +31,8 @@ import torch
 
 WORKER = r"""
 import json, sys, time, torch
-from workloads.trial import Trainer, TrialConfig
+from workloads.trainer import Trainer
+from workloads.trial import TrialConfig
 stab, steps, warmup, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 cfg = TrialConfig(**size, steps=10**6, stabilizers=() if stab == "none" else (stab,))
 tr = Trainer(cfg)

@@ -36,7 +36,8 @@ import time
 
 import torch
 
-from workloads.trial import Trainer, TrialConfig
+from workloads.trainer import Trainer
+from workloads.trial import TrialConfig
 
 SIZES = {
     "gpt": dict(workload="gpt", depth=12, width=768, heads=12, seq_len=1024, batch_size=16),

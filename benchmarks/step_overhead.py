@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from workloads.trial import TrialConfig, Trainer
+from workloads.trainer import Trainer
+from workloads.trial import TrialConfig
 
 TARGETS = {"weyl": 1.15, "sigma_reparam": 1.25, "probes": 1.05}
 VARIANTS = ("none", "weyl", "sigma_reparam", "qk_norm", "mlra")

@@ -19,7 +19,8 @@ import time
 import torch
 
 from workloads.stabilizers.weyl import matrix_shape
-from workloads.trial import Trainer, TrialConfig
+from workloads.trainer import Trainer
+from workloads.trial import TrialConfig
 
 SMOKE = dict(depth=2, width=64, heads=2, seq_len=64, batch_size=16, img_size=32, schedule="constant",
              warmup_steps=0)

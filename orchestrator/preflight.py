@@ -126,7 +126,7 @@ def time_steps(spec: SweepSpec, trials, steps: int = 3, max_configs: int = 8) ->
     """Seconds per training step of each distinct trial shape (the grid's configs up to LR, seed,
     warmup and schedule), from ``steps`` timed steps after one warm-up step, on the device the trial
     would use here. At most ``max_configs`` shapes are timed; the rest take the slowest timing."""
-    from workloads.trial import Trainer
+    from workloads.trainer import Trainer
 
     ignore = {"lr", "seed", "warmup_steps", "schedule"}
     shapes: dict[str, Any] = {}

@@ -3,9 +3,10 @@
 Every key of a spec, with its type, default, allowed values and one line of meaning, read from:
 ``orchestrator.spec`` (``SweepSpec`` and its blocks ``Resources``, ``Divergence``, ``LogRange``:
 pydantic models whose attribute docstrings are their descriptions), ``orchestrator.boundary``
-(``BoundaryConfig``, the ``boundary:`` block) and ``workloads.trial.TrialConfig`` (the fields of
-``fixed:`` and ``axes:``; meanings from ``FIELD_HELP``, the ``python -m workloads.trial`` help;
-allowed values from ``FIELD_CHOICES`` and from what ``TrialConfig`` itself accepts, probed). The
+(``BoundaryConfig``, the ``boundary:`` block) and ``workloads.config.TrialConfig`` (the fields of
+``fixed:`` and ``axes:``; meanings from ``field_help()``, the fields' metadata that is also the
+``python -m workloads.trial`` help; allowed values from ``field_choices()`` and from what
+``TrialConfig`` itself accepts, probed). The
 output depends on nothing but the code, so it is the same on every run:
 
     python docs/gen_spec_reference.py            # rewrite docs/spec.md
@@ -124,7 +125,7 @@ def _model_rows(model: type[BaseModel], prefix: str = "", allowed: dict[str, str
 # ------------------------------------------------------------------------- the trial fields
 def _probe(field: str, value: Any) -> bool:
     """Whether TrialConfig accepts ``value`` for ``field`` (the other fields at their defaults)."""
-    from workloads.trial import ConfigError, TrialConfig
+    from workloads.config import ConfigError, TrialConfig
 
     try:
         TrialConfig(**{field: value})
@@ -134,11 +135,12 @@ def _probe(field: str, value: Any) -> bool:
 
 
 def _trial_allowed(f: dataclasses.Field, hint: Any) -> str:
+    from workloads.config import field_choices
     from workloads.stabilizers import REGISTRY
-    from workloads.trial import FIELD_CHOICES
 
-    if f.name in FIELD_CHOICES:
-        return ", ".join(str(c) for c in FIELD_CHOICES[f.name])
+    choices = field_choices()
+    if f.name in choices:
+        return ", ".join(str(c) for c in choices[f.name])
     if f.name == "stabilizers":
         return ", ".join(sorted(REGISTRY)) + " (combine with `+`: `weyl+qk_norm`)"
     if f.name == "device":
@@ -156,22 +158,23 @@ def _trial_allowed(f: dataclasses.Field, hint: Any) -> str:
 
 def _trial_rows() -> list[tuple[str, str, str, str, str]]:
     from orchestrator.spec import DIVERGENCE_FIELDS, RESERVED
-    from workloads.trial import FIELD_HELP, TrialConfig
+    from workloads.config import TrialConfig, field_help
 
+    meanings = field_help()
     hints = typing.get_type_hints(TrialConfig)
     rows = []
     for f in dataclasses.fields(TrialConfig):
         if f.name in RESERVED or f.name in DIVERGENCE_FIELDS:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = SPEC_HELP.get(f.name) or FIELD_HELP.get(f.name, NO_MEANING).replace("--", "")
+        help_ = SPEC_HELP.get(f.name) or meanings.get(f.name, NO_MEANING).replace("--", "")
         rows.append((f"`{f.name}`", _type(hints[f.name]), _value(default), _trial_allowed(f, hints[f.name]), help_))
     return rows
 
 
 def results_defaults() -> list[str]:
     """The trial defaults that change results, in words (also named in the README's Sweeps section)."""
-    from workloads.trial import TrialConfig
+    from workloads.config import TrialConfig
 
     d = TrialConfig()
     return [
@@ -193,10 +196,10 @@ def results_defaults() -> list[str]:
 def render() -> str:
     from orchestrator.boundary_config import BoundaryConfig
     from orchestrator.spec import Divergence, LogRange, Resources, SweepSpec
+    from workloads.config import field_help
     from workloads.divergence import STOP_KINDS
     from workloads.models import WORKLOADS
     from workloads.outcome import CLASSES
-    from workloads.trial import FIELD_HELP
 
     top_allowed = {"workload": ", ".join(WORKLOADS),
                    "crash": "a list of " + ", ".join(c for c in CLASSES if c != "stable")}
@@ -242,7 +245,7 @@ def render() -> str:
         "",
         *_table(_model_rows(Divergence, "divergence.", allowed={"stop_on": "a list of " + ", ".join(STOP_KINDS)
                                                                 + " (must include nonfinite)"},
-                            help_=FIELD_HELP)),
+                            help_=field_help())),
         "",
         "## `boundary:` (ablate boundary)",
         "",

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from workloads.trial import Trainer, TrialConfig
+from workloads.trainer import Trainer
+from workloads.trial import TrialConfig
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("ABLATE_COMPILE_TESTS") != "1",

@@ -325,9 +325,9 @@ def test_help_reads_normally():
     for choices in ("--workload {gpt,vit,swin}", "--schedule {constant,cosine,linear}", "--precision {fp32,bf16}",
                     "--device {auto,cpu,cuda,cuda:N}", "--data {auto,stdlib,text,bin,digits,imagefolder,cifar10,synthetic}"):
         assert choices in text, choices
-    from workloads.trial import _parser
+    from workloads.cli import parser
 
-    undocumented = [a.dest for a in _parser()._actions if not a.help or a.help == a.dest.replace("_", " ")]
+    undocumented = [a.dest for a in parser()._actions if not a.help or a.help == a.dest.replace("_", " ")]
     assert undocumented == []
 
 

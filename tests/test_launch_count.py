@@ -16,7 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from workloads.stabilizers import sigma_reparam
-from workloads.trial import Trainer, TrialConfig
+from workloads.trainer import Trainer
+from workloads.trial import TrialConfig
 
 _SKIP = {"aten._local_scalar_dense.default"}
 

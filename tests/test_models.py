@@ -7,7 +7,8 @@ import torch
 from workloads.attention import QKNormQKV
 from workloads.models import GPT, GPTConfig
 from workloads.stabilizers import SigmaReparamLinear
-from workloads.trial import TrialConfig, build_model
+from workloads.trainer import build_model
+from workloads.trial import TrialConfig
 
 SMALL = dict(depth=2, width=32, heads=2, seq_len=16, img_size=16, patch_size=4, window_size=2)
 

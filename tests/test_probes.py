@@ -247,7 +247,8 @@ def test_default_attention_probe_on_a_trained_model_is_within_2_percent_of_the_w
     batch's; the earlier default, the first 4 items, misses by more than 2 % in some layer and batch
     (the minimum over heads of a subset's noisy means is biased low, a subset's max at most the
     batch's)."""
-    from workloads.trial import TrialConfig, Trainer
+    from workloads.trainer import Trainer
+    from workloads.trial import TrialConfig
 
     size = (dict(depth=2, width=64, heads=2, seq_len=64) if workload == "gpt"
             else dict(depth=2, width=64, heads=2, img_size=16, patch_size=4))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from workloads import probes
-from workloads.trial import TrialConfig, build_model, weight_probes
+from workloads.trainer import build_model, weight_probes
+from workloads.trial import TrialConfig
 
 
 @pytest.mark.parametrize("r", [2, 3, 8])

@@ -12,7 +12,8 @@ import yaml
 from orchestrator.boundary_config import BoundaryConfig
 from orchestrator.spec import DIVERGENCE_FIELDS, RESERVED, Divergence, LogRange, Resources, SweepSpec, parse_spec
 from orchestrator.spec_doc import BOUNDARY_SKIP, NO_MEANING, OUT, render, results_defaults
-from workloads.trial import SCHEDULES, TrialConfig
+from workloads.config import SCHEDULES
+from workloads.trial import TrialConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,8 @@ from torch import nn
 from workloads.attention import MLRA, CausalSelfAttention, LowRankQKV, effective_weight
 from workloads.models import GPT, GPTConfig
 from workloads.stabilizers import REGISTRY, SigmaReparamLinear, WeylAdamW, apply_sigma_reparam, resolve, sigma_reparam
-from workloads.trial import Trainer, TrialConfig, build_model
+from workloads.trainer import Trainer, build_model
+from workloads.trial import TrialConfig
 
 
 # ------------------------------------------------------------------------------ sigmaReparam
@@ -570,7 +571,7 @@ def test_matrix_rule_lists_every_tensor_of_each_model(workload, stabilizers, exp
     norms, biases and gains are not. Every parameter gets a kind; the listed ones are checked by
     name, and the optimizer's weight decay and Weyl's matrices follow the kinds exactly."""
     from workloads.stabilizers.weyl import matrix_shape
-    from workloads.trial import build_optimizer
+    from workloads.trainer import build_optimizer
 
     model, kinds = _kinds(workload, stabilizers)
     assert set(kinds) == {n for n, _ in model.named_parameters()}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from workloads.outcome import trial_class
-from workloads.trial import ConfigError, TrialConfig, lr_at, run
+from workloads.trainer import lr_at
+from workloads.trial import ConfigError, TrialConfig, run
 
 FAST = dict(depth=2, width=32, heads=2, seq_len=32, batch_size=8, probe_interval=5, eval_batches=2)
 
@@ -193,7 +194,7 @@ def test_command_line_runs_one_trial_and_prints_json():
 
 
 def test_weight_decay_only_on_matrices():
-    from workloads.trial import Trainer
+    from workloads.trainer import Trainer
 
     tr = Trainer(TrialConfig(workload="vit", steps=1, depth=1, width=32, heads=2, img_size=16, weight_decay=0.1))
     names = {id(p): n for n, p in tr.model.named_parameters()}

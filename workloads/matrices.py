@@ -22,7 +22,7 @@ token embedding, so that one tensor is an ``embedding``. This matches what timm 
 decay (``no_weight_decay``: position embeddings, class tokens, relative position bias tables) and
 nanoGPT-style practice for norms and biases; unlike nanoGPT, embeddings are not decayed either.
 
-:func:`mark` sets ``p.param_kind`` on every parameter of a model (``workloads.trial`` does it when it
+:func:`mark` sets ``p.param_kind`` on every parameter of a model (``workloads.trainer`` does it when it
 builds the optimizer); ``workloads.stabilizers.weyl.matrix_shape`` reads it. A parameter outside an
 ablate model (no ``param_kind``) falls back to its shape there.
 """

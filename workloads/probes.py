@@ -1,7 +1,7 @@
 """Stability probes: the quantities that move before a Transformer crashes.
 
 All functions are pure (no module state) and run under ``torch.no_grad`` semantics: callers pass
-detached tensors. They are computed every ``probe_interval`` steps only; see ``workloads.trial``.
+detached tensors. They are computed every ``probe_interval`` steps only; see ``workloads.trainer``.
 
 * ``attention_entropy``: Shannon entropy of attention rows (Zhai et al. 2023, "entropy collapse");
   ``attention_summary`` / ``qk_attention_summary`` reduce a layer's attention to its entropy and

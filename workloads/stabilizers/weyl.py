@@ -19,7 +19,7 @@ gains), read from ``p.param_kind`` by :func:`matrix_shape`, which also gives the
 ``[out, in]``; a conv kernel ``[out, in, kh, kw]`` as the matrix ``[out, in * kh * kw]`` it applies
 to each patch; a parameter with ``p.matrix_batch_dims = k`` as a batch of independent matrices over
 its first ``k`` dims, each bounded on its own (MLRA's ``up`` ``[3H, r, d_h]`` is 3H matrices
-``r x d_h``). A bare tensor without ``param_kind`` (an optimizer built outside ``workloads.trial``)
+``r x d_h``). A bare tensor without ``param_kind`` (an optimizer built outside ``workloads.trainer``)
 is a matrix by its shape: >= 2 dims and, beyond 2, a leading dim > 1.
 
 The cap holds by construction (issue 20). The realised ratio ``sigma_1(W_t - W_{t-1}) /
