@@ -49,7 +49,7 @@ GRIDS = {
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "calibration" / "class_stability.json"
 
 
-def _one(args: tuple[str, dict, int]) -> dict:
+def measure_run(args: tuple[str, dict, int]) -> dict:
     """Train one run to the end (non-finite loss stops it), then measure it on its own eval windows
     (draw 0) and on ``resamples`` fresh draws."""
     grid, fields, resamples = args
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                     jobs.append((g, dict(fields, lr=lr, stabilizers=() if st == "none" else (st,)), args.resamples))
         t0 = time.perf_counter()
         with mp.get_context("spawn").Pool(args.workers) as pool:
-            records = pool.map(_one, jobs)
+            records = pool.map(measure_run, jobs)
         wall = time.perf_counter() - t0
         print(f"{len(records)} runs x {args.resamples + 1} window draws in {wall:.0f} s", file=sys.stderr)
         args.out.parent.mkdir(parents=True, exist_ok=True)

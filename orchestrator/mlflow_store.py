@@ -286,13 +286,13 @@ class Tracker:
         up to 1000 values."""
         if not metrics:
             return
-        store = self._sql_store()
+        store = self.sql_store()
         if store is not None and self._call(sql_log_metrics, store, run_id, metrics):
             return
         for i in range(0, len(metrics), BATCH):
             self._call(self.client.log_batch, run_id, metrics=metrics[i:i + BATCH])
 
-    def _sql_store(self):
+    def sql_store(self):
         """The client's SQLAlchemy store (sqlite, postgresql, mysql URIs), else None (a server)."""
         if not hasattr(self, "_sql"):
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore

@@ -295,7 +295,7 @@ def test_pairing_with_the_windows_baseline_cancels_window_noise(benchmark_module
     fields = dict(workload="gpt", depth=1, width=32, heads=2, seq_len=32, batch_size=8, steps=60, lr=3e-3,
                   schedule="constant", eval_interval=0, eval_batches=4, probe_interval=50, device="cpu",
                   threads=1)
-    rec = cs._one(("t", fields, 8))
+    rec = cs.measure_run(("t", fields, 8))
     finals = np.array([d[0] for d in rec["draws"]])
     gaps = finals - np.array([d[1] for d in rec["draws"]])
     ses = np.array([d[2] for d in rec["draws"]])

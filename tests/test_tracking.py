@@ -112,7 +112,7 @@ def test_sql_metric_writer_stores_what_log_batch_stores(tmp_path):
              Metric("ent/l0", 1.0, 1000, 0), Metric("g", math.inf, 1000, 1), Metric("g", -math.inf, 1000, 0)]
     later = [Metric("loss", 2.0, 1100, 10), Metric("ent/l0", 0.5, 1100, 3), Metric("new", 7.0, 1100, 10)]
     keys = ("loss", "ent/l0", "g", "new")
-    store = tr._sql_store()
+    store = tr.sql_store()
     assert store is not None
     assert sql_log_metrics(store, fast, first)  # the direct path took it
     tr.log_metrics(fast, later)
