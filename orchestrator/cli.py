@@ -320,8 +320,8 @@ def _target(spec: Optional[Path], experiment: Optional[str], sweep: Optional[str
             crash: Optional[str], kappa: Optional[float], workdir: Path, tracking_uri: Optional[str]) -> _Read:
     """Experiment, sweep and crash criterion from the spec, overridden by the options; the store
     and the output folder (default ``<workdir>/export/<sweep or experiment>``)."""
-    from orchestrator.spec import SpecError, load_spec
     from orchestrator.mlflow_store import default_tracking_uri
+    from orchestrator.spec import SpecError, load_spec
     from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, validate_crash
 
     crash_t, kappa_v = DEFAULT_CRASH, DEFAULT_KAPPA
@@ -480,8 +480,8 @@ def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, addr
         typer.echo(f"device      cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}); no CUDA")
 
     from orchestrator.faults import WorkdirError, prepare_workdir
-    from orchestrator.sweep import init_ray
     from orchestrator.mlflow_store import StoreError, check_store, default_tracking_uri
+    from orchestrator.sweep import init_ray
 
     try:
         workdir = prepare_workdir(workdir)
