@@ -14,7 +14,7 @@ from workloads import data as data_mod
 from workloads.config import ConfigError, TrialConfig
 from workloads.divergence import DivergenceEvent
 from workloads.loop import run
-from workloads.trainer import resolve_device
+from workloads.trainer import trial_device
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = TrialConfig(**args)
         data_mod.check_source(cfg.data, cfg.data_path, cfg.vocab_size)
-        resolve_device(cfg.device)
-        if cfg.precision == "bf16" and resolve_device(cfg.device).type != "cuda":
-            raise ConfigError("precision: 'bf16' autocast needs a CUDA device; use 'fp32' on CPU")
+        trial_device(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def trial_device(cfg: TrialConfig) -> torch.device:
+    """Where the trial trains: ``cfg.device`` resolved, and bf16 autocast only on CUDA (``ConfigError``
+    otherwise). The trainer's check, which the command line makes before it starts the trial."""
+    device = resolve_device(cfg.device)
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ConfigError("precision: 'bf16' autocast needs a CUDA device; use 'fp32' on CPU")
+    return device
+
+
 def build_model(cfg: TrialConfig, num_classes: int = 10, in_chans: int = 3, vocab_size: int = 256) -> nn.Module:
     active = stab.resolve(cfg.stabilizers, cfg.stabilizer_options)
     opts: dict[str, Any] = {}
@@ -184,9 +193,7 @@ class Trainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = device = resolve_device(cfg.device)
-        if cfg.precision == "bf16" and device.type != "cuda":
-            raise ConfigError("precision: 'bf16' autocast needs a CUDA device; use 'fp32' on CPU")
+        self.device = device = trial_device(cfg)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.data = TrialData(cfg, device)
