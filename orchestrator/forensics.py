@@ -541,7 +541,7 @@ def forensics(tracking_uri: str, experiment: str, sweep: str | None, out_dir: st
     if log_to_mlflow:
         sweeps = [sweep] if sweep else sorted({r.data.tags.get(TAG_SWEEP) for r in fetch_runs(tracking_uri, experiment)}
                                               - {None})
+        tr, tables = Tracker(tracking_uri, experiment), [f for f in files if f.parent == out]
         for sw in sweeps:
-            Tracker(tracking_uri, experiment).log_sweep_artifacts(sw, [f for f in files if f.parent == out],
-                                                                  "forensics")
+            tr.log_sweep_artifacts(sw, tables, "forensics")
     return fx, files

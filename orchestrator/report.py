@@ -111,12 +111,8 @@ def report(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
 
     ex = export(tracking_uri, experiment, sweep, out_dir, crash, kappa, sensitivity_range, log_to_mlflow=False)
     out = Path(out_dir)
-    rows = [r for r in ex.table.to_pylist() if r["status"] in FINISHED]
     vary_depth = "depth" in ex.tables.cell_fields
-    for r in rows:
-        if not vary_depth:
-            r["depth"] = None
-    warmups = sorted({r["warmup_steps"] for r in rows})
+    warmups = sorted({r["warmup_steps"] for r in ex.table.to_pylist() if r["status"] in FINISHED})
     crit = table_criterion(ex.table, crash, kappa)
     files: list[Path] = []
     files += loss_figures(ex.table, out, crit)
