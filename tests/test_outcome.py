@@ -267,9 +267,11 @@ def test_paired_gap_is_the_mean_difference_and_its_standard_error():
 
 def test_classes_of_recorded_sweeps_survive_a_resample_of_the_eval_windows(benchmark_module):
     """``docs/calibration/class_stability.json`` (``benchmarks/class_stability.py``): 60 real runs
-    (the smoke grid and the boundary smoke config at lr 0.1-0.8), each measured on its own eval
-    windows and on 20 fresh draws. Classed per draw by ``classify``, >= 95 % of (run, draw) pairs
-    keep their class in each grid; the rule it replaced did not on the boundary grid."""
+    (the smoke grid and the boundary smoke config at lr 0.1-0.8) and the boundary grid's reference
+    runs (3 seeds at 3e-3 per stabilizer, as its search runs them), each measured on its own eval
+    windows and on 20 fresh draws. Classed per draw by ``classify`` against the cell's own reference,
+    >= 95 % of (run, draw) pairs keep their class in each grid; the rule before #17 did not on the
+    boundary grid."""
     import json
     from pathlib import Path
 
@@ -279,6 +281,11 @@ def test_classes_of_recorded_sweeps_survive_a_resample_of_the_eval_windows(bench
     for r in runs:
         r["draws"] = [[float(x) for x in d] for d in r["draws"]]
     assert len(runs) >= 50 and all(len(r["draws"]) >= 11 for r in runs)
+    refs = [r for r in runs if r.get("reference")]
+    assert len(refs) == 15 and {(r["grid"], r["lr"]) for r in refs} == {("boundary_smoke", 3e-3)}
+    for st in {r["stabilizer"] for r in refs}:  # every boundary cell's reference learned: the margin is its tenth
+        ref = cell_reference([cs.points_of(r, 0) for r in runs if r["grid"] == "boundary_smoke" and r["stabilizer"] == st])
+        assert ref.marked and ref.runs == 3 and ref.learned
     for grid in ("smoke", "boundary_smoke"):
         mine = [r for r in runs if r["grid"] == grid]
         kept, _ = cs.stability(mine, "new")
