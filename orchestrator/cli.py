@@ -287,7 +287,7 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
                + (" (a one-seed look)" if method == "bisect" else "")
                + f" (a dense grid at 2^(1/4) over the range: {out.dense_grid_trials} trials a cell per seed)")
     fmt = lambda v: f"{v:.4g}" if v else "-"  # noqa: E731
-    typer.echo(f"{'cell':<36} {'LR50 [90 % interval]':>26} {'band lr10-lr90':>18} {'trials':>6}  stopped")
+    typer.echo(f"{'cell':<36} {'LR50 [90 % interval]':>26} {'band lr10-lr90':>18} {'trials':>6} {'ref gain':>8}  stopped")
     for c in out.cells:
         notes = [c["stop_reason"] + ("" if c["converged"] else " (not converged)")]
         notes += [n for n in ("above_range", "below_range") if c[n]]
@@ -296,9 +296,20 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
         if c["method"] == "bisect" and (c["stable_end_seeds"] > 1 or c["crash_end_seeds"] > 1):
             notes.append(f"seeds crashed: {c['stable_end_crashed']}/{c['stable_end_seeds']} at stable end, "
                          f"{c['crash_end_crashed']}/{c['crash_end_seeds']} at crash end")
+        if not c["reference_learned"]:
+            notes.append("its reference learned nothing: standard-error margin only")
         interval = f"{fmt(c['lr50'])} [{fmt(c['lr50_low'])}, {fmt(c['lr50_high'])}]"
         band = f"{fmt(c['lr10'])}-{fmt(c['lr90'])}"
-        typer.echo(f"{c['cell']:<36} {interval:>26} {band:>18} {c['n_trials']:>6}  " + ", ".join(notes))
+        ref = f"{c['reference_gain']:.3f}" if c["reference_gain"] is not None else "-"
+        typer.echo(f"{c['cell']:<36} {interval:>26} {band:>18} {c['n_trials']:>6} {ref:>8}  " + ", ".join(notes))
+    if out.cells:
+        from workloads.outcome import criterion_label
+
+        c0 = out.cells[0]
+        dead = sum(not c["reference_learned"] for c in out.cells)
+        typer.echo(f"classes: {criterion_label(c0['crash_criterion'], p.spec.degraded_kappa, no_reference=dead)}; "
+                   f"each cell's reference: {c0['reference_seeds']} trials at lr {c0['reference_lr']:.4g} "
+                   "(ref gain: their mean gain, nats)")
     typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}; tables: ablate export")
     with _errors(out.tracking_uri):
         _ui_hint(out.tracking_uri, out.experiment)

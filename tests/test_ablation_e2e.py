@@ -102,6 +102,7 @@ def test_ablate_boundary_fits_every_cell_and_export_shows_how_each_search_ended(
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "stabilizers=none" in res.stdout and "LR50 [90 % interval]" in res.stdout
+    assert "each cell's reference: 3 trials at lr 0.001" in res.stdout and "classes: crash = diverged" in res.stdout
     assert len(client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", max_results=1000)) == len(runs)
 
 
