@@ -103,6 +103,15 @@ def test_ablate_boundary_fits_every_cell_and_export_shows_how_each_search_ended(
     assert res.returncode == 0, res.stderr[-2000:]
     assert "stabilizers=none" in res.stdout and "LR50 [90 % interval]" in res.stdout
     assert "each cell's reference: 3 trials at lr 0.001" in res.stdout and "classes: crash = diverged" in res.stdout
+    # the same searches with another lr_range are refused before anything is written, naming it
+    changed = {**BOUNDARY, "boundary": {**BOUNDARY["boundary"], "lr_range": [2e-3, 3.0]}}
+    spec_path.write_text(yaml.safe_dump(changed))
+    parents = len(client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'sweep'", max_results=100))
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "boundary", str(spec_path),
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "boundary.lr_range: [0.001, 3.0] in the study, [0.002, 3.0] in the spec" in res.stderr
+    assert len(client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'sweep'", max_results=100)) == parents
     assert len(client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", max_results=1000)) == len(runs)
 
 
