@@ -71,11 +71,12 @@ the run is one of its cell's reference runs (a boundary search's reference trial
 of its sweep: references are never pooled across sweeps or cells), ``collapse_margin`` the gain over
 the eval baseline the run must exceed not to be ``collapsed`` (``max(2 se, 0.1 reference_gain)``, or
 2 se when the reference learned nothing); ``stop_reason`` is the early-stopping rule that ended it,
-if any; ``device_name``, ``torch_threads`` and ``cpu`` where it ran (what a bit-for-bit re-run needs). Config columns keep TrialConfig's names and types
-(tuples and mappings as JSON strings); ``final_loss`` is +inf when the loss became non-finite;
-``initial_loss`` is l_0 and ``baseline_loss`` the data's marginal baseline (whole validation split);
-``eval_baseline`` is the baseline of the windows ``final_loss`` was measured on and ``final_loss_se``
-the standard error of their difference (None in runs recorded before they existed: the class then
+if any; ``device_name``, ``torch_threads`` and ``cpu`` where it ran (what a bit-for-bit re-run
+needs). Config columns keep TrialConfig's names and types (tuples and mappings as JSON strings);
+``final_loss`` is +inf when the loss became non-finite; ``initial_loss`` is l_0 and
+``baseline_loss`` the data's marginal baseline (whole validation split); ``eval_baseline`` is the
+baseline of the windows ``final_loss`` was measured on and ``final_loss_se`` the standard error of
+their difference (None in runs recorded before they existed: the class then
 falls back to ``baseline_loss`` without a standard-error margin, and ``crash_criterion`` says so);
 ``last/*`` are the last probed values."""
 
