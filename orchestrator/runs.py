@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from orchestrator.mlflow_store import TAG_KIND, TAG_SWEEP, TAG_TRIAL, Tracker
-from workloads.outcome import (SIZE_FIELDS, DEFAULT_CRASH, DEFAULT_KAPPA, Point, best_gain, classify,
-                               criterion_label)
+from orchestrator.mlflow_store import TAG_KIND, TAG_SWEEP, TAG_TRIAL, Tracker, logged_value
+from workloads.outcome import (COLLAPSE_FRACTION, COLLAPSE_SE, SIZE_FIELDS, DEFAULT_CRASH, DEFAULT_KAPPA, Point,
+                               best_gain, classify, criterion_label, trial_class)
 from workloads.stabilizers import label as stabilizer_label
 from workloads.trial import TrialConfig
 
@@ -51,6 +51,7 @@ SCHEMA = pa.schema(
     [pa.field("experiment", pa.string()), pa.field("sweep", pa.string()), pa.field("run_id", pa.string()),
      pa.field("trial_id", pa.string()), pa.field("label", pa.string()), pa.field("status", pa.string()),
      pa.field("outcome", pa.string()), pa.field("crashed", pa.bool_()), pa.field("crash_criterion", pa.string()),
+     pa.field("collapse_margin", pa.float64()),
      pa.field("stop_reason", pa.string()),
      pa.field("divergence_kind", pa.string()), pa.field("divergence_step", pa.int64()),
      pa.field("steps_run", pa.int64()), pa.field("node_id", pa.string()), pa.field("device_name", pa.string()),
@@ -61,7 +62,10 @@ SCHEMA = pa.schema(
 )
 """One row per trial. ``status`` is the trial's own class as recorded (stable / collapsed / diverged,
 or failed / running); ``outcome`` is its class within its cell (``degraded`` included) and
-``crashed`` whether that class counts as a crash under ``crash_criterion``; ``stop_reason`` is the
+``crashed`` whether that class counts as a crash under ``crash_criterion``; ``collapse_margin`` the
+gain over its eval-window baseline (``eval_baseline`` minus ``final_loss``) that the run had to
+exceed not to be ``collapsed`` under the same rule (forensics places a collapsed run's crash step
+with it); ``stop_reason`` is the
 early-stopping rule that ended it, if any. Config columns keep TrialConfig's names and types
 (tuples and mappings as JSON strings); ``final_loss`` is +inf when the loss became non-finite;
 ``initial_loss`` is l_0 and ``baseline_loss`` the data's marginal baseline (whole validation split);
@@ -86,12 +90,10 @@ def _typed(field: pa.Field, raw: str | None):
 def _metric(v: float | None, tag: str | None = None) -> float | None:
     """A metric's value; when there is none, the tag of the same name that records a non-finite
     result ("inf", "-inf", "nan"; see orchestrator.recorder.TrialRecorder.finish). MLflow's SQL stores write
-    +-inf as +-max float (runs recorded before those tags): read back as inf."""
+    +-inf as +-max float (runs recorded before those tags): read back as inf (``logged_value``)."""
     if v is None and tag:
         return float(tag)
-    if v is not None and abs(v) >= 1.7976931348623157e308:
-        return math.copysign(math.inf, v)
-    return v
+    return logged_value(v)
 
 
 def fetch_runs(tracking_uri: str, experiment: str, sweep: str | None = None) -> list:
@@ -167,9 +169,25 @@ def table_criterion(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
     return criterion_label(crash, kappa, fallback=old)
 
 
+def collapse_margins(points: list[Point], reference_gain: float | None) -> list[float]:
+    """Per point of one cell, the gain over its baseline (``Point.gain``) it must exceed not to be
+    ``collapsed`` under :func:`workloads.outcome.classify`'s rule: ``COLLAPSE_SE`` standard errors
+    of its own windows (0 where none was recorded), and, where the cell has a run that learned (with
+    a baseline), ``COLLAPSE_FRACTION`` of the larger of the cell's best gain and ``reference_gain``."""
+    learned = [p for p in points if trial_class(p.final_loss, p.initial_loss, p.reference, se=p.final_loss_se)
+               == "stable"]
+    g_ref = 0.0
+    if learned and all(p.gain is not None for p in learned):
+        g_ref = max(max(p.gain for p in learned), reference_gain or 0.0)
+    se = [p.final_loss_se if p.final_loss_se is not None and math.isfinite(p.final_loss_se) else 0.0
+          for p in points]
+    return [max(COLLAPSE_SE * s, COLLAPSE_FRACTION * g_ref) for s in se]
+
+
 def with_outcomes(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA) -> pa.Table:
-    """Fill ``outcome``, ``crashed`` and ``crash_criterion``: each finished run classed within its
-    cell (``workloads.outcome.classify``)."""
+    """Fill ``outcome``, ``crashed``, ``crash_criterion`` and ``collapse_margin``: each finished run
+    classed within its cell (``workloads.outcome.classify``), and the margin that class used
+    (:func:`collapse_margins`)."""
     rows = table.to_pylist()
     fields = cell_fields_of(table)
     cells: dict[tuple, list[int]] = defaultdict(list)
@@ -177,15 +195,19 @@ def with_outcomes(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT_K
         if r["status"] in FINISHED:
             cells[tuple(r[f] for f in fields)].append(i)
     outcome: list[str | None] = [None] * len(rows)
+    margin: list[float | None] = [None] * len(rows)
     refs = reference_gains(rows)
     for idx in cells.values():
         ref = refs[size_key(rows[idx[0]])]
-        for i, c in zip(idx, classify([run_point(rows[i]) for i in idx], kappa, reference_gain=ref)):
-            outcome[i] = c
+        points = [run_point(rows[i]) for i in idx]
+        for i, c, m in zip(idx, classify(points, kappa, reference_gain=ref), collapse_margins(points, ref)):
+            outcome[i], margin[i] = c, m
     crit = table_criterion(table, crash, kappa)
     table = table.set_column(table.schema.get_field_index("outcome"), "outcome", pa.array(outcome, pa.string()))
     table = table.set_column(table.schema.get_field_index("crashed"), "crashed",
                              pa.array([None if o is None else o in crash for o in outcome], pa.bool_()))
+    table = table.set_column(table.schema.get_field_index("collapse_margin"), "collapse_margin",
+                             pa.array(margin, pa.float64()))
     return table.set_column(table.schema.get_field_index("crash_criterion"), "crash_criterion",
                             pa.array([crit] * len(rows), pa.string()))
 
