@@ -272,7 +272,15 @@ class Tracker:
         return run_id
 
     def metric_history(self, run_id: str, key: str) -> list:
-        return self._call(self.client.get_metric_history, run_id, key)
+        """The metric's recorded values (MLflow ``Metric``s) in the store's order, each value as it
+        was logged: a SQL store's +-max float read back as +-inf (:func:`logged_value`)."""
+        out = []
+        for m in self._call(self.client.get_metric_history, run_id, key):
+            v = logged_value(m.value)
+            out.append(m if v == m.value or v != v else
+                       Metric(m.key, v, m.timestamp, m.step, model_id=m.model_id, dataset_name=m.dataset_name,
+                              dataset_digest=m.dataset_digest, run_id=m.run_id))
+        return out
 
     def log_params(self, run_id: str, values: dict) -> None:
         """Nested dicts flattened to dotted keys; MLflow takes at most 100 params a batch."""
@@ -351,6 +359,15 @@ class Tracker:
 
 
 _MAX_FLOAT = 1.7976931348623157e308
+
+
+def logged_value(v: float | None) -> float | None:
+    """A metric value read back from MLflow as it was logged: MLflow's SQL stores write +-inf as
+    +-max float (:func:`sql_log_metrics` does the same), which ``math.isfinite`` would accept as a
+    number; read back as +-inf. NaN and every other value unchanged."""
+    if v is not None and abs(v) >= _MAX_FLOAT:
+        return math.copysign(math.inf, v)
+    return v
 
 
 def sql_log_metrics(store, run_id: str, metrics: list[Metric]) -> bool:

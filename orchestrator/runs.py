@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from orchestrator.mlflow_store import TAG_KIND, TAG_REFERENCE, TAG_SWEEP, TAG_TRIAL, Tracker
+from orchestrator.mlflow_store import TAG_KIND, TAG_REFERENCE, TAG_SWEEP, TAG_TRIAL, Tracker, logged_value
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Point, Reference, cell_reference, classify, criterion_label
 from workloads.stabilizers import label as stabilizer_label
 from workloads.trial import TrialConfig
@@ -70,7 +70,8 @@ the run is one of its cell's reference runs (a boundary search's reference trial
 ``ablate.reference``), ``reference_gain`` the mean gain of its cell's reference runs (nats; the cell
 of its sweep: references are never pooled across sweeps or cells), ``collapse_margin`` the gain over
 the eval baseline the run must exceed not to be ``collapsed`` (``max(2 se, 0.1 reference_gain)``, or
-2 se when the reference learned nothing); ``stop_reason`` is the early-stopping rule that ended it,
+2 se when the reference learned nothing; forensics places a collapsed run's crash step with it);
+``stop_reason`` is the early-stopping rule that ended it,
 if any; ``device_name``, ``torch_threads`` and ``cpu`` where it ran (what a bit-for-bit re-run
 needs). Config columns keep TrialConfig's names and types (tuples and mappings as JSON strings);
 ``final_loss`` is +inf when the loss became non-finite; ``initial_loss`` is l_0 and
@@ -96,12 +97,10 @@ def _typed(field: pa.Field, raw: str | None):
 def _metric(v: float | None, tag: str | None = None) -> float | None:
     """A metric's value; when there is none, the tag of the same name that records a non-finite
     result ("inf", "-inf", "nan"; see orchestrator.recorder.TrialRecorder.finish). MLflow's SQL stores write
-    +-inf as +-max float (runs recorded before those tags): read back as inf."""
+    +-inf as +-max float (runs recorded before those tags): read back as inf (``logged_value``)."""
     if v is None and tag:
         return float(tag)
-    if v is not None and abs(v) >= 1.7976931348623157e308:
-        return math.copysign(math.inf, v)
-    return v
+    return logged_value(v)
 
 
 def fetch_runs(tracking_uri: str, experiment: str, sweep: str | None = None) -> list:

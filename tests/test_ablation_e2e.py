@@ -198,7 +198,8 @@ def test_calibration_sweep_through_forensics(ray_local, tmp_path):
     every 5 steps, non-finite stopping only), on fewer LRs and 2 seeds, run on Ray, recorded in
     MLflow and read back by forensics: every seed of a (stabilizer, LR) group on one side of the
     split, "5 %" read at step 10 (a real probe step, not step 0), a warning only before the crash,
-    classes from workloads.outcome (the trials table's) and no denormal threshold."""
+    a crash step from each crashed run's own trace (or none, counted apart), classes from
+    workloads.outcome (the trials table's) and no denormal threshold."""
     from pathlib import Path
 
     from orchestrator.report import export
@@ -227,11 +228,16 @@ def test_calibration_sweep_through_forensics(ray_local, tmp_path):
     md = (tmp_path / "fx" / "forensics_auc.md").read_text()
     assert "AUC at 5% (step 10)" in md
     warned_rows = {r["probe"]: r for r in fx.warning_rows}
-    test_crashed = [r for r in fx.runs if r.split == "test" and r.crashed]
+    for r in fx.runs:  # every crash has a step from its own trace, or is counted apart; never its last step
+        assert r.crashed == (r.crash_step() is not None or r.end_only)
+        assert r.crash_step() is None or any(s == r.crash_step() for s, _ in r.series["loss"])
+        assert r.series.get("loss_baseline")  # the batches' own baselines, recorded at the probe steps
+    test_crashed = [r for r in fx.runs if r.split == "test" and r.crashed and not r.end_only]
     for m, row in warned_rows.items():
         warned = sum(fx.warnings[(r.run_id, m)] is not None and fx.warnings[(r.run_id, m)] < r.crash_step()
                      for r in test_crashed)
         assert row["test_crashed_warned"] == f"{warned}/{len(test_crashed)}"
+        assert row["test_crashed_no_crash_step"] == sum(r.split == "test" and r.end_only for r in fx.runs)
         assert row["lead_steps_min"] is None or row["lead_steps_min"] > 0
         assert row["threshold"] is None or row["threshold"] == 0 or abs(row["threshold"]) > 1e-300
     assert "e-324" not in (tmp_path / "fx" / "forensics_warnings.md").read_text()

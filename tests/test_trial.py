@@ -136,6 +136,28 @@ def test_the_final_loss_and_its_baseline_are_measured_on_the_same_windows():
     assert res.outcome == trial_class(res.final_loss, res.initial_loss, res.eval_baseline, se=res.final_loss_se)
 
 
+def test_each_probe_step_records_the_baseline_of_its_own_training_batch():
+    """``loss_baseline`` at a probe step is the byte-unigram loss of exactly the training windows
+    whose loss ``loss`` is (recomputed here with numpy from the corpus and the training windows'
+    generator), so that a training loss is compared with its own batch's baseline."""
+    from workloads import data as data_mod
+
+    cfg = TrialConfig(steps=12, lr=3e-3, **FAST)
+    history = {}
+    run(cfg, lambda step, m, ev: history.setdefault(step, {}).update(m))
+    td = data_mod.stdlib_corpus()
+    p = (np.bincount(td.train, minlength=256) + 1.0) / (td.train.size + 256)
+    rng = np.random.default_rng(cfg.seed)  # the training windows' generator (TokenBatches)
+    want = []
+    for _ in range(cfg.steps):
+        ix = rng.integers(0, td.train.size - cfg.seq_len - 1, size=cfg.batch_size)
+        want.append(np.mean([-np.log(p[td.train[i + 1:i + cfg.seq_len + 1]]).mean() for i in ix]))
+    probed = [s for s, m in history.items() if "loss_baseline" in m]
+    assert probed == [0, 5, 10, 11]
+    assert [history[s]["loss_baseline"] for s in probed] == pytest.approx([want[s] for s in probed], rel=1e-5)
+    assert np.std(want) > 0.01  # the batches' baselines differ: one fixed baseline would not do
+
+
 def test_same_seed_same_trajectory_on_cpu():
     cfg = TrialConfig(steps=12, lr=3e-3, **FAST)
     a, b = run(cfg), run(cfg)

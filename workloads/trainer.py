@@ -129,6 +129,9 @@ class TrialData:
         self.val_batches = [val.next() for _ in range(cfg.eval_batches)]
         self.window_baselines = data_mod.window_baselines(nll, self.val_batches)
         """The marginal baseline of each validation window (the batches every evaluation uses)."""
+        self.marginal_cost = torch.as_tensor(nll, dtype=torch.float32, device=device)
+        """-log p(target) under the training split's marginal, per target id: ``marginal_cost[y].mean()``
+        is the baseline of a training batch, the loss a model ignoring its inputs gets on it."""
 
 
 # ------------------------------------------------------------------------------------- probing
@@ -240,7 +243,10 @@ class Trainer:
         loss stays on the device until the loop reads a block of them at once (``workloads.loop``),
         and the update is applied whatever the loss (a non-finite loss gives non-finite gradients;
         the loop stops the run at its next read). With ``probe`` the attention statistics, gradient and
-        weight probes come back as metrics (read to the host: probe steps synchronise)."""
+        weight probes come back as metrics (read to the host: probe steps synchronise), with
+        ``loss_baseline``, the marginal baseline of the very batch whose loss ``loss`` is (its targets'
+        cost under the training split's marginal): what that loss has gained over knowing nothing
+        is ``loss_baseline - loss``, free of which windows the batch drew."""
         cfg, model, opt = self.cfg, self.model, self.opt
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
@@ -266,7 +272,7 @@ class Trainer:
         loss = loss.detach()
         metrics: dict[str, float] = {}
         if probe:
-            on_device.update(weight_probes(model), loss=loss)
+            on_device.update(weight_probes(model), loss=loss, loss_baseline=self.data.marginal_cost[y].mean())
             metrics.update(probes.read(on_device), lr=lr)
             metrics.update(attention_metrics(stats))
             if isinstance(opt, stab.WeylAdamW):
