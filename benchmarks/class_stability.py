@@ -6,14 +6,20 @@ same trained model; a class rule that flips under it decides on noise. This benc
 run of a sweep once (to the end, only a non-finite loss stops it), then measures the final model on
 the original windows and on ``--resamples`` fresh draws (other window seeds), each with the
 marginal baseline of exactly those windows, and classes the whole sweep once per draw
-(``workloads.outcome.classify``, per cell). It prints, per grid and for the rule of
-``workloads.outcome`` and for the rule it replaced (final loss against the whole split's baseline,
-no margin; ``degraded`` normalised by l_0 - L*), the fraction of (run, draw) pairs whose class
-equals the class on the original windows, and the runs whose class changed in any draw.
+(``workloads.outcome.classify``, per cell, against the cell's reference measured on the same draw).
+It prints, per grid, the fraction of (run, draw) pairs whose class equals the class on the
+original windows, and the runs whose class changed in any draw, for three rules: this one (a tenth
+of the cell's own reference gain; ``degraded`` against the reference), #17's (a tenth of the best
+gain of the workload and size, over every cell; ``degraded`` against the cell's best run), and the
+one before #17 (final loss against the whole split's baseline, no margin; ``degraded`` normalised
+by l_0 - L*).
 
-Grids: the smoke sweep (``search_spaces/smoke.yaml``: GPT 2 x 64, 200 steps, 5 LRs x 5 stabilizers)
-and the boundary smoke config (GPT 2 x 64, 150 steps, constant LR, no warmup) on 7 LRs from 0.1 to 0.8,
-where many runs end near the baseline.
+Grids: the smoke sweep (``search_spaces/smoke.yaml``: GPT 2 x 64, 200 steps, 5 LRs x 5 stabilizers;
+its reference, as for any grid sweep, is each cell's run at its lowest LR, 3e-3) and the boundary
+smoke config (GPT 2 x 64, 150 steps, constant LR, no warmup) on 7 LRs from 0.1 to 0.8, where many
+runs end near the baseline, with the reference a boundary search of that config runs first:
+``REFERENCE_SEEDS`` seeds at the bottom of its ``lr_range``, 3e-3 (marked ``reference``; they are
+not counted in the fractions, which are over the 60 grid runs).
 
     python benchmarks/class_stability.py                      # run the grids, write --out
     python benchmarks/class_stability.py --replay FILE        # re-analyse a recording
@@ -36,8 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workloads import outcome  # noqa: E402
-from workloads.outcome import DEFAULT_KAPPA, Point, best_gain, classify, paired_gap  # noqa: E402
+from workloads.outcome import COLLAPSE_FRACTION, DEFAULT_KAPPA, Point, classify, paired_gap, trial_class  # noqa: E402
 
 STABILIZERS = ["none", "weyl", "sigma_reparam", "mlra", "qk_norm"]
 GPT = dict(workload="gpt", depth=2, width=64, heads=2, seq_len=64, batch_size=16, schedule="constant",
@@ -46,13 +51,17 @@ GRIDS = {
     "smoke": (dict(GPT, steps=200), [3e-3, 3e-2, 1e-1, 3e-1, 1.0]),
     "boundary_smoke": (dict(GPT, steps=150), [0.1, 0.1414, 0.2, 0.2828, 0.4, 0.5657, 0.8]),
 }
+REFERENCE = {"boundary_smoke": 3e-3}  # the bottom of search_spaces/boundary_smoke.yaml's lr_range
+REFERENCE_SEEDS = 3  # the boundary search's default reference_seeds
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "calibration" / "class_stability.json"
 
 
-def measure_run(args: tuple[str, dict, int]) -> dict:
+def measure_run(args: tuple) -> dict:
     """Train one run to the end (non-finite loss stops it), then measure it on its own eval windows
-    (draw 0) and on ``resamples`` fresh draws."""
-    grid, fields, resamples = args
+    (draw 0) and on ``resamples`` fresh draws. ``args``: (grid, TrialConfig fields, resamples[,
+    reference]): ``reference`` marks a reference run of its cell."""
+    grid, fields, resamples = args[:3]
+    reference = bool(args[3]) if len(args) > 3 else False
     import numpy as np
     import torch
 
@@ -89,7 +98,7 @@ def measure_run(args: tuple[str, dict, int]) -> dict:
         _, se = paired_gap(losses.tolist(), base.tolist())
         draws.append([final, float(np.mean(base)), se])
     return {"grid": grid, "stabilizer": cfg.stabilizer_label, "lr": cfg.lr, "seed": cfg.seed, "steps": cfg.steps,
-            "initial_loss": l0, "baseline": tr.data.baseline, "draws": draws}
+            "initial_loss": l0, "baseline": tr.data.baseline, "draws": draws, "reference": reference}
 
 
 def old_classes(points: list[Point], kappa: float = DEFAULT_KAPPA) -> list[str]:
@@ -113,58 +122,113 @@ def old_classes(points: list[Point], kappa: float = DEFAULT_KAPPA) -> list[str]:
     return out
 
 
+def rule17_classes(points: list[Point], best_gain: float | None, kappa: float = DEFAULT_KAPPA) -> list[str]:
+    """#17's rule: ``collapsed`` at a gain below a tenth of the best gain of the workload and size
+    (``best_gain``, over every cell) or of the cell's own best, ``degraded`` against the cell's best
+    run at a lower LR."""
+    out = [trial_class(p.final_loss, p.initial_loss, p.reference, se=p.final_loss_se) for p in points]
+    learned = [i for i, c in enumerate(out) if c == "stable"]
+    if not learned:
+        return out
+    b = max(learned, key=lambda i: (points[i].gain, -points[i].lr))
+    g_best = points[b].gain
+    g_ref = max(g_best, best_gain or 0.0)
+    for i in learned:
+        p = points[i]
+        if p.gain < COLLAPSE_FRACTION * g_ref:
+            out[i] = "collapsed"
+        elif p.lr > points[b].lr and (g_best - p.gain) / g_best > kappa:
+            out[i] = "degraded"
+    return out
+
+
 def points_of(rec: dict, draw: int, paired: bool = True) -> Point:
     final, base_w, se = rec["draws"][draw]
     final = float(final)
     return Point(rec["lr"], rec["seed"], final, rec["initial_loss"], rec["baseline"], None,
-                 base_w if paired else None, se if paired else None)
+                 base_w if paired else None, se if paired else None, bool(rec.get("reference")))
+
+
+RULES = ("new", "17", "old")
+"""This rule (the cell's own reference), #17's (the best gain of the workload), the one before #17."""
 
 
 def classes_per_draw(records: list[dict], rule: str = "new") -> list[list[str]]:
     """``out[i][d]``: the class of run ``i`` when every run of the sweep is measured on draw ``d``
-    (cells: grid and stabilizer)."""
+    (cells: grid and stabilizer). The rules before this one never had reference runs: they class
+    the grid runs alone (a reference run's entry is "")."""
     cells: dict[tuple, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
-        cells[(r["grid"], r["stabilizer"], r.get("steps"))].append(i)
+        if rule == "new" or not r.get("reference"):
+            cells[(r["grid"], r["stabilizer"], r.get("steps"))].append(i)
     n_draws = len(records[0]["draws"])
     out: list[list[str]] = [[""] * n_draws for _ in records]
-    refs = {}  # (grid, steps, draw) -> the best gain of the workload and size
-    for d in range(n_draws):
-        for g, steps in {(r["grid"], r.get("steps")) for r in records}:
-            refs[g, steps, d] = best_gain(points_of(r, d) for r in records if (r["grid"], r.get("steps")) == (g, steps))
+    best = {}  # #17: (grid, steps, draw) -> the best gain of the workload and size
+    if rule == "17":
+        for d in range(n_draws):
+            for g, steps in {(r["grid"], r.get("steps")) for r in records}:
+                pts = [points_of(r, d) for r in records if (r["grid"], r.get("steps")) == (g, steps)
+                       and not r.get("reference")]
+                gains = [p.gain for p in pts if p.gain is not None and trial_class(
+                    p.final_loss, p.initial_loss, p.reference, se=p.final_loss_se) == "stable"]
+                best[g, steps, d] = max(gains) if gains else None
     for (g, _, steps), idx in cells.items():
         for d in range(n_draws):
             pts = [points_of(records[i], d) for i in idx]
-            cls = classify(pts, reference_gain=refs[g, steps, d]) if rule == "new" else old_classes(pts)
+            cls = (classify(pts) if rule == "new" else rule17_classes(pts, best[g, steps, d]) if rule == "17"
+                   else old_classes(pts))
             for i, c in zip(idx, cls):
                 out[i][d] = c
     return out
 
 
 def stability(records: list[dict], rule: str = "new") -> tuple[float, list[int]]:
-    """The fraction of (run, fresh draw) pairs whose class equals the class on the run's own
-    windows (draw 0), and the runs whose class changed in some draw."""
+    """The fraction of (grid run, fresh draw) pairs whose class equals the class on the run's own
+    windows (draw 0), and the grid runs whose class changed in some draw (reference runs are not
+    counted: they are the yardstick, at an LR where every rule calls them stable)."""
     cls = classes_per_draw(records, rule)
-    pairs = [(c[0] == x) for c in cls for x in c[1:]]
-    flipped = [i for i, c in enumerate(cls) if len(set(c)) > 1]
+    grid = [i for i, r in enumerate(records) if not r.get("reference")]
+    pairs = [(cls[i][0] == x) for i in grid for x in cls[i][1:]]
+    flipped = [i for i in grid if len(set(cls[i])) > 1]
     return sum(pairs) / len(pairs), flipped
+
+
+def references(records: list[dict]) -> list[str]:
+    """Each cell's reference on its own windows: the LR, runs, mean gain and whether it learned."""
+    from workloads.outcome import cell_reference
+
+    cells: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        cells[(r["grid"], r["stabilizer"])].append(i)
+    out = []
+    for (g, st), idx in sorted(cells.items()):
+        ref = cell_reference([points_of(records[i], 0) for i in idx])
+        out.append(f"  reference of {g} {st}: lr {ref.lr:g}, {ref.finite}/{ref.runs} runs finite, gain "
+                   + (f"{ref.gain:.3f}" if ref.gain is not None else "none")
+                   + ("" if ref.learned else " (learned nothing: standard-error margin only)"))
+    return out
 
 
 def report(records: list[dict]) -> None:
     grids = sorted({r["grid"] for r in records})
-    print("| grid | runs | draws | kept, this rule | runs that flip, this rule | kept, old rule | runs that flip, old rule |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| grid | runs | draws | kept, this rule | runs that flip | kept, #17's rule | runs that flip | "
+          "kept, rule before #17 | runs that flip |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for g in grids + ["all"]:
         recs = [r for r in records if g in ("all", r["grid"])]
-        new, fn = stability(recs, "new")
-        old, fo = stability(recs, "old")
-        print(f"| {g} | {len(recs)} | {len(recs[0]['draws']) - 1} | {100 * new:.1f} % | {len(fn)} | "
-              f"{100 * old:.1f} % | {len(fo)} |")
+        cols = []
+        for rule in RULES:
+            kept, flips = stability(recs, rule)
+            cols += [f"{100 * kept:.1f} %", str(len(flips))]
+        n = sum(not r.get("reference") for r in recs)
+        print(f"| {g} | {n} | {len(recs[0]['draws']) - 1} | " + " | ".join(cols) + " |")
     print()
-    for rule in ("new", "old"):
+    print("\n".join(references(records)))
+    print()
+    for rule in RULES:
         cls = classes_per_draw(records, rule)
         for i, c in enumerate(cls):
-            if len(set(c)) > 1:
+            if len(set(c)) > 1 and not records[i].get("reference"):
                 r = records[i]
                 counts = {k: c.count(k) for k in sorted(set(c))}
                 f0, b0, se0 = r["draws"][0]
@@ -187,8 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         for g in args.grids.split(","):
             fields, lrs = GRIDS[g]
             for st in STABILIZERS:
+                stabs = () if st == "none" else (st,)
                 for lr in lrs:
-                    jobs.append((g, dict(fields, lr=lr, stabilizers=() if st == "none" else (st,)), args.resamples))
+                    jobs.append((g, dict(fields, lr=lr, stabilizers=stabs), args.resamples))
+                if g in REFERENCE:  # the reference runs a boundary search of this config runs first
+                    for seed in range(REFERENCE_SEEDS):
+                        jobs.append((g, dict(fields, lr=REFERENCE[g], seed=seed, stabilizers=stabs), args.resamples,
+                                     True))
         t0 = time.perf_counter()
         with mp.get_context("spawn").Pool(args.workers) as pool:
             records = pool.map(measure_run, jobs)
@@ -199,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                  for r in records]
         args.out.write_text(json.dumps({"about": "benchmarks/class_stability.py: per run, per window draw "
                                         "(0 = the run's own eval windows): [final loss, baseline of the draw's "
-                                        "windows, standard error of the paired difference]",
+                                        "windows, standard error of the paired difference]; reference: a "
+                                        "reference run of its cell (the boundary grid's, at its search's "
+                                        "reference LR)",
                                         "wall_s": round(wall, 1), "runs": clean}, indent=None))
         records = clean
     for r in records:

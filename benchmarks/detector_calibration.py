@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workloads.divergence import DivergenceConfig, replay  # noqa: E402
-from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Point, best_gain, classify  # noqa: E402
+from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, Point, classify  # noqa: E402
 from workloads.trial import TrialConfig  # noqa: E402
 
 SYNC_INTERVAL = TrialConfig().sync_interval
@@ -131,17 +131,16 @@ def _point(r: dict) -> Point:
 
 
 def final_classes(records: list[dict], kappa: float = DEFAULT_KAPPA) -> list[str]:
-    """The class of every full run (``workloads.outcome.classify``): ``degraded`` within its
-    (workload, stabilizer) cell, ``collapsed``'s margin scaled by the best gain of its workload and
-    size (the runs of one ``name``). Runs recorded without per-window baselines (the 200-step
-    recording of ``docs/calibration/cpu_runs.json``) fall back to the whole split's baseline."""
+    """The class of every full run (``workloads.outcome.classify``) within its (config, stabilizer)
+    cell, against the cell's own reference: as for any grid, its runs at its lowest LR. Runs
+    recorded without per-window baselines (the 200-step recording of
+    ``docs/calibration/cpu_runs.json``) fall back to the whole split's baseline."""
     cells = defaultdict(list)
     for i, r in enumerate(records):
         cells[(r["name"], r["stabilizer"])].append(i)
-    refs = {name: best_gain(_point(r) for r in records if r["name"] == name) for name in {r["name"] for r in records}}
     classes = [""] * len(records)
-    for (name, _), idx in cells.items():
-        for i, c in zip(idx, classify([_point(records[i]) for i in idx], kappa, reference_gain=refs[name])):
+    for idx in cells.values():
+        for i, c in zip(idx, classify([_point(records[i]) for i in idx], kappa)):
             classes[i] = c
     return classes
 

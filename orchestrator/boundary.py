@@ -27,8 +27,14 @@ trials; its sampler proposes the LR of the next one inside ``boundary.lr_range``
   bracket is narrower than the noise of the cell (issue #17); every table labels it as such. The
   same logistic fit is reported for it, over the few LRs it ran.
 
-Outcomes are the classes of ``workloads.outcome`` (decided over the whole cell, as export does);
-the spec's ``crash:`` says which count as a crash. A boundary spec's ``axes.lr`` and ``axes.seed``
+Every cell first runs its *reference*: ``reference_seeds`` trials (default 3) at ``reference_lr``
+(default: the low end of ``lr_range``), seeds ``fixed.seed`` + 0, 1, ...; its other trials start
+once they have all finished. Outcomes are the classes of ``workloads.outcome``, judged against the
+cell's own reference runs (decided over the whole cell, as export does), so a cell's classes and
+LR50 are the same whether it is searched alone or beside others, whatever order trials finish in;
+the reference trials are runs of the cell like any other (in its fit and its budget) and are
+tagged ``ablate.reference`` in MLflow, where export finds them. The spec's ``crash:`` says which
+classes count as a crash. A boundary spec's ``axes.lr`` and ``axes.seed``
 are refused (the search chooses both), as are ``seeds:`` and, for psi, ``boundary.seeds``.
 
 Ray Tune runs the proposed trials of all cells in parallel: :class:`BoundarySearcher` is a Tune
@@ -36,7 +42,9 @@ Ray Tune runs the proposed trials of all cells in parallel: :class:`BoundarySear
 so that the MLflow tracking and failure handling of ``ablate sweep`` apply unchanged. Why ask/tell
 with one study per cell rather than Ray's ``OptunaSearch`` over one space: cells are independent
 1-D problems, each needs its own posterior and stopping rule, and per-cell studies resume on their
-own. An interrupted search resumes from the Optuna store: re-run ``ablate boundary SPEC``. The
+own. An interrupted search resumes from the Optuna store: re-run ``ablate boundary SPEC``; trials
+cut off by the interruption do not count against the budget, and a study refuses settings other
+than those it was made with (``settings_mismatch``), naming each. The
 cells' reports are logged on the search's MLflow parent run (``boundary/cells.json``), from which
 ``ablate export`` takes how each search ended; the fit itself export recomputes from the runs.
 """
@@ -61,8 +69,8 @@ from optuna.trial import TrialState
 
 from orchestrator import psychometric as psy
 from orchestrator.boundary_config import BoundaryConfig, boundary_config
-from orchestrator.spec import SweepSpec
-from workloads.outcome import SIZE_FIELDS, Bracket, Point, best_gain, bracket, classify
+from orchestrator.spec import SpecError, SweepSpec
+from workloads.outcome import Bracket, Point, Reference, bracket, cell_reference, classify, criterion_label
 from workloads.trial import TrialConfig
 
 log = logging.getLogger("ablate")
@@ -70,19 +78,18 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 # ------------------------------------------------------------------------------ the decisions
-def cell_bracket(points: list[Point], cfg: BoundaryConfig, seed: int | None = None,
-                 reference_gain: float | None = None) -> Bracket:
-    """``reference_gain``: the best gain over every cell of the search (the workload and size), the
-    scale of ``collapsed``'s margin (``workloads.outcome.classify``)."""
-    return bracket(points, cfg.crash, cfg.kappa, seed=seed, reference_gain=reference_gain)
+def cell_bracket(points: list[Point], cfg: BoundaryConfig, seed: int | None = None) -> Bracket:
+    """The older seeds-vote bracket of the cell, its classes judged against the cell's own reference
+    (``workloads.outcome.classify``)."""
+    return bracket(points, cfg.crash, cfg.kappa, seed=seed)
 
 
-def next_lr(points: list[Point], cfg: BoundaryConfig, reference_gain: float | None = None) -> float | None:
+def next_lr(points: list[Point], cfg: BoundaryConfig) -> float | None:
     """The next LR to try in the bisection phase (its first seed, ``seed_offset``), or None when the
     bracket is done."""
     lo, hi = cfg.lr_range
     seen = {p.lr for p in points if p.seed == cfg.seed_offset}
-    b = cell_bracket(points, cfg, seed=cfg.seed_offset, reference_gain=reference_gain)
+    b = cell_bracket(points, cfg, seed=cfg.seed_offset)
     if b.crash_lr is None:  # nothing crashed above the largest stable LR
         return None if hi in seen else hi
     if b.stable_lr is None:  # nothing stable: everything run so far crashed
@@ -98,12 +105,10 @@ def next_lr(points: list[Point], cfg: BoundaryConfig, reference_gain: float | No
 
 class _LRSampler(BaseSampler):
     """What the boundary samplers share: one independent parameter, ``lr``, proposed from the
-    study's own trials; ``reference`` gives the best gain over the search's cells
-    (CellSearch.reference_gain), which the cell's classes depend on."""
+    study's own trials alone (their classes judged against the cell's own reference trials)."""
 
-    def __init__(self, cfg: BoundaryConfig, reference: Callable[[], float | None] = lambda: None):
+    def __init__(self, cfg: BoundaryConfig):
         self.cfg = cfg
-        self.reference = reference
 
     def infer_relative_search_space(self, study, trial):
         return {}
@@ -119,24 +124,23 @@ class BoundarySampler(_LRSampler):
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name != "lr":
             raise ValueError(f"BoundarySampler samples only 'lr', not {param_name!r}")
-        ref = self.reference()
-        nxt = next_lr(study_observations(study), self.cfg, ref)
+        nxt = next_lr(study_observations(study), self.cfg)
         if nxt is None:  # the caller checks first; fall back to the bracket's middle
-            b = cell_bracket(study_observations(study), self.cfg, reference_gain=ref)
+            b = cell_bracket(study_observations(study), self.cfg)
             nxt = b.boundary or math.sqrt(self.cfg.lr_range[0] * self.cfg.lr_range[1])
         return nxt
 
 
-def crashes(points: list[Point], cfg: BoundaryConfig, reference_gain: float | None = None) -> list[bool]:
-    """Crashed or not, per point: the classes of ``workloads.outcome`` (decided over the whole cell,
-    as export does; ``reference_gain`` as in :func:`cell_bracket`) against the spec's ``crash:``."""
-    return [c in cfg.crash for c in classify(points, cfg.kappa, reference_gain=reference_gain)]
+def crashes(points: list[Point], cfg: BoundaryConfig) -> list[bool]:
+    """Crashed or not, per point: the classes of ``workloads.outcome`` (judged against the cell's own
+    reference runs, as export does) against the spec's ``crash:``."""
+    return [c in cfg.crash for c in classify(points, cfg.kappa)]
 
 
-def cell_fit(points: list[Point], cfg: BoundaryConfig, grid: psy.Grid | None = None,
-             reference_gain: float | None = None) -> psy.Fit:
-    """The cell's psychometric fit (:mod:`orchestrator.psychometric`) from every finished run."""
-    return psy.fit(cfg.lr_range, [p.lr for p in points], crashes(points, cfg, reference_gain), grid)
+def cell_fit(points: list[Point], cfg: BoundaryConfig, grid: psy.Grid | None = None) -> psy.Fit:
+    """The cell's psychometric fit (:mod:`orchestrator.psychometric`) from every finished run, the
+    reference trials included."""
+    return psy.fit(cfg.lr_range, [p.lr for p in points], crashes(points, cfg), grid)
 
 
 class PsiSampler(_LRSampler):
@@ -145,8 +149,8 @@ class PsiSampler(_LRSampler):
     given the study's finished trials and the LRs of its trials still running (their outcomes
     unknown, averaged over)."""
 
-    def __init__(self, cfg: BoundaryConfig, reference: Callable[[], float | None] = lambda: None):
-        super().__init__(cfg, reference)
+    def __init__(self, cfg: BoundaryConfig):
+        super().__init__(cfg)
         self.grid = psy.make_grid(cfg.lr_range)
         self.cands = psy.candidates(cfg.lr_range)
 
@@ -157,7 +161,7 @@ class PsiSampler(_LRSampler):
         pending = [t.params["lr"] for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                    if t.number != trial.number and "lr" in t.params]
         rng = np.random.default_rng([self.cfg.seed_offset, trial.number])
-        return psy.next_lr(self.grid, [p.lr for p in pts], crashes(pts, self.cfg, self.reference()), pending,
+        return psy.next_lr(self.grid, [p.lr for p in pts], crashes(pts, self.cfg), pending,
                            self.cands, rng)
 
 
@@ -166,13 +170,15 @@ INF_VALUE = 1e30  # Optuna values must be finite: a non-finite final loss is tol
 
 def study_observations(study: optuna.Study) -> list[Point]:
     """The study's finished trials as points: value = final loss (``INF_VALUE`` for non-finite),
-    user attrs ``seed``, ``initial_loss``, ``baseline``, ``stop_reason``."""
+    user attrs ``seed``, ``initial_loss``, ``baseline``, ``stop_reason``, ``eval_baseline``,
+    ``final_loss_se`` and ``reference`` (a reference trial)."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         loss = t.value if t.value is not None and t.value < INF_VALUE else math.inf
         a = t.user_attrs
         out.append(Point(t.params["lr"], int(a.get("seed", 0)), loss, a.get("initial_loss"), a.get("baseline"),
-                         a.get("stop_reason"), a.get("eval_baseline"), a.get("final_loss_se")))
+                         a.get("stop_reason"), a.get("eval_baseline"), a.get("final_loss_se"),
+                         bool(a.get("reference", False))))
     return out
 
 
@@ -184,42 +190,135 @@ class Cell:
     base: dict[str, Any]      # TrialConfig fields (without lr / seed)
 
 
+# Cell config fields that do not change what a trial computes (beyond float rounding, which each
+# trial records: threads, device): a resumed study may run them otherwise.
+NEUTRAL_FIELDS = ("threads", "device", "compile", "probe_interval", "sync_interval", "eval_interval")
+
+
+def study_settings(cell: Cell, cfg: BoundaryConfig) -> dict[str, Any]:
+    """What a cell's study remembers (user attr ``settings``): the boundary settings that give its
+    trials their meaning (``BoundaryConfig.study_settings``) and the cell's trial config (less
+    ``NEUTRAL_FIELDS``), as JSON values."""
+    base = {k: v for k, v in cell.base.items() if k not in NEUTRAL_FIELDS}
+    return json.loads(json.dumps({"boundary": cfg.study_settings(), "cell": base}, sort_keys=True, default=str))
+
+
+_SPEC_KEY = {"crash": "crash", "kappa": "degraded_kappa", "seed_offset": "fixed.seed"}
+
+
+def settings_mismatch(study: optuna.Study, cell: Cell, cfg: BoundaryConfig) -> str | None:
+    """None when the study may be resumed with these settings; else one line naming each setting
+    that differs (``boundary.lr_range: [0.003, 3] in the study, [0.001, 3] in the spec``). A study
+    with trials but no recorded settings was made by an older ablate and is refused too."""
+    saved = study.user_attrs.get("settings")
+    where = f"boundary study {study.study_name!r}"
+    restart = "give the spec another name (or use another --workdir) to start a new search"
+    if saved is None:
+        if not study.get_trials(deepcopy=False):
+            return None
+        return (f"{where} was made by an older ablate that did not record its settings (its classes had no "
+                f"reference trials): it cannot be resumed; {restart}")
+    now = study_settings(cell, cfg)
+    diffs = []
+    for part, prefix in (("boundary", "boundary."), ("cell", "")):
+        old, new = saved.get(part, {}), now[part]
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                name = _SPEC_KEY.get(k, prefix + k) if part == "boundary" else k
+                diffs.append(f"{name}: {json.dumps(old.get(k))} in the study, {json.dumps(new.get(k))} in the spec")
+    if not diffs:
+        return None
+    return (f"{'; '.join(diffs)} ({where}, cell {cell.key}): a study resumes only with the settings it was "
+            f"made with; restore them to resume it, or {restart}")
+
+
+def check_studies(cells: list[Cell], cfg: BoundaryConfig, storage: str, prefix: str) -> None:
+    """Before anything is written: the cells' existing studies in ``storage`` were made with these
+    settings (``settings_mismatch``), else ``SpecError``. A SQLite store that does not exist yet is
+    not created."""
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+        return
+    names = set(optuna.study.get_all_study_names(storage))
+    for c in cells:
+        if study_name(prefix, c) in names:
+            problem = settings_mismatch(optuna.load_study(study_name=study_name(prefix, c), storage=storage), c, cfg)
+            if problem:
+                raise SpecError(problem)
+
+
+def study_name(prefix: str, cell: Cell) -> str:
+    return f"{prefix}::{cell.key}"
+
+
 class CellSearch:
-    """The state machine of one cell. ``psi``: Psi-method proposals, a fresh seed per trial
-    (``seed_offset`` + the trial's number in the cell's study), up to ``max_in_flight_per_cell`` at
-    once, until LR50's interval is narrower than ``resolution``, LR50 is outside the range, or the
-    budget is spent. ``bisect``: bisection at one seed, then the bracket's ends with more seeds."""
+    """The state machine of one cell. First its reference: ``reference_seeds`` trials at
+    ``reference_lr`` (seeds ``seed_offset`` + 0, 1, ...), the runs its classes are judged against
+    (``workloads.outcome``); no other trial starts before they have all finished, so no class is
+    decided before the reference is known. Then ``psi``: Psi-method proposals, a fresh seed per
+    trial (``seed_offset`` + the trial's number in the cell's study), up to
+    ``max_in_flight_per_cell`` at once, until LR50's interval is narrower than ``resolution``, LR50
+    is outside the range, or the budget is spent; ``bisect``: bisection at one seed, then the
+    bracket's ends with more seeds. The cell reads its own trials only: its classes and fit are the
+    same whatever other cells are searched beside it and in whatever order trials finish.
+
+    Trials in flight when the driver stopped are marked PRUNED (cut off by an interruption) and do
+    not count against ``max_trials_per_cell``; failed trials (an exception) do. The study remembers
+    the settings it was made with (:func:`study_settings`); other settings are refused
+    (``SpecError``, :func:`settings_mismatch`)."""
 
     def __init__(self, cell: Cell, cfg: BoundaryConfig, storage: str | None, prefix: str):
         self.cell, self.cfg = cell, cfg
-        sampler = (PsiSampler if cfg.method == "psi" else BoundarySampler)(cfg, self.reference_gain)
-        self.study = optuna.create_study(storage=storage, study_name=f"{prefix}::{cell.key}",
+        sampler = (PsiSampler if cfg.method == "psi" else BoundarySampler)(cfg)
+        self.study = optuna.create_study(storage=storage, study_name=study_name(prefix, cell),
                                          sampler=sampler, direction="minimize", load_if_exists=True)
+        problem = settings_mismatch(self.study, cell, cfg)
+        if problem:
+            raise SpecError(problem)
+        if "settings" not in self.study.user_attrs:
+            self.study.set_user_attr("settings", study_settings(cell, cfg))
         self.grid = sampler.grid if cfg.method == "psi" else psy.make_grid(cfg.lr_range)
         self.study.set_user_attr("cell", cell.values)
         self.study.set_user_attr("method", cfg.method)
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-            self.study.tell(t.number, state=TrialState.FAIL)  # cut off by an interruption: not counted
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.study.tell(t.number, state=TrialState.PRUNED)  # cut off by an interruption: not counted
         self.in_flight = 0
         self._finished = False  # once done, a cell stays done: only its own tells change it
-        self.peers: list[CellSearch] = [self]
-        """The searches of the same workload and size (set by whoever runs them together): the
-        scale of ``collapsed``'s margin is the best gain over all of them."""
 
     def observations(self) -> list[Point]:
         return study_observations(self.study)
 
-    def reference_gain(self) -> float | None:
-        return best_gain(p for s in self.peers for p in s.observations())
+    def reference(self, obs: list[Point] | None = None) -> Reference:
+        """The cell's reference (``workloads.outcome.cell_reference``): its finished reference trials."""
+        return cell_reference(self.observations() if obs is None else obs)
+
+    def _reference_todo(self) -> tuple[list[int], int]:
+        """The reference seeds not yet finished nor running (a failed one is run again), and how many
+        reference trials are running."""
+        taken, running = set(), 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+            if t.user_attrs.get("reference"):
+                taken.add(t.user_attrs.get("seed"))
+                running += t.state == TrialState.RUNNING
+        seeds = [self.cfg.seed_offset + j for j in range(self.cfg.reference_seeds)]
+        return [s for s in seeds if s not in taken], running
+
+    def reference_ready(self) -> bool:
+        """Every reference trial has finished: the cell's classes can be decided."""
+        missing, running = self._reference_todo()
+        return not missing and not running
+
+    def _count(self, *states: TrialState) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=states))
 
     def trials_used(self) -> int:
-        return len([t for t in self.study.get_trials(deepcopy=False)
-                    if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)])
+        """Trials that count against the budget: finished, failed and running (not the PRUNED ones,
+        cut off by an interruption)."""
+        return self._count(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
 
     def _pending_repeats(self, obs: list[Point]) -> list[tuple[float, int]]:
         if self.cfg.method != "bisect" or self.cfg.seeds <= 1:
             return []
-        b = cell_bracket(obs, self.cfg, reference_gain=self.reference_gain())
+        b = cell_bracket(obs, self.cfg)
         have = {(o.lr, o.seed) for o in obs}
         running = {(t.params.get("lr"), t.user_attrs.get("seed"))
                    for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
@@ -229,15 +328,17 @@ class CellSearch:
 
     def settled(self, obs: list[Point] | None = None) -> str | None:
         """Why the cell needs no more trials (``interval`` / ``range_edge``), from its finished
-        trials; None if it does. The budget is not counted here."""
+        trials; None if it does (always while its reference is not finished). The budget is not
+        counted here."""
+        if not self.reference_ready():
+            return None
         obs = self.observations() if obs is None else obs
         if self.cfg.method == "psi":
             if len(obs) < self.cfg.min_trials_per_cell:
                 return None
-            return psy.stop_reason(cell_fit(obs, self.cfg, self.grid, self.reference_gain()), self.cfg.resolution)
-        ref = self.reference_gain()
-        if next_lr(obs, self.cfg, ref) is None and not self._pending_repeats(obs):
-            b = cell_bracket(obs, self.cfg, reference_gain=ref)
+            return psy.stop_reason(cell_fit(obs, self.cfg, self.grid), self.cfg.resolution)
+        if next_lr(obs, self.cfg) is None and not self._pending_repeats(obs):
+            b = cell_bracket(obs, self.cfg)
             return "interval" if b.width <= self.cfg.resolution else "range_edge"
         return None
 
@@ -258,9 +359,21 @@ class CellSearch:
 
     def ask(self) -> tuple[optuna.trial.Trial, float, int] | None:
         """The next trial to run, or None when the cell must wait for trials in flight (or is done).
-        Tune polls this often: a finished cell answers without reading its study."""
+        A reference trial first (user attr ``reference``), until the cell has all of them; then,
+        once they have finished, the method's proposals. Tune polls this often: a finished cell
+        answers without reading its study."""
         if (self.in_flight >= self.cfg.max_in_flight_per_cell or self.done()
                 or self.trials_used() >= self.cfg.max_trials_per_cell):  # budget, trials in flight counted
+            return None
+        missing, running = self._reference_todo()
+        if missing:
+            lr = self.cfg.ref_lr  # a one-point distribution: Optuna takes it as given, no sampler
+            trial = self.study.ask({"lr": FloatDistribution(lr, lr, log=True)})
+            trial.set_user_attr("reference", True)
+            trial.set_user_attr("seed", missing[0])
+            self.in_flight += 1
+            return trial, float(trial.params["lr"]), missing[0]
+        if running:  # no other trial before the reference is known
             return None
         obs = self.observations()
         dist = {"lr": FloatDistribution(*self.cfg.lr_range, log=True)}
@@ -270,7 +383,7 @@ class CellSearch:
             trial = self.study.ask(dist)
             seed = self.cfg.seed_offset + trial.number
         else:
-            lr_next = next_lr(obs, self.cfg, self.reference_gain())
+            lr_next = next_lr(obs, self.cfg)
             if lr_next is not None:
                 if self.in_flight:  # bisection is sequential: the next point depends on the running one
                     return None
@@ -307,16 +420,18 @@ class CellSearch:
 
     def report(self) -> dict[str, Any]:
         """The cell's row: the fit (``lr50`` with its interval, ``lr10``, ``lr90``), how the search
-        ended (``converged``, ``stop_reason``), what it used, and the old bracket beside it."""
+        ended (``converged``, ``stop_reason``), what it used, its reference (``reference_*``, and
+        the ``criterion`` its classes were decided by), and the old bracket beside it."""
         obs = self.observations()
-        b = cell_bracket(obs, self.cfg, reference_gain=self.reference_gain())
+        b = cell_bracket(obs, self.cfg)
         ends = {}
         for name, lr in (("stable", b.stable_lr), ("crash", b.crash_lr)):
             crashed, runs = b.crashed.get(lr, (0, 0))
             ends[name] = {"lr": lr, "seeds": runs, "crashed": crashed}
         lo, hi = self.cfg.lr_range
-        f = cell_fit(obs, self.cfg, self.grid, self.reference_gain())  # export recomputes the same fit from MLflow's runs
+        f = cell_fit(obs, self.cfg, self.grid)  # export recomputes the same fit from MLflow's runs
         reason = self.stop_reason()
+        ref = self.reference(obs)
         return {
             "cell": self.cell.key, **self.cell.values, "values": self.cell.values,
             "method": self.cfg.method, "resolution": self.cfg.resolution, "lr_range": list(self.cfg.lr_range),
@@ -332,9 +447,12 @@ class CellSearch:
             "non_monotonic": b.non_monotonic,
             "stable_end_crashed": ends["stable"]["crashed"], "stable_end_seeds": ends["stable"]["seeds"],
             "crash_end_crashed": ends["crash"]["crashed"], "crash_end_seeds": ends["crash"]["seeds"],
-            "trials": len(obs), "failed_trials": self.trials_used() - len(obs),
+            "trials": len(obs), "failed_trials": self._count(TrialState.FAIL),
+            "interrupted_trials": self._count(TrialState.PRUNED),
             "outcomes": {f"{lr:.6g}": v for lr, v in sorted(b.classes.items())},
-            "crash_criterion": list(self.cfg.crash),
+            "crash_criterion": list(self.cfg.crash), "reference_seeds": self.cfg.reference_seeds,
+            **ref.as_dict(),
+            "criterion": criterion_label(self.cfg.crash, self.cfg.kappa, no_reference=0 if ref.learned else 1),
         }
 
 
@@ -363,17 +481,6 @@ def dense_grid_size(cfg: BoundaryConfig) -> int:
     return math.ceil(math.log(hi / lo) / math.log(step)) + 1
 
 
-def set_peers(searches: list[CellSearch]) -> None:
-    """Each search's peers: the searches of the same workload and size (``SIZE_FIELDS``), whose best
-    gain scales ``collapsed``'s margin (``workloads.outcome.classify``)."""
-    groups: dict[tuple, list[CellSearch]] = {}
-    for s in searches:
-        key = tuple(str(s.cell.base.get(f)) for f in SIZE_FIELDS)
-        groups.setdefault(key, []).append(s)
-    for s in searches:
-        s.peers = groups[tuple(str(s.cell.base.get(f)) for f in SIZE_FIELDS)]
-
-
 # -------------------------------------------------------------------- search without Ray (tests)
 def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str | None, prefix: str,
                  evaluate: Callable[[TrialConfig], dict]) -> list[dict]:
@@ -383,7 +490,6 @@ def search_local(cells: list[Cell], cfg: BoundaryConfig, storage: str | None, pr
     (``max_in_flight_per_cell``), then tells their outcomes, as a cluster would. ``storage`` None:
     an in-memory Optuna store. Used by the synthetic benchmark and tests."""
     searches = [CellSearch(c, cfg, storage, prefix) for c in cells]
-    set_peers(searches)
     for s in searches:
         while not s.done():
             batch = []
@@ -445,7 +551,7 @@ class BoundarySearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         """Nothing to load: a resumed search reads its studies from the Optuna store (trials that
-        were in flight are marked failed there, see CellSearch). The file is only checked to be
+        were in flight are marked PRUNED there and not counted, see CellSearch). The file is only checked to be
         this searcher's."""
         try:
             state = json.loads(Path(checkpoint_path).read_text())
@@ -464,8 +570,10 @@ class BoundarySearcher(Searcher):
                 trial, lr, seed = nxt
                 self.live[trial_id] = (s, trial)
                 cfg = TrialConfig(**{**s.cell.base, "lr": lr, "seed": seed})
-                label = f"{s.cell.key} lr={lr:.4g}" + (f" seed={seed}" if seed else "")
-                return {"point": {"trial": cfg.to_dict(), "label": label, "cell": s.cell.key}}
+                reference = bool(trial.user_attrs.get("reference"))
+                label = (f"{s.cell.key} lr={lr:.4g}" + (f" seed={seed}" if seed else "")
+                         + (" (reference)" if reference else ""))
+                return {"point": {"trial": cfg.to_dict(), "label": label, "cell": s.cell.key, "reference": reference}}
             if not self.live and all(s.done() for s in self.searches):
                 return Searcher.FINISHED
             return None
@@ -507,10 +615,12 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     t0 = time.monotonic()
     cfg = boundary_config(spec)
     cells = cells_of(spec, cfg)
-    ses = open_session(spec, spec_raw, workdir, tracking_uri, address)
+    store = optuna_storage or f"sqlite:///{Path(workdir).expanduser().resolve() / 'optuna.db'}"
+    # a study made with other settings is refused before anything is written
+    ses = open_session(spec, spec_raw, workdir, tracking_uri, address,
+                       precheck=lambda _: check_studies(cells, cfg, store, spec.name))
     optuna_storage = optuna_storage or f"sqlite:///{ses.workdir / 'optuna.db'}"
     searches = [CellSearch(c, cfg, optuna_storage, spec.name) for c in cells]
-    set_peers(searches)
     # Runs of an interrupted search that never finished are replaced by the resumed search.
     for r in ses.tracker.trial_runs(spec.name, "tags.status = 'running'"):
         ses.tracker.delete_run(r.info.run_id)

@@ -33,12 +33,19 @@ class BoundaryConfig(BaseModel):
     """psi: a cell has converged when LR50's 90 % interval (high / low) is at most this (default
     1.5); bisect: when its bracket (crash LR / stable LR) is (default 2^(1/4))."""
     max_trials_per_cell: int | None = Field(None, ge=2)
-    """A cell's budget of trials: its search stops there, converged or not (default psi 40, bisect 12)."""
+    """A cell's budget of trials, its reference trials included: its search stops there, converged or
+    not (default psi 40, bisect 12). Trials cut off by an interruption do not count; failed ones do."""
     min_trials_per_cell: int = Field(8, ge=1)
     """psi: the interval may stop a cell only after this many finished trials (with fewer, a sharp
     transition and a wide one can look alike: see benchmarks/boundary_efficiency.py)."""
     seeds: int = Field(1, ge=1)
     """bisect only: the final bracket's ends are repeated with this many seeds."""
+    reference_seeds: int = Field(3, ge=1)
+    """Reference trials each cell runs first, at reference_lr, seeds from the cell's own sequence:
+    the classes of the cell's runs are judged against their mean gain (workloads/outcome.py), and no
+    other trial of the cell starts before they have finished. They count in the fit and the budget."""
+    reference_lr: float | None = Field(None, gt=0)
+    """The LR of the reference trials, inside lr_range (default: its low end)."""
     max_in_flight_per_cell: int = Field(1, ge=1)
     """A cell's trials running at once (psi places them by expected information, pending ones counted)."""
     seed_offset: int = 0
@@ -57,6 +64,19 @@ class BoundaryConfig(BaseModel):
                 if data.get(k) is None:
                     data[k] = v
         return data
+
+    @property
+    def ref_lr(self) -> float:
+        """The LR of the cell's reference trials: ``reference_lr``, else the low end of ``lr_range``."""
+        return self.reference_lr if self.reference_lr is not None else self.lr_range[0]
+
+    def study_settings(self) -> dict[str, Any]:
+        """The settings that give a cell's trials their meaning (a study remembers them: a resumed
+        search refuses other ones; the budget and stopping settings may change)."""
+        return {"lr_range": list(self.lr_range), "method": self.method, "seed_offset": self.seed_offset,
+                "reference_seeds": self.reference_seeds, "reference_lr": self.ref_lr,
+                "crash": list(self.crash), "kappa": self.kappa,
+                **({"seeds": self.seeds} if self.method == "bisect" else {})}
 
 
 def boundary_config(spec: SweepSpec) -> BoundaryConfig:
@@ -92,4 +112,10 @@ def boundary_config(spec: SweepSpec) -> BoundaryConfig:
     lo, hi = cfg.lr_range
     if not 0 < lo < hi:
         raise SpecError(f"boundary.lr_range: {list(cfg.lr_range)} must satisfy 0 < low < high")
+    if not lo <= cfg.ref_lr <= hi:
+        raise SpecError(f"boundary.reference_lr: {cfg.reference_lr!r} must lie inside lr_range {list(cfg.lr_range)} "
+                        "(default: its low end)")
+    if cfg.max_trials_per_cell <= cfg.reference_seeds:
+        raise SpecError(f"boundary.max_trials_per_cell: {cfg.max_trials_per_cell} must exceed reference_seeds "
+                        f"({cfg.reference_seeds}): the reference trials come out of the cell's budget")
     return cfg

@@ -287,7 +287,7 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
                + (" (a one-seed look)" if method == "bisect" else "")
                + f" (a dense grid at 2^(1/4) over the range: {out.dense_grid_trials} trials a cell per seed)")
     fmt = lambda v: f"{v:.4g}" if v else "-"  # noqa: E731
-    typer.echo(f"{'cell':<36} {'LR50 [90 % interval]':>26} {'band lr10-lr90':>18} {'trials':>6}  stopped")
+    typer.echo(f"{'cell':<36} {'LR50 [90 % interval]':>26} {'band lr10-lr90':>18} {'trials':>6} {'ref gain':>8}  stopped")
     for c in out.cells:
         notes = [c["stop_reason"] + ("" if c["converged"] else " (not converged)")]
         notes += [n for n in ("above_range", "below_range") if c[n]]
@@ -296,9 +296,20 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
         if c["method"] == "bisect" and (c["stable_end_seeds"] > 1 or c["crash_end_seeds"] > 1):
             notes.append(f"seeds crashed: {c['stable_end_crashed']}/{c['stable_end_seeds']} at stable end, "
                          f"{c['crash_end_crashed']}/{c['crash_end_seeds']} at crash end")
+        if not c["reference_learned"]:
+            notes.append("its reference learned nothing: standard-error margin only")
         interval = f"{fmt(c['lr50'])} [{fmt(c['lr50_low'])}, {fmt(c['lr50_high'])}]"
         band = f"{fmt(c['lr10'])}-{fmt(c['lr90'])}"
-        typer.echo(f"{c['cell']:<36} {interval:>26} {band:>18} {c['n_trials']:>6}  " + ", ".join(notes))
+        ref = f"{c['reference_gain']:.3f}" if c["reference_gain"] is not None else "-"
+        typer.echo(f"{c['cell']:<36} {interval:>26} {band:>18} {c['n_trials']:>6} {ref:>8}  " + ", ".join(notes))
+    if out.cells:
+        from workloads.outcome import criterion_label
+
+        c0 = out.cells[0]
+        dead = sum(not c["reference_learned"] for c in out.cells)
+        typer.echo(f"classes: {criterion_label(c0['crash_criterion'], p.spec.degraded_kappa, no_reference=dead)}; "
+                   f"each cell's reference: {c0['reference_seeds']} trials at lr {c0['reference_lr']:.4g} "
+                   "(ref gain: their mean gain, nats)")
     typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}; tables: ablate export")
     with _errors(out.tracking_uri):
         _ui_hint(out.tracking_uri, out.experiment)
@@ -367,8 +378,8 @@ OUT = typer.Option(None, help="Output folder (default: <workdir>/export/<sweep>)
 CRASH = typer.Option(None, "--crash", help="Outcome classes that count as a crash, comma-separated: any of "
                                            "diverged, collapsed, degraded (default: the spec's crash:, else "
                                            "diverged,collapsed).")
-KAPPA = typer.Option(None, "--kappa", help="Degraded: (L - L*) / (B - L*) > kappa, B the marginal baseline (default: the spec's "
-                                           "degraded_kappa, else 0.5).")
+KAPPA = typer.Option(None, "--kappa", help="Degraded: (g_R - g) / g_R > kappa, g the gain over the marginal baseline, g_R "
+                                           "the cell's reference gain (default: the spec's degraded_kappa, else 0.5).")
 SENS = typer.Option(None, "--sensitivity-range", help="LR range of the LR-sensitivity integral, 'low,high' "
                                                      "(default: the smallest and largest LR of the table).")
 
@@ -451,11 +462,79 @@ def forensics_cmd(spec: Optional[Path] = READ_SPEC, experiment: Optional[str] = 
 
 
 @app.command(cls=_Command)
-def trial(args: list[str] = typer.Argument(None, metavar="TRIAL_OPTIONS", help="Options of python -m workloads.trial (see --help there).")):
-    """Run one trial in this process, without Ray or MLflow (same as python -m workloads.trial)."""
-    from workloads.trial import main
+def trial(args: list[str] = typer.Argument(None, metavar="TRIAL_OPTIONS", help="Options of python -m workloads.trial (see --help there)."),
+          from_run: Optional[str] = typer.Option(None, "--from-run", metavar="RUN_ID",
+                                                 help="Re-run a recorded trial from its MLflow record (its config, "
+                                                      "thread count and device) and compare its final loss with "
+                                                      "the recorded one, bit for bit."),
+          quiet: bool = typer.Option(False, "--quiet", help="Print only the final JSON."),
+          workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING):
+    """Run one trial in this process, without Ray or MLflow (same as python -m workloads.trial).
 
-    raise typer.Exit(main(list(args or [])))
+    With --from-run RUN_ID: the trial a sweep or search recorded, run again here. Exit 0 when its
+    final loss equals the recorded one bit for bit, 1 when it differs (the line says what differs:
+    threads, device, CPU), 2 when there is no such finished trial run."""
+    from workloads.cli import main
+
+    if from_run is None:
+        raise typer.Exit(main(list(args or []) + (["--quiet"] if quiet else [])))
+    if args:
+        _fail(f"--from-run: give no trial options with it ({' '.join(args)}): it re-runs the trial as recorded")
+    from orchestrator.mlflow_store import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(workdir)
+    with _errors(uri):
+        from orchestrator.mlflow_store import check_store
+        from orchestrator.runs import recorded_trial
+
+        check_store(uri, write=False)
+        try:
+            rec = recorded_trial(uri, from_run)
+        except ValueError as e:
+            _fail(str(e))
+    raise typer.Exit(_rerun(rec, from_run, quiet))
+
+
+def _rerun(rec: dict, run_id: str, quiet: bool) -> int:
+    """``ablate trial --from-run``: run the recorded config here, compare the final loss."""
+    import math
+
+    import torch
+
+    from workloads.cli import check, run_and_print
+    from workloads.config import TrialConfig
+    from workloads.trainer import host_cpu
+
+    config = dict(rec["config"])
+    if rec["threads"] and not config.get("threads"):
+        config["threads"] = rec["threads"]  # a run recorded before the config carried the threads it used
+    if rec["device"] == "cpu":
+        config["device"] = "cpu"  # where it ran, even on a machine with a GPU
+    cfg = TrialConfig(**config)
+    here = {"threads": cfg.threads or torch.get_num_threads(), "cpu": host_cpu()}
+    notes = []
+    if rec["threads"] is None:
+        notes.append("the run did not record its thread count")
+    elif rec["threads"] != here["threads"]:
+        notes.append(f"threads {rec['threads']} recorded, {here['threads']} here")
+    if rec["cpu"] and rec["cpu"] != here["cpu"]:
+        notes.append(f"recorded on {rec['cpu']}, here {here['cpu']}")
+    typer.echo(f"re-running trial run {run_id} ({rec['sweep']}: {rec['label']}), config from its {rec['source']}, "
+               f"threads {cfg.threads or 'torch default'}, device {cfg.device}"
+               + (f"; note: {'; '.join(notes)}" if notes else ""), err=True)
+    code = check(cfg)
+    if code:
+        return code
+    res = run_and_print(cfg, quiet)
+    want, got = rec["final_loss"], res.final_loss
+    same = got == want or (math.isinf(got) and math.isinf(want))
+    if same:
+        typer.echo(f"reproduced: final loss {got!r} equals the recorded {want!r} bit for bit", err=True)
+        return 0
+    typer.secho(f"differs: final loss {got!r} here, {want!r} recorded (x{got / want:.6g})"
+                + (f"; {'; '.join(notes)}" if notes else "; same threads, device and CPU model as recorded"),
+                fg=typer.colors.YELLOW, err=True)
+    return 1
 
 
 @app.command(cls=_Command)

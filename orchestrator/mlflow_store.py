@@ -38,6 +38,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 TAG_SWEEP = "ablate.sweep"
 TAG_TRIAL = "ablate.trial_id"
 TAG_KIND = "ablate.kind"  # "sweep" | "trial"
+TAG_REFERENCE = "ablate.reference"  # "true" on a boundary search's reference trials (orchestrator.boundary)
 BATCH = 1000  # MLflow's limit of metrics per log_batch
 
 # MLflow 3 records an experiment's kind in this tag ("genai_development" or
@@ -255,16 +256,16 @@ class Tracker:
         return run_id
 
     def trial_run(self, sweep: str, parent_id: str, trial_id: str, name: str, config: dict,
-                  replace: bool) -> str:
-        """A trial's child run. With ``replace``, an earlier run of the same trial (a partial
-        attempt) is soft-deleted first so that the trial is recorded once."""
+                  replace: bool, tags: dict[str, str] | None = None) -> str:
+        """A trial's child run (with ``tags`` besides ablate's own). With ``replace``, an earlier run
+        of the same trial (a partial attempt) is soft-deleted first so that the trial is recorded once."""
         existing = self.trial_runs(sweep, f"tags.`{TAG_TRIAL}` = '{trial_id}'")
         if existing and not replace:
             return existing[0].info.run_id
         for r in existing:
             self.delete_run(r.info.run_id)
         tags = {TAG_SWEEP: sweep, TAG_TRIAL: trial_id, TAG_KIND: "trial", "mlflow.parentRunId": parent_id,
-                "mlflow.runName": name, "status": "running"}
+                "mlflow.runName": name, "status": "running", **(tags or {})}
         run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=name)
         run_id = run.info.run_id
         self.log_params(run_id, config)

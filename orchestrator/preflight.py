@@ -34,6 +34,7 @@ class Plan:
     trials: int | None              # grid trials (sweep), or the search's budget (boundary)
     cells: int | None = None        # boundary: cells searched
     per_cell: int | None = None     # boundary: at most this many trials a cell
+    reference: tuple[int, float] | None = None  # boundary: reference trials a cell runs first, and their LR
     embedded: bool = True
     local_gpus: int | None = None   # GPUs on this machine (embedded runs that ask for GPUs)
     warnings: list[str] = field(default_factory=list)
@@ -45,7 +46,9 @@ class Plan:
         out = [f"spec {s.name!r} ({s.workload}, {s.steps} steps a trial; MLflow experiment {s.experiment_name!r})"]
         if self.kind == "boundary":
             out.append(f"boundary search: {self.cells} cells" + (f", at most {self.per_cell} trials a cell "
-                       f"(at most {self.trials} trials)" if self.per_cell else ""))
+                       f"(at most {self.trials} trials)" if self.per_cell else "")
+                       + (f"; each cell first runs {self.reference[0]} reference trials at lr {self.reference[1]:g}"
+                          if self.reference else ""))
         else:
             out.append(f"grid: {self.trials} trials ({_grid_text(s)})")
         where = ("this machine (embedded Ray)" if self.embedded else
@@ -195,6 +198,8 @@ def plan(spec_path: str | Path, kind: str = "sweep", max_trials: int | None = No
         n = spec.grid_size()
     trials = spec.trials()
     p = Plan(kind, spec, raw, n, cells, per_cell, embedded)
+    if kind == "boundary":
+        p.reference = (cfg.reference_seeds, cfg.ref_lr)
     p.warnings += check_data(spec, trials, embedded)
     p.local_gpus = check_gpus(spec, embedded)
     if time_steps_n > 0:

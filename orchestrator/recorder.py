@@ -61,13 +61,14 @@ class TrialRecorder:
         """Whether this recorder holds a run for the trial's current attempt."""
         return trial_id in self.runs
 
-    def start(self, trial_id: str, label: str, params: dict, replace: bool = True) -> str:
-        """The trial's run for a new attempt (RUNNING, tag status=running, ``params``), named
-        ``label``. With ``replace``, a run of an earlier attempt is soft-deleted first; without, an
-        existing run of the trial is taken over. Its buffered metrics, events and placement are
+    def start(self, trial_id: str, label: str, params: dict, replace: bool = True,
+              tags: dict[str, str] | None = None) -> str:
+        """The trial's run for a new attempt (RUNNING, tag status=running, ``params``, ``tags``),
+        named ``label``. With ``replace``, a run of an earlier attempt is soft-deleted first; without,
+        an existing run of the trial is taken over. Its buffered metrics, events and placement are
         reset."""
         self.runs[trial_id] = self.tracker.trial_run(self.sweep, self.parent_id, trial_id, label, params,
-                                                     replace=replace)
+                                                     replace=replace, tags=tags)
         self._buf.pop(trial_id, None)
         self._events.pop(trial_id, None)
         self._tagged.discard(trial_id)
@@ -114,8 +115,9 @@ class TrialRecorder:
     # ---- a trial's end
     def finish(self, trial_id: str, summary: dict) -> None:
         """A trial that ran to its end (``summary``: the trial's result as a dict): its metrics, its
-        class and stop as tags, its results as metrics result/<name>, result.json and events.json,
-        FINISHED."""
+        class and stop as tags, where it ran (``device``, ``torch_threads``, ``cpu``) as tags, its
+        results as metrics result/<name>, result.json (the summary, with the ``config`` it ran) and
+        events.json, FINISHED."""
         run_id = self.runs[trial_id]
         self.flush_trial(trial_id)
         ev = summary.get("first_event")
@@ -125,7 +127,8 @@ class TrialRecorder:
         tags = {"status": status, "stop_reason": summary.get("stop_reason") or "",
                 "divergence_kind": ev["kind"] if ev else "",
                 "divergence_step": ev["step"] if ev else "", "steps_run": summary["steps_run"],
-                "device": summary.get("device", ""), "ended_at": summary.get("ended_at", "")}
+                "device": summary.get("device", ""), "ended_at": summary.get("ended_at", ""),
+                "torch_threads": summary.get("threads") or "", "cpu": summary.get("cpu") or ""}
         if self.crash_criterion:
             tags["crash_criterion"] = self.crash_criterion
             tags["crashed"] = status in self.crash_classes

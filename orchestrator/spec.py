@@ -18,7 +18,7 @@ grid is built as a ``TrialConfig`` once, so a bad combination fails now, not ins
     probe_interval: 10
     crash: [diverged, collapsed]      # which outcome classes count as a crash (workloads.outcome):
                                       # any of diverged, collapsed, degraded
-    degraded_kappa: 0.5               # degraded: (L - L*) / (B - L*) > kappa, B the baseline, L* the cell's best
+    degraded_kappa: 0.5               # degraded: (g_R - g) / g_R > kappa, g the gain over the baseline, g_R the cell's reference's
     divergence: {max_loss_ratio: 1.5, spike_ratio: 2.0, entropy_collapse: 0.05,   # events (recorded)
                  stop_grace: 0.4, stop_window: 10, stop_margin: 4.0,              # the loss rule, if opted into
                  stop_on: [nonfinite]}                                            # default: non-finite only
@@ -161,8 +161,8 @@ class SweepSpec(_Strict):
     crash: tuple[str, ...] = DEFAULT_CRASH
     """Outcome classes that count as a crash (``workloads.outcome``)."""
     degraded_kappa: float = Field(DEFAULT_KAPPA, gt=0)
-    """A finished run is ``degraded`` when (L - L*) / (l_0 - L*) > kappa, L* the cell's best final loss at
-    a lower LR."""
+    """A finished run is ``degraded`` when, above its cell's reference LR, (g_R - g) / g_R > kappa: g its
+    gain over the marginal baseline, g_R the mean gain of the cell's reference runs (workloads.outcome)."""
     storage_path: str | None = None
     """Tune's storage (on a cluster: shared storage, e.g. ``s3://...``); default
     ``$ABLATE_STORAGE_PATH``, else ``<workdir>/ray_results``."""

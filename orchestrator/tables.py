@@ -36,9 +36,9 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator import psychometric as psy
-from orchestrator.runs import FINISHED, cell_fields_of, reference_gains, run_point, size_key
+from orchestrator.runs import FINISHED, cell_fields_of, judge_rows, run_point
 from orchestrator.writers import axis_name, file_stem, fmt, write_table
-from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, bracket, classify, lr_sensitivity
+from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA, bracket, lr_sensitivity
 from workloads.stabilizers import label as stabilizer_label
 
 
@@ -90,16 +90,17 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
     srange = sensitivity_range or ((min(all_lrs), max(all_lrs)) if all_lrs else (1.0, 1.0))
 
     msl, sens, best, finals, fit_data = defaultdict(list), [], [], [], {}
-    refs = reference_gains(rows)
+    judged = {id(r): v for r, v in zip(rows, judge_rows(rows, cell_fields, kappa))}  # per cell of its sweep
     for key, rs in sorted(cells.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         ident = dict(zip(cell_fields, key))
         pts = [run_point(r) for r in rs]
-        ref = refs[size_key(rs[0])]
-        b = bracket(pts, crash, kappa, reference_gain=ref)
+        classes = [judged[id(r)][0] for r in rs]
+        refs = list(dict.fromkeys(judged[id(r)][1] for r in rs))  # the cell's reference in each of its sweeps
+        b = bracket(pts, crash, kappa, classes=classes)
         se, ce = b.crashed.get(b.stable_lr, (0, 0)), b.crashed.get(b.crash_lr, (0, 0))
         lrs_run = sorted({p.lr for p in pts})
         warmup = rs[0]["warmup_steps"]  # the cell's warmup, also where it is fixed (not a cell field)
-        crashed = [c in crash for c in classify(pts, kappa, reference_gain=ref)]
+        crashed = [c in crash for c in classes]
         recs = [c for c in (searches or []) if _matches(c, ident) and (c.get("sweep") in {r["sweep"] for r in rs})]
         method = "+".join(sorted({c.get("method", "bisect") for c in recs})) or "grid"
         frange = tuple(recs[0]["lr_range"]) if recs and recs[0].get("lr_range") else srange
@@ -119,6 +120,8 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
             "max_stable_lr": b.stable_lr, "crash_lr": b.crash_lr,
             "stable_end": f"{se[0]}/{se[1]}" if se[1] else "", "crash_end": f"{ce[0]}/{ce[1]}" if ce[1] else "",
             "non_monotonic": b.non_monotonic, "lrs": len(lrs_run), "trials": len(pts),
+            "reference_lr": refs[0].lr if len(refs) == 1 else None,
+            "reference_gain": refs[0].gain if len(refs) == 1 else None,
             "above_range": fit.p_above_range >= 0.5, "below_range": fit.p_below_range >= 0.5,
             "bracket_above_range": b.crash_lr is None, "bracket_below_range": b.stable_lr is None})
         value, covers = lr_sensitivity(pts, srange)
@@ -127,7 +130,6 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
                      "range_min": srange[0], "range_max": srange[1],
                      "lr_min": lrs_run[0], "lr_max": lrs_run[-1], "lrs": len(lrs_run),
                      "initial_loss": float(np.mean(l0s)) if l0s else None})
-        classes = classify(pts, kappa, reference_gain=ref)
         learned = [p for p, c in zip(pts, classes) if c not in ("diverged", "collapsed")]
         top = min(learned, key=lambda p: p.final_loss) if learned else None
         best.append({**ident, "best_final_loss": top.final_loss if top else None,

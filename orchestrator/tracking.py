@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from orchestrator.mlflow_store import TAG_REFERENCE
 from orchestrator.progress import Progress
 from orchestrator.recorder import TrialRecorder
 from workloads.stabilizers import label as stabilizer_label
@@ -46,11 +47,13 @@ class TrackingCallback(Callback):
         self._init_state()
 
     def _run_for(self, trial, replace: bool) -> None:
-        """The trial's run (a new one with ``replace``), its params from the trial's grid point."""
+        """The trial's run (a new one with ``replace``), its params from the trial's grid point, tagged
+        ``ablate.reference`` when it is a reference trial of a boundary search."""
         if replace or not self.recorder.has_run(trial.trial_id):
             point = trial.config["point"]
             params = {**point["trial"], "stabilizer": stabilizer_label(tuple(point["trial"]["stabilizers"]))}
-            self.recorder.start(trial.trial_id, point["label"], params, replace=replace)
+            tags = {TAG_REFERENCE: "true"} if point.get("reference") else None
+            self.recorder.start(trial.trial_id, point["label"], params, replace=replace, tags=tags)
 
     def _progress_of(self, trials) -> tuple:
         """What the progress line counts: the trials' Tune statuses (read only when a line is

@@ -14,7 +14,10 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
     ``config["point"]`` holds ``{"trial": TrialConfig fields, "label": str}``. Each report carries
     ``batch``, the JSON list of ``[step, metrics, events]`` of the probe steps since the last report
     (the latest step's metrics are also top-level keys, for Tune's own view), the node id and host
-    on the first report, and on the last a ``summary`` (the ``TrialResult`` as JSON).
+    on the first report, and on the last a ``summary`` (the ``TrialResult`` as JSON, with the
+    ``config`` the trial ran: what ``ablate trial --from-run`` re-runs). The trial's ``threads``
+    (from the spec's ``resources.cpus``) reach ``torch.set_num_threads`` in the worker through the
+    trainer; the summary records torch's actual count.
     """
     import ray
     from ray import tune
@@ -49,6 +52,7 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
 
     res = run(cfg, reporter)
     summary = res.to_dict()
+    summary["config"] = cfg.to_dict()
     summary.pop("final_metrics", None)
     summary["ended_at"] = time.time()
     send({"step": res.steps_run, "summary": json.dumps(summary, default=str),

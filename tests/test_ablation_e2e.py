@@ -1,5 +1,6 @@
 """`ablate boundary` and `ablate export` end to end: real Ray, MLflow, Optuna, torch on CPU."""
 
+import json
 import math
 import subprocess
 import sys
@@ -52,6 +53,14 @@ def test_ablate_boundary_fits_every_cell_and_export_shows_how_each_search_ended(
         mine = [r for r in runs if r.data.params["stabilizer"] == cell["stabilizers"]]
         seeds = sorted(int(r.data.params["seed"]) for r in mine)
         assert seeds == list(range(50, 50 + len(mine)))  # a fresh seed per trial, offset by fixed.seed
+        # the cell's reference: 3 trials at the bottom of the range, seeds 50-52, tagged in MLflow
+        refs = [r for r in mine if r.data.tags.get("ablate.reference") == "true"]
+        assert sorted((float(r.data.params["lr"]), int(r.data.params["seed"])) for r in refs) == [
+            (1e-3, 50), (1e-3, 51), (1e-3, 52)]
+        assert cell["reference_runs"] == 3 and cell["reference_lr"] == 1e-3
+        assert "(reference)" in refs[0].data.tags["mlflow.runName"]
+        # every trial records the threads it trained with (resources.cpus: 1) and where
+        assert {r.data.tags["torch_threads"] for r in mine} == {"1"} and {r.data.tags["device"] for r in mine} == {"cpu"}
         assert len(mine) == cell["n_trials"] == cell["n_seeds"] <= cfg.max_trials_per_cell
         assert cell["stop_reason"] in ("interval", "budget", "range_edge")
         assert cell["converged"] == (cell["stop_reason"] == "interval")
@@ -62,13 +71,21 @@ def test_ablate_boundary_fits_every_cell_and_export_shows_how_each_search_ended(
     # export recomputes every fit from MLflow's runs alone and carries how each search ended
     res = export(out.tracking_uri, out.experiment, spec.name, tmp_path / "export")
     rows = {r["stabilizer"]: r for r in res.tables.max_stable_lr[0]}
+    trials = res.table.to_pylist()
     for cell in out.cells:
         row = rows[cell["stabilizers"]]
         for k in ("lr50", "lr50_low", "lr50_high", "lr10", "lr90", "n_trials", "converged", "stop_reason"):
             assert row[k] == (pytest.approx(cell[k], rel=1e-9) if isinstance(cell[k], float) else cell[k]), k
         assert row["method"] == "psi" and row["resolution"] == 1.5
-    import json
-
+        # the same classes, run by run, against the same reference (found by its MLflow tag)
+        mine = [t for t in trials if t["stabilizer"] == cell["stabilizers"]]
+        by_lr: dict = {}
+        for t in mine:
+            by_lr.setdefault(f"{t['lr']:.6g}", []).append(t["outcome"])
+        assert {k: sorted(v) for k, v in by_lr.items()} == {k: sorted(v) for k, v in cell["outcomes"].items()}
+        assert sum(t["reference_run"] for t in mine) == 3 and row["reference_gain"] == cell["reference_gain"]
+        assert all(t["reference_gain"] == cell["reference_gain"] and t["collapse_margin"] >= 0 for t in mine)
+        assert {t["torch_threads"] for t in mine} == {1}
     saved = json.loads((tmp_path / "export" / "max_stable_lr.json").read_text())["tables"]["0"]
     assert {r["stabilizer"]: (r["converged"], r["stop_reason"]) for r in saved} == {
         c["stabilizers"]: (c["converged"], c["stop_reason"]) for c in out.cells}
@@ -85,6 +102,16 @@ def test_ablate_boundary_fits_every_cell_and_export_shows_how_each_search_ended(
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "stabilizers=none" in res.stdout and "LR50 [90 % interval]" in res.stdout
+    assert "each cell's reference: 3 trials at lr 0.001" in res.stdout and "classes: crash = diverged" in res.stdout
+    # the same searches with another lr_range are refused before anything is written, naming it
+    changed = {**BOUNDARY, "boundary": {**BOUNDARY["boundary"], "lr_range": [2e-3, 3.0]}}
+    spec_path.write_text(yaml.safe_dump(changed))
+    parents = len(client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'sweep'", max_results=100))
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "boundary", str(spec_path),
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "boundary.lr_range: [0.001, 3.0] in the study, [0.002, 3.0] in the spec" in res.stderr
+    assert len(client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'sweep'", max_results=100)) == parents
     assert len(client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", max_results=1000)) == len(runs)
 
 
@@ -214,3 +241,34 @@ def test_calibration_sweep_through_forensics(ray_local, tmp_path):
         assert row["lead_steps_min"] is None or row["lead_steps_min"] > 0
         assert row["threshold"] is None or row["threshold"] == 0 or abs(row["threshold"]) > 1e-300
     assert "e-324" not in (tmp_path / "fx" / "forensics_warnings.md").read_text()
+
+
+def test_a_recorded_trial_re_runs_bit_for_bit_from_its_mlflow_record(ray_local, tmp_path):
+    """Issue 31, exact re-runs: a trial recorded by a real sweep under Ray (1 CPU a trial: it trains
+    with 1 thread, torch's default here being 2) is re-run by ``ablate trial --from-run`` in a fresh
+    process and ends at the same final loss, compared as floats, not approximately."""
+    raw = {"name": "t-rerun", "workload": "gpt", "steps": 60, "fixed": {**TINY, "seed": 3},
+           "axes": {"lr": [3e-3, 0.3]}, "probe_interval": 20, "resources": {"cpus": 1, "gpus": 0}, "concurrency": 2}
+    spec = parse_spec(raw)
+    out = run_sweep(spec, raw, workdir=tmp_path, progress=False)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(out.tracking_uri)
+    exp = client.get_experiment_by_name(out.experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", max_results=10)
+    assert len(runs) == 2
+    for r in runs:
+        assert r.data.params["threads"] == "1" and r.data.tags["torch_threads"] == "1"  # reached torch in the worker
+        res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "trial", "--from-run", r.info.run_id,
+                              "--tracking-uri", out.tracking_uri, "--quiet"], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        again = json.loads(res.stdout)
+        assert again["final_loss"] == r.data.metrics["result/final_loss"]  # bit for bit
+        assert again["threads"] == 1 and "reproduced" in res.stderr and "config from its result.json" in res.stderr
+    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "trial", "--from-run", "0123abc",
+                          "--tracking-uri", out.tracking_uri], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--from-run: no run '0123abc' in the MLflow store" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    parent = subprocess.run([sys.executable, "-m", "orchestrator.cli", "trial", "--from-run", out.parent_run_id,
+                             "--tracking-uri", out.tracking_uri], capture_output=True, text=True, timeout=120)
+    assert parent.returncode == 2 and "is not a trial run of ablate" in parent.stderr

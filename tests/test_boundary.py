@@ -6,6 +6,7 @@ from orchestrator.boundary import Cell, CellSearch, dense_grid_size, next_lr, se
 from orchestrator.boundary_config import BoundaryConfig
 from orchestrator.spec import SpecError, parse_spec
 from workloads.outcome import Point
+from workloads.trial import TrialConfig
 
 CFG = BoundaryConfig(lr_range=(1e-4, 1.0), method="bisect", resolution=2 ** 0.25, max_trials_per_cell=20)
 L0 = 5.0
@@ -97,7 +98,9 @@ def test_interrupted_search_resumes_from_the_optuna_store(tmp_path):
         first.tell(trial, fake(type("C", (), {"lr": lr})))
     first.ask()
     rep = search_local([cell], CFG, storage, "t", fake)[0]
-    assert rep["converged"] and rep["trials"] == len(calls) - 0 and rep["failed_trials"] == 1
+    # the trial cut off by the interruption is not a failure and does not count (issue 31)
+    assert rep["converged"] and rep["trials"] == len(calls) and rep["failed_trials"] == 0
+    assert rep["interrupted_trials"] == 1
     assert rep["stop_reason"] == "interval" and rep["method"] == "bisect"
     again = len(calls)
     search_local([cell], CFG, storage, "t", fake)
@@ -176,7 +179,8 @@ def test_psi_gives_every_trial_a_fresh_seed_offset_by_fixed_seed():
 
 @pytest.mark.parametrize("mu_lr, s", [(0.02, 0.04), (0.15, 0.366)])  # a sharp and a wide (band x5) cell
 def test_psi_converges_on_a_synthetic_cell(mu_lr, s):
-    cfg = BoundaryConfig(lr_range=(1e-3, 1.0), resolution=1.6, max_trials_per_cell=60)
+    # budget 80: the wide cell's draws after its 3 reference trials take 69 trials (45 with one)
+    cfg = BoundaryConfig(lr_range=(1e-3, 1.0), resolution=1.6, max_trials_per_cell=80)
     cell = Cell("synthetic", {}, {"workload": "gpt", "steps": 1})
     rep = search_local([cell], cfg, None, "t", logistic_cell(math.log(mu_lr), s))[0]
     assert rep["converged"] and rep["stop_reason"] == "interval"
@@ -207,6 +211,11 @@ def test_psi_proposals_in_flight_spread_and_resume_from_the_store(tmp_path):
     cfg = BoundaryConfig(lr_range=(1e-3, 1.0), max_in_flight_per_cell=4, max_trials_per_cell=24)
     fake = logistic_cell(math.log(0.05), 0.2)
     first = CellSearch(cell, cfg, storage, "t")
+    refs = [first.ask() for _ in range(4)]  # the reference trials first, then nothing until they finish
+    assert refs[3] is None and [(lr, seed) for _, lr, seed in refs[:3]] == [(1e-3, 0), (1e-3, 1), (1e-3, 2)]
+    for trial, lr, seed in refs[:3]:
+        assert trial.user_attrs["reference"]
+        first.tell(trial, fake(type("C", (), {"lr": lr, "seed": seed})))
     for _ in range(2):  # two rounds of 4 in flight, told
         batch = [first.ask() for _ in range(4)]
         assert first.ask() is None  # at most max_in_flight_per_cell at once
@@ -216,7 +225,7 @@ def test_psi_proposals_in_flight_spread_and_resume_from_the_store(tmp_path):
             first.tell(trial, fake(type("C", (), {"lr": lr, "seed": seed})))
     first.ask()  # "the driver dies" with one trial asked and never told
     rep = search_local([cell], cfg, storage, "t", fake)[0]
-    assert rep["failed_trials"] == 1 and rep["n_trials"] >= 8
+    assert rep["interrupted_trials"] == 1 and rep["failed_trials"] == 0 and rep["n_trials"] >= 8
     assert rep["stop_reason"] in ("interval", "budget")
     seeds = [t.user_attrs["seed"] for t in CellSearch(cell, cfg, storage, "t").study.get_trials()]
     assert len(set(seeds)) == len(seeds)  # the resumed search does not reuse a seed
@@ -300,3 +309,163 @@ def test_expected_entropy_counts_a_pending_trial_and_thompson_beyond_the_exact_l
     a = psy.next_lr(grid, lrs, crashed, many, cands, np.random.default_rng(7))
     b = psy.next_lr(grid, lrs, crashed, many, cands, np.random.default_rng(7))
     assert a == b and a in cands
+
+
+# ------------------------------------------------------------------- the cell's own reference (#31)
+def gained(gain_of):
+    """A synthetic trial with gains over a baseline of 3.0: ``gain_of(lr, seed)`` nats (None: diverged)."""
+    def fake(c):
+        g = gain_of(c.lr, c.seed)
+        return {"final_loss": math.inf if g is None else 3.0 - g, "initial_loss": L0, "baseline_loss": 3.0,
+                "eval_baseline": 3.0, "final_loss_se": 0.01, "stop_reason": "nonfinite" if g is None else None}
+    return fake
+
+
+def test_a_cell_runs_its_reference_first_and_is_judged_against_it_alone():
+    """A cell whose runs learn 1 nat at low LRs and 0.3 nats from lr 0.05 up, beside a cell of the
+    same workload and size that learns 5 nats: under #17's rule (a tenth of the best gain of the
+    workload) the first cell's 0.3-nat runs collapsed beside the second and not alone (measured
+    with this test's cells on the code before: LR50 0.486 alone, 0.049 after the second cell).
+    Against its own reference they are the same alone, beside it, before or after it."""
+    def weak(lr, seed):
+        return None if lr > 0.5 else (1.0 if lr < 0.05 else 0.3 + 0.01 * (seed % 3))
+
+    def strong(lr, seed):
+        return None if lr > 0.5 else 5.0
+
+    cfg = BoundaryConfig(lr_range=(1e-3, 1.0), max_trials_per_cell=16, max_in_flight_per_cell=2)
+    # the same workload and size (#17's peers), two stabilizers
+    a = Cell("a", {}, {"workload": "gpt", "steps": 1, "stabilizers": ()})
+    b = Cell("b", {}, {"workload": "gpt", "steps": 1, "stabilizers": ("qk_norm",)})
+    evaluate = lambda c: gained(strong if c.stabilizers else weak)(c)  # noqa: E731
+    alone = search_local([a], cfg, None, "alone", evaluate)[0]
+    after = search_local([b, a], cfg, None, "after", evaluate)[1]
+    before = search_local([a, b], cfg, None, "before", evaluate)[0]
+    assert alone["cell"] == after["cell"] == before["cell"] == "a"
+    for rep in (after, before):
+        for k in ("outcomes", "lr50", "lr50_low", "lr50_high", "n_trials", "stop_reason", "reference_gain"):
+            assert rep[k] == alone[k], k
+    assert alone["reference_lr"] == 1e-3 and alone["reference_runs"] == 3 and alone["reference_gain"] == pytest.approx(1.0)
+    assert alone["reference_learned"] and "reference gain" in alone["criterion"]
+    classes = [c for cs in alone["outcomes"].values() for c in cs]
+    assert "degraded" in classes and "collapsed" not in classes  # 0.3 of 1.0: degraded, not collapsed
+
+
+def test_reference_seeds_and_lr_are_set_by_the_spec_and_a_failed_reference_is_run_again():
+    from orchestrator.boundary_config import boundary_config
+
+    base = {"name": "b", "workload": "gpt", "steps": 5, "axes": {"stabilizers": ["none"]}, "fixed": {"seed": 10}}
+    cfg = boundary_config(parse_spec({**base, "boundary": {"lr_range": [1e-3, 1.0], "reference_seeds": 2,
+                                                           "reference_lr": 2e-3}}))
+    assert (cfg.reference_seeds, cfg.ref_lr) == (2, 2e-3)
+    assert boundary_config(parse_spec({**base, "boundary": {"lr_range": [1e-3, 1.0]}})).ref_lr == 1e-3
+    with pytest.raises(SpecError, match=r"boundary.reference_lr: 5.0 must lie inside lr_range \[0.001, 1.0\]"):
+        boundary_config(parse_spec({**base, "boundary": {"lr_range": [1e-3, 1.0], "reference_lr": 5.0}}))
+    with pytest.raises(SpecError, match="boundary.max_trials_per_cell: 3 must exceed reference_seeds"):
+        boundary_config(parse_spec({**base, "boundary": {"lr_range": [1e-3, 1.0], "max_trials_per_cell": 3}}))
+    with pytest.raises(SpecError, match="boundary.reference_seeds: 0"):
+        boundary_config(parse_spec({**base, "boundary": {"lr_range": [1e-3, 1.0], "reference_seeds": 0}}))
+    s = CellSearch(Cell("c", {}, {"workload": "gpt", "steps": 1}), cfg, None, "r")
+    t0, lr0, seed0 = s.ask()
+    assert (lr0, seed0) == (2e-3, 10) and s.ask() is None  # one in flight at a time here
+    s.tell(t0, None, failed=True)  # a real failure: counted, and the reference seed is run again
+    t1, lr1, seed1 = s.ask()
+    assert (lr1, seed1) == (2e-3, 10) and s.trials_used() == 2
+    s.tell(t1, gained(lambda lr, seed: 1.0)(type("C", (), {"lr": lr1, "seed": seed1})))
+    assert s.ask()[1:] == (2e-3, 11) and not s.reference_ready()
+
+
+def test_interrupts_do_not_spend_the_budget_and_failures_do(tmp_path):
+    """Issue 31: three interrupts with 4 trials in flight spent a 10-trial cell with 0 finished
+    runs. Cut off by an interruption (a new driver finds them running): PRUNED, not counted."""
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    cell = Cell("c", {}, {"workload": "gpt", "steps": 1})
+    cfg = BoundaryConfig(lr_range=(1e-3, 1.0), max_in_flight_per_cell=4, max_trials_per_cell=10)
+    for _ in range(3):  # a driver asks 3-4 trials and dies before any finishes
+        s = CellSearch(cell, cfg, storage, "t")
+        asked = [x for x in (s.ask() for _ in range(4)) if x is not None]
+        assert asked and s.trials_used() == len(asked)
+    rep = search_local([cell], cfg, storage, "t", logistic_cell(math.log(0.05), 0.2))[0]
+    assert rep["interrupted_trials"] == 9 and rep["failed_trials"] == 0
+    assert rep["n_trials"] >= cfg.min_trials_per_cell and rep["stop_reason"] in ("interval", "budget")
+    # a failed trial (an exception) counts against the budget
+    s = CellSearch(Cell("f", {}, {"workload": "gpt", "steps": 1}), cfg, storage, "t")
+    for _ in range(cfg.max_trials_per_cell):
+        trial, _, _ = s.ask()
+        s.tell(trial, None, failed=True)
+    assert s.ask() is None and s.done() and s.report()["failed_trials"] == 10 and s.report()["stop_reason"] == "budget"
+
+
+def test_a_study_refuses_other_settings_and_names_each(tmp_path):
+    from orchestrator.boundary import check_studies
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    cell = Cell("stabilizers=none", {"stabilizers": "none"}, {"workload": "gpt", "steps": 5, "depth": 2})
+    cfg = BoundaryConfig(lr_range=(3e-3, 3.0), max_trials_per_cell=10)
+    check_studies([cell], cfg, storage, "t")  # no store yet: nothing to compare, nothing created
+    assert not (tmp_path / "o.db").exists()
+    s = CellSearch(cell, cfg, storage, "t")
+    trial, lr, seed = s.ask()
+    s.tell(trial, gained(lambda lr, seed: 1.0)(type("C", (), {"lr": lr, "seed": seed})))
+    # the budget and the stopping settings may change; the meaning of the trials may not
+    CellSearch(cell, cfg.model_copy(update={"max_trials_per_cell": 20, "resolution": 1.3}), storage, "t")
+    CellSearch(Cell(cell.key, cell.values, {**cell.base, "threads": 2}), cfg, storage, "t")
+    wider = cfg.model_copy(update={"lr_range": (1e-3, 3.0)})
+    want = r"boundary.lr_range: \[0.003, 3.0\] in the study, \[0.001, 3.0\] in the spec"
+    with pytest.raises(SpecError, match=want):
+        check_studies([cell], wider, storage, "t")
+    with pytest.raises(SpecError, match=want + ".*another name"):
+        CellSearch(cell, wider, storage, "t")
+    deeper = Cell(cell.key, cell.values, {**cell.base, "depth": 4})
+    with pytest.raises(SpecError, match=r"^depth: 2 in the study, 4 in the spec \(boundary study 't::stabilizers=none'"):
+        check_studies([deeper], cfg, storage, "t")
+    both = cfg.model_copy(update={"seed_offset": 100, "reference_seeds": 2})
+    with pytest.raises(SpecError, match="boundary.reference_seeds: 3 in the study, 2 in the spec; fixed.seed: 0 in the study, 100 in"):
+        check_studies([cell], both, storage, "t")
+    # a study an older ablate made (trials, no recorded settings) is refused too
+    import optuna
+
+    old = optuna.create_study(storage=storage, study_name="t::old")
+    old.tell(old.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)}), 3.0)
+    with pytest.raises(SpecError, match="made by an older ablate that did not record its settings"):
+        check_studies([Cell("old", {}, {"workload": "gpt", "steps": 5})], cfg, storage, "t")
+
+
+TINY = dict(workload="gpt", depth=1, width=32, heads=2, seq_len=32, batch_size=8, steps=100, schedule="constant",
+            eval_interval=0, eval_batches=4, probe_interval=50, device="cpu", threads=1)
+
+
+@pytest.mark.slow
+def test_real_trials_a_cell_alone_or_beside_another_has_the_same_classes_and_lr50():
+    """Real (tiny) GPT trials, each run once and reused: `none` searched alone, after `qk_norm` and
+    before it gives the same runs, classes, LR50 and interval; and the tells of each batch in reverse
+    order (trials finishing in another order) give the same report."""
+    from workloads.trial import run
+
+    cache = {}
+
+    def evaluate(c):
+        key = (c.stabilizer_label, c.lr, c.seed)
+        if key not in cache:
+            cache[key] = run(c).to_dict()
+        return cache[key]
+
+    none = Cell("stabilizers=none", {"stabilizers": "none"}, {**TINY, "stabilizers": ()})
+    qk = Cell("stabilizers=qk_norm", {"stabilizers": "qk_norm"}, {**TINY, "stabilizers": ("qk_norm",)})
+    cfg = BoundaryConfig(lr_range=(1e-2, 1.0), max_trials_per_cell=12, min_trials_per_cell=8, max_in_flight_per_cell=2)
+    alone = search_local([none], cfg, None, "alone", evaluate)[0]
+    after = search_local([qk, none], cfg, None, "after", evaluate)[1]
+    before = search_local([none, qk], cfg, None, "before", evaluate)[0]
+
+    s = CellSearch(none, cfg, None, "reversed")
+    while not s.done():
+        batch = [x for x in iter(s.ask, None)]
+        if not batch:
+            break
+        for trial, lr, seed in reversed(batch):
+            s.tell(trial, evaluate(TrialConfig(**{**none.base, "lr": lr, "seed": seed})))
+    rev = s.report()
+    keys = ("outcomes", "lr50", "lr50_low", "lr50_high", "n_trials", "stop_reason", "reference_gain", "criterion")
+    for rep in (after, before, rev):
+        assert {k: rep[k] for k in keys} == {k: alone[k] for k in keys}
+    assert alone["reference_runs"] == 3 and alone["reference_lr"] == 1e-2

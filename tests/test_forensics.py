@@ -282,8 +282,8 @@ def _flat(value, steps=PROBE_STEPS):
 def crash_step_runs():
     """One stabilizer, a distinct LR per run, so the groups alternate train, test in LR order. Stable
     runs end at 2 (gain 1 over the baseline 3 of their eval windows, standard error 0.01: the
-    collapse margin is a tenth of the best gain, 0.1). Test runs: A diverged, its loss reaching l_0
-    (5) at step 40, back below at 50, above from 60 on; B stopped at step 30 on a NaN loss; C
+    collapse margin is a tenth of the cell's reference gain, S1's at its lowest LR, 0.1). Test runs:
+    A diverged, its loss reaching l_0 (5) at step 40, back below at 50, above from 60 on; B stopped at step 30 on a NaN loss; C
     collapsed (final gain 0.05), its training batches' baselines 3 +- 0.2 by turns and its loss
     0.05 below each from step 50 on; D collapsed, recorded before loss_baseline existed, its loss
     2.97 (gain 0.03 over its eval windows' 3) from step 70 on; E diverged by its final validation

@@ -14,7 +14,7 @@ SPEC = {
     "fixed": {"depth": 1, "width": 16, "heads": 2, "seq_len": 16, "batch_size": 4, "warmup_steps": 0,
               "schedule": "constant", "eval_interval": 0, "eval_batches": 1},
     "axes": {"stabilizers": ["none"]}, "resources": {"cpus": 1, "gpus": 0}, "concurrency": 1,
-    "boundary": {"lr_range": [1e-3, 1.0], "max_trials_per_cell": 2},
+    "boundary": {"lr_range": [1e-3, 1.0], "max_trials_per_cell": 2, "reference_seeds": 1},  # 1 reference, 1 psi trial
 }
 
 

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from workloads.outcome import trial_class
 from workloads.trainer import lr_at
@@ -224,3 +225,20 @@ def test_weight_decay_only_on_matrices():
     assert any("cls_token" in n for n in names.values()) and any("pos_embed" in n for n in names.values())
     assert not any("cls_token" in n or "pos_embed" in n or n.endswith("bias") for n in decayed)
     assert any(n.endswith("qkv.weight") for n in decayed)
+
+
+def test_a_trial_records_the_thread_count_and_the_machine_it_ran_with():
+    """Issue 31: the same trial ends 3.263 with 1 thread and 3.224 with 2 (PAPERS.md): the thread
+    count is part of the result, so each trial records torch's actual count, and its CPU model."""
+    from workloads.trainer import host_cpu
+
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            res = run(TrialConfig(steps=3, lr=3e-3, threads=n, **FAST))
+            assert res.threads == n == torch.get_num_threads() and res.to_dict()["threads"] == n
+        assert res.cpu == host_cpu() != "" and res.device == "cpu"
+        torch.set_num_threads(1)
+        assert run(TrialConfig(steps=3, lr=3e-3, **FAST)).threads == 1  # threads 0: torch's count, as it is
+    finally:
+        torch.set_num_threads(before)

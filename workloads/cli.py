@@ -1,6 +1,7 @@
 """The command line of one trial, ``python -m workloads.trial``: the argparse ``parser()`` built from
 ``TrialConfig``'s fields and their help (``workloads.config``), and ``main()``, which runs the trial
-and prints its result as JSON.
+and prints its result as JSON (``check`` and ``run_and_print``, which ``ablate trial --from-run``
+uses too).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from workloads import data as data_mod
 from workloads.config import ConfigError, TrialConfig
 from workloads.divergence import DivergenceEvent
-from workloads.loop import run
+from workloads.loop import TrialResult, run
 from workloads.trainer import trial_device
 
 
@@ -53,6 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.pop("quiet")
     try:
         cfg = TrialConfig(**args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    code = check(cfg)
+    if code:
+        return code
+    run_and_print(cfg, quiet)
+    return 0
+
+
+def check(cfg: TrialConfig) -> int:
+    """What can refuse the trial before it starts (its data source, its device), as one ``error:``
+    line on stderr: 0 when it can run, 2 a bad option, 1 a missing file."""
+    try:
         data_mod.check_source(cfg.data, cfg.data_path, cfg.vocab_size)
         trial_device(cfg)
     except ConfigError as e:
@@ -61,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_and_print(cfg: TrialConfig, quiet: bool = False) -> TrialResult:
+    """Run the trial, its progress on stderr (unless ``quiet``), its result as JSON on stdout."""
 
     def progress(step: int, metrics: dict[str, float], events: list[DivergenceEvent]) -> None:
         if quiet:
@@ -79,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
     out.pop("window_losses")
     out.pop("window_baselines")
     print(json.dumps(out, indent=2, default=str))
-    return 0
+    return result

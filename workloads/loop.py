@@ -19,7 +19,7 @@ from workloads.config import TrialConfig
 from workloads.divergence import DivergenceDetector, DivergenceEvent
 from workloads.outcome import paired_gap, trial_class
 from workloads.probes import AttentionStats
-from workloads.trainer import Trainer, lr_at
+from workloads.trainer import Trainer, host_cpu, lr_at
 
 Reporter = Callable[[int, dict[str, float], list[DivergenceEvent]], None]
 
@@ -38,8 +38,9 @@ class TrialResult:
     steps_run: int
     outcome: str
     """``stable`` / ``collapsed`` / ``diverged`` (``workloads.outcome.trial_class``: the final loss
-    against ``eval_baseline`` with a margin of 2 ``final_loss_se``; ``degraded`` and the tenth-of-the-
-    best margin of ``collapsed`` are decided against the other runs, ``workloads.outcome.classify``)."""
+    against ``eval_baseline`` with a margin of 2 ``final_loss_se``; ``degraded`` and the margin of a
+    tenth of the reference gain are decided against the cell's reference runs,
+    ``workloads.outcome.classify``)."""
     baseline_loss: float
     """The data's marginal baseline: unigram (text) or class-prior (images) cross-entropy of the
     whole validation split."""
@@ -53,6 +54,7 @@ class TrialResult:
     """Tokens (gpt) or images (vit, swin) per second of training steps."""
     throughput_unit: str
     device: str
+    """Where it trained: the CUDA device's name, or ``cpu``."""
     num_params: int
     final_metrics: dict[str, float] = field(default_factory=dict)
     train_losses: list[float] = field(default_factory=list)
@@ -67,6 +69,13 @@ class TrialResult:
     """The final validation loss of each window (text: one sequence; images: one image)."""
     window_baselines: list[float] = field(default_factory=list)
     """The marginal baseline of each of those windows, in the same order."""
+    threads: int = 0
+    """torch's intra-op thread count the run trained with (``torch.get_num_threads()``): part of the
+    result on a CPU (a reduction over 1 or 2 threads rounds differently), so recorded to re-run it
+    exactly (``ablate trial --from-run``)."""
+    cpu: str = ""
+    """The host's CPU model (``workloads.trainer.host_cpu``): with ``device`` and ``threads``, the
+    machine a bit-for-bit re-run needs."""
 
     @property
     def diverged(self) -> bool:
@@ -220,4 +229,6 @@ class TrialLoop:
             final_loss_se=se,
             window_losses=window_losses,
             window_baselines=base_w.tolist(),
+            threads=torch.get_num_threads(),
+            cpu=host_cpu(),
         )

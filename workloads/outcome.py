@@ -12,18 +12,27 @@ does not recover. ablate's classes, in order of precedence:
                minus the final validation loss, both measured on the same validation windows (the
                baseline of a window: the unigram cross-entropy of its targets under the training
                split's token frequencies, or the class prior's cross-entropy of its label; so the
-               windows' own noise cancels), is at most ``COLLAPSE_SE`` (2) standard errors of the
-               per-window differences, or less than ``COLLAPSE_FRACTION`` (a tenth) of the best
-               gain in the cell;
-``degraded``   the run is finite and learned, but ended far from the cell's best at a higher LR:
-               ``(L - L*) / (B - L*) > kappa``, i.e. it closed less than ``1 - kappa`` of the gap
-               between the marginal baseline B and the cell's best L* (reached at a lower LR);
-               normalised by the baseline-to-best gap, so it can fire on byte-level text, whose
-               baseline (3.26) lies far below l_0 (5.5);
+               windows' own noise cancels), is at most ``max(COLLAPSE_SE x se, COLLAPSE_FRACTION x
+               g_R)``: 2 standard errors of the per-window differences, or a tenth of the cell's
+               *reference gain* g_R (below);
+``degraded``   the run is finite and learned, but ended far from what its cell reaches at a safe LR:
+               above the reference LR, its gain is less than ``(1 - kappa)`` of the reference gain,
+               ``(g_R - g) / g_R > kappa``, i.e. it closed less than ``1 - kappa`` of the gap
+               between the marginal baseline B and the reference's loss (on bytes the baseline,
+               3.26, lies far below l_0, 5.5: normalised by l_0 it could never fire);
 ``stable``     none of these.
 
-:func:`trial_class` needs only the trial (the standard-error margin); the tenth-of-the-best margin
-and ``degraded`` need the cell (:func:`classify`). Runs recorded before per-window baselines existed
+The reference belongs to the cell (DESIGN.md, "a measurement belongs to its cell"): its *reference
+runs* are the runs marked as such (``Point.is_reference``: a boundary search runs ``k`` seeds at its
+reference LR first, before any other trial of the cell) or, when none is marked (a grid sweep), the
+cell's runs at its lowest LR, every seed. ``g_R`` is their mean gain (:class:`Reference`, from
+:func:`cell_reference`). It depends on the cell's own runs only: never on the other cells of a
+sweep or search, nor on the order trials finish. When the reference itself learned nothing (no
+finite run, or a mean gain within 2 standard errors), ``collapsed`` falls back to the standard-error
+margin and no run is ``degraded``; :func:`criterion_label` says in how many cells.
+
+:func:`trial_class` needs only the trial (the standard-error margin); the reference's margin and
+``degraded`` need the cell (:func:`classify`). Runs recorded before per-window baselines existed
 (no ``eval_baseline``) are compared with the whole split's baseline, without the standard-error
 margin; :func:`criterion_label` says so. Which classes count as a crash is the spec's ``crash:``
 field (default :data:`DEFAULT_CRASH`); every table, plot and MLflow run records the criterion it
@@ -43,17 +52,13 @@ CLASSES = ("stable", "degraded", "collapsed", "diverged")
 DEFAULT_CRASH: tuple[str, ...] = ("diverged", "collapsed")
 DEFAULT_KAPPA = 0.5
 """A run is degraded when it closes less than half of the gap between the marginal baseline and
-the cell's best."""
+its cell's reference loss."""
 COLLAPSE_SE = 2.0
 """A run whose gain over the baseline is at most this many standard errors learned nothing
 detectable."""
 COLLAPSE_FRACTION = 0.1
-"""A run that closed less than this fraction of the gap between the baseline and the cell's best run
-learned nothing worth the name."""
-SIZE_FIELDS = ("workload", "depth", "width", "heads", "seq_len", "img_size", "patch_size", "window_size",
-               "mlp_ratio", "batch_size", "steps", "data", "data_path", "vocab_size", "eval_batches")
-"""The TrialConfig fields that make a *workload and size*: the runs over which the best gain, the
-scale of ``collapsed``'s margin, is taken (stabilizers, warmup, schedule, LR and seed vary within)."""
+"""A run whose gain is at most this fraction of its cell's reference gain learned nothing worth the
+name."""
 
 
 def validate_crash(crash: Iterable[str]) -> tuple[str, ...]:
@@ -65,19 +70,27 @@ def validate_crash(crash: Iterable[str]) -> tuple[str, ...]:
     return crash
 
 
-def criterion_label(crash: Sequence[str], kappa: float = DEFAULT_KAPPA, fallback: int = 0) -> str:
+def criterion_label(crash: Sequence[str], kappa: float = DEFAULT_KAPPA, fallback: int = 0,
+                    no_reference: int = 0) -> str:
     """How a crash was decided, for table captions, plot titles and MLflow tags. ``fallback``: how
-    many runs were recorded without per-window baselines (compared with the whole split's)."""
+    many runs were recorded without per-window baselines (compared with the whole split's);
+    ``no_reference``: in how many cells the reference learned nothing (the standard-error margin
+    alone, no ``degraded``)."""
     parts = []
     if "diverged" in crash:
         parts.append("diverged (non-finite, or final val loss >= l_0)")
     if "collapsed" in crash:
-        parts.append(f"collapsed (final val loss not below the marginal baseline of the same eval windows "
-                     f"by more than {COLLAPSE_SE:g} standard errors and {COLLAPSE_FRACTION:g} of the "
-                     f"baseline-to-best gap)")
+        parts.append(f"collapsed (gain over the marginal baseline of the same eval windows at most "
+                     f"max({COLLAPSE_SE:g} standard errors, {COLLAPSE_FRACTION:g} x the cell's reference gain))")
     if "degraded" in crash:
-        parts.append(f"degraded ((L - L*)/(B - L*) > {kappa:g}, B the baseline)")
+        parts.append(f"degraded (above the reference LR, (g_R - g)/g_R > {kappa:g}, g the gain over the baseline)")
     label = "crash = " + " or ".join(parts)
+    if "collapsed" in crash or "degraded" in crash:
+        label += ("; g_R, the cell's reference gain: the mean gain of its reference runs (a boundary search's "
+                  "reference trials, run first; else the cell's runs at its lowest LR)")
+    if no_reference:
+        label += (f"; in {no_reference} cell(s) the reference learned nothing: standard-error margin only, "
+                  "no run degraded")
     if fallback:
         label += (f"; {fallback} run(s) recorded without per-window baselines: compared with the whole "
                   f"validation split's baseline, no standard-error margin")
@@ -136,6 +149,7 @@ class Point:
     stop_reason: str | None = None  # the early-stopping rule that ended the run, if any
     eval_baseline: float | None = None  # the baseline of the windows final_loss was measured on
     final_loss_se: float | None = None  # standard error of final_loss - eval_baseline over those windows
+    is_reference: bool = False  # one of its cell's reference runs (a boundary search's reference trial)
 
     @property
     def reference(self) -> float | None:
@@ -158,46 +172,87 @@ class Point:
         return _finite(self.eval_baseline)
 
 
-def best_gain(points: Iterable[Point]) -> float | None:
-    """The largest gain of the runs that learned (:func:`trial_class` ``stable``), or None: the
-    reference of :func:`classify`'s ``collapse_fraction`` margin, over a workload and size."""
-    gains = [p.gain for p in points
-             if p.gain is not None and trial_class(p.final_loss, p.initial_loss, p.reference,
-                                                   se=p.final_loss_se) == "stable"]
-    return max(gains) if gains else None
+@dataclass(frozen=True)
+class Reference:
+    """What a cell reaches at a safe LR: the mean of its reference runs (:func:`cell_reference`),
+    against which ``collapsed``'s margin and ``degraded`` are judged. ``gain`` and ``loss`` are
+    over the runs whose final loss is finite (``finite`` of ``runs``); ``se`` is their mean standard
+    error. ``marked``: the runs were marked as reference runs (a boundary search) rather than taken
+    at the cell's lowest LR (a grid sweep)."""
+
+    lr: float | None
+    runs: int = 0
+    finite: int = 0
+    gain: float | None = None
+    loss: float | None = None
+    se: float | None = None
+    marked: bool = False
+
+    @property
+    def learned(self) -> bool:
+        """Whether the reference learned something to judge by: a finite run, and a mean gain above
+        ``COLLAPSE_SE`` of its standard errors (above 0 where none was recorded)."""
+        return self.gain is not None and self.gain > max(0.0, COLLAPSE_SE * (self.se or 0.0))
+
+    def collapse_margin(self, se: float | None) -> float:
+        """The gain a run with standard error ``se`` must exceed not to be ``collapsed``: the larger
+        of ``COLLAPSE_SE`` x se and ``COLLAPSE_FRACTION`` x the reference gain (the standard-error
+        margin alone when the reference learned nothing)."""
+        m = COLLAPSE_SE * se if _finite(se) else 0.0
+        return max(m, COLLAPSE_FRACTION * self.gain) if self.learned else m
+
+    def as_dict(self) -> dict:
+        return {"reference_lr": self.lr, "reference_runs": self.runs, "reference_finite": self.finite,
+                "reference_gain": self.gain, "reference_loss": self.loss, "reference_se": self.se,
+                "reference_learned": self.learned, "reference_marked": self.marked}
 
 
-def classify(points: Sequence[Point], kappa: float = DEFAULT_KAPPA,
-             collapse_fraction: float = COLLAPSE_FRACTION, reference_gain: float | None = None) -> list[str]:
-    """The class of every point of one cell. ``degraded`` is relative to the cell's best run (the
-    one with the largest gain); the ``collapse_fraction`` margin of ``collapsed`` to the best gain
-    of the workload and size, ``reference_gain`` (:func:`best_gain` over every cell of the same
-    workload and size), or the cell's own best where that is larger or not given."""
+def reference_indices(points: Sequence[Point]) -> list[int]:
+    """The cell's reference runs: those marked ``is_reference``, else every run at its lowest LR."""
+    marked = [i for i, p in enumerate(points) if p.is_reference]
+    if marked or not points:
+        return marked
+    lo = min(p.lr for p in points)
+    return [i for i, p in enumerate(points) if p.lr == lo]
+
+
+def cell_reference(points: Sequence[Point]) -> Reference:
+    """The :class:`Reference` of a cell from its runs (:func:`reference_indices`)."""
+    idx = reference_indices(points)
+    if not idx:
+        return Reference(None)
+    refs = [points[i] for i in idx]
+    fin = [p for p in refs if _finite(p.final_loss)]
+    gains = [p.gain for p in fin]
+    ses = [p.final_loss_se for p in fin if _finite(p.final_loss_se)]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return Reference(refs[0].lr, len(refs), len(fin),
+                     mean(gains) if gains and all(g is not None for g in gains) else None,
+                     mean([p.final_loss for p in fin]), mean(ses), any(p.is_reference for p in refs))
+
+
+def classify(points: Sequence[Point], kappa: float = DEFAULT_KAPPA, reference: Reference | None = None) -> list[str]:
+    """The class of every point of one cell, against the cell's :class:`Reference` (``reference``,
+    else :func:`cell_reference` of ``points``): ``collapsed`` when the gain is at most
+    ``reference.collapse_margin(se)``; ``degraded`` when, above the reference LR, the gain is less
+    than ``1 - kappa`` of the reference gain. Runs without any recorded baseline (the oldest
+    recordings) are judged by their loss: degraded when ``(L - L_R) / (l_0 - L_R) > kappa``."""
     classes = [trial_class(p.final_loss, p.initial_loss, p.reference, p.stop_reason, se=p.final_loss_se)
                for p in points]
-    learned = [i for i, c in enumerate(classes) if c == "stable"]
-    if not learned:
-        return classes
-    if all(points[i].gain is not None for i in learned):
-        b = max(learned, key=lambda i: (points[i].gain, -points[i].lr))
-        best, g_best = points[b], points[b].gain
-        g_ref = max(g_best, reference_gain or 0.0)
-        for i in learned:
-            p = points[i]
-            if p.gain < collapse_fraction * g_ref:
-                classes[i] = "collapsed"
-            elif p.lr > best.lr and (g_best - p.gain) / g_best > kappa:
-                classes[i] = "degraded"
-        return classes
-    # no baseline recorded: the gap to l_0 is the scale (the rule before baselines were recorded)
-    best = min((points[i] for i in learned), key=lambda p: p.final_loss)
-    for i in learned:
-        p = points[i]
-        l0 = p.initial_loss if p.initial_loss is not None else best.initial_loss
-        if p.lr <= best.lr or l0 is None or l0 <= best.final_loss:
+    ref = reference if reference is not None else cell_reference(points)
+    for i, p in enumerate(points):
+        if classes[i] != "stable":
             continue
-        if (p.final_loss - best.final_loss) / (l0 - best.final_loss) > kappa:
-            classes[i] = "degraded"
+        above = ref.lr is not None and p.lr > ref.lr
+        if p.gain is not None:
+            if p.gain <= ref.collapse_margin(p.final_loss_se):
+                classes[i] = "collapsed"
+            elif above and ref.learned and (ref.gain - p.gain) / ref.gain > kappa:
+                classes[i] = "degraded"
+        elif above and ref.loss is not None and _finite(p.initial_loss) and p.initial_loss > ref.loss:
+            # no baseline recorded: the gap to l_0 is the scale (the rule before baselines were recorded)
+            if (p.final_loss - ref.loss) / (p.initial_loss - ref.loss) > kappa:
+                classes[i] = "degraded"
     return classes
 
 
@@ -236,11 +291,11 @@ class Bracket:
 
 
 def bracket(points: Sequence[Point], crash: Sequence[str] = DEFAULT_CRASH, kappa: float = DEFAULT_KAPPA,
-            seed: int | None = None, reference_gain: float | None = None) -> Bracket:
+            seed: int | None = None, classes: Sequence[str] | None = None) -> Bracket:
     """The bracket of one cell from its points (``seed``: only that seed's runs vote; the classes,
-    ``degraded`` included, are always decided over all points of the cell; ``reference_gain`` as
-    in :func:`classify`)."""
-    classes = classify(points, kappa, reference_gain=reference_gain)
+    ``degraded`` included, are always decided over all points of the cell, :func:`classify`, unless
+    given as ``classes``)."""
+    classes = classify(points, kappa) if classes is None else classes
     by_lr: dict[float, list[str]] = defaultdict(list)
     votes: dict[float, list[bool]] = defaultdict(list)
     for p, c in zip(points, classes):

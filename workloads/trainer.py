@@ -5,6 +5,7 @@ the losses and stops a run is ``workloads.loop``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -29,6 +30,21 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} asked for but torch sees no CUDA device")
     return torch.device(name)
+
+
+@functools.cache
+def host_cpu() -> str:
+    """This machine's CPU model (``/proc/cpuinfo``'s model name, else ``platform.processor()``)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def trial_device(cfg: TrialConfig) -> torch.device:
