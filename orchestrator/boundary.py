@@ -147,8 +147,8 @@ class PsiSampler(_LRSampler):
 
     def __init__(self, cfg: BoundaryConfig, reference: Callable[[], float | None] = lambda: None):
         super().__init__(cfg, reference)
-        self.grid = psy.make_grid(cfg.lr_range)
-        self.cands = psy.candidates(cfg.lr_range)
+        self.grid = psy.grid_for(cfg.lr_range)
+        self.cands = psy.candidates(self.grid)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name != "lr":
@@ -195,7 +195,7 @@ class CellSearch:
         sampler = (PsiSampler if cfg.method == "psi" else BoundarySampler)(cfg, self.reference_gain)
         self.study = optuna.create_study(storage=storage, study_name=f"{prefix}::{cell.key}",
                                          sampler=sampler, direction="minimize", load_if_exists=True)
-        self.grid = sampler.grid if cfg.method == "psi" else psy.make_grid(cfg.lr_range)
+        self.grid = psy.grid_for(cfg.lr_range)
         self.study.set_user_attr("cell", cell.values)
         self.study.set_user_attr("method", cfg.method)
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
@@ -234,7 +234,8 @@ class CellSearch:
         if self.cfg.method == "psi":
             if len(obs) < self.cfg.min_trials_per_cell:
                 return None
-            return psy.stop_reason(cell_fit(obs, self.cfg, self.grid, self.reference_gain()), self.cfg.resolution)
+            return psy.stop_reason(self.grid, [p.lr for p in obs], crashes(obs, self.cfg, self.reference_gain()),
+                                   self.cfg.resolution)
         ref = self.reference_gain()
         if next_lr(obs, self.cfg, ref) is None and not self._pending_repeats(obs):
             b = cell_bracket(obs, self.cfg, reference_gain=ref)
@@ -325,10 +326,8 @@ class CellSearch:
             "converged": reason == "interval", "stop_reason": reason,
             "stable_lr": b.stable_lr, "crash_lr": b.crash_lr, "boundary_lr": b.boundary,
             "bracket_width": b.width,
-            "above_range": (f.p_above_range >= 0.5 if self.cfg.method == "psi" else
-                            b.crash_lr is None and b.stable_lr is not None and b.stable_lr >= hi),
-            "below_range": (f.p_below_range >= 0.5 if self.cfg.method == "psi" else
-                            b.stable_lr is None and b.crash_lr is not None and b.crash_lr <= lo),
+            "bracket_above_range": b.crash_lr is None and b.stable_lr is not None and b.stable_lr >= hi,
+            "bracket_below_range": b.stable_lr is None and b.crash_lr is not None and b.crash_lr <= lo,
             "non_monotonic": b.non_monotonic,
             "stable_end_crashed": ends["stable"]["crashed"], "stable_end_seeds": ends["stable"]["seeds"],
             "crash_end_crashed": ends["crash"]["crashed"], "crash_end_seeds": ends["crash"]["seeds"],
