@@ -290,14 +290,19 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
     typer.echo(f"{'cell':<36} {'LR50 [90 % interval]':>26} {'band lr10-lr90':>18} {'trials':>6}  stopped")
     for c in out.cells:
         notes = [c["stop_reason"] + ("" if c["converged"] else " (not converged)")]
-        notes += [n for n in ("above_range", "below_range") if c[n]]
+        if c.get("censored"):
+            notes.append(f"censored: LR50 {c['censored']} the range")
         if c["method"] == "bisect" and c["non_monotonic"]:
             notes.append("non_monotonic")
         if c["method"] == "bisect" and (c["stable_end_seeds"] > 1 or c["crash_end_seeds"] > 1):
             notes.append(f"seeds crashed: {c['stable_end_crashed']}/{c['stable_end_seeds']} at stable end, "
                          f"{c['crash_end_crashed']}/{c['crash_end_seeds']} at crash end")
-        interval = f"{fmt(c['lr50'])} [{fmt(c['lr50_low'])}, {fmt(c['lr50_high'])}]"
-        band = f"{fmt(c['lr10'])}-{fmt(c['lr90'])}"
+        if c.get("censored"):  # no LR50: the one-sided bound at the interval's level
+            interval = ("> " if c["censored"] == "above" else "< ") + fmt(c["lr50_bound"])
+            band = "-"
+        else:
+            interval = f"{fmt(c['lr50'])} [{fmt(c['lr50_low'])}, {fmt(c['lr50_high'])}]"
+            band = f"{fmt(c['lr10'])}-{fmt(c['lr90'])}"
         typer.echo(f"{c['cell']:<36} {interval:>26} {band:>18} {c['n_trials']:>6}  " + ", ".join(notes))
     typer.echo(f"MLflow: experiment {out.experiment!r}, parent run {out.parent_run_id}; tables: ablate export")
     with _errors(out.tracking_uri):

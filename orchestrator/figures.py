@@ -210,10 +210,11 @@ def boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
         c = grid.cells.get((s, None))  # depth does not vary: not part of the cell
         if not c:
             continue
-        if c["above_range"] or c["below_range"]:
-            y = c["lr50_low"] if c["above_range"] else c["lr50_high"]
-            ax.plot([i], [y], "^" if c["above_range"] else "v", color="C2" if c["above_range"] else "C3", ms=8)
-            ax.annotate("above the range" if c["above_range"] else "below the range", (i, y),
+        if c.get("censored"):  # no LR50: its one-sided bound, a triangle pointing where LR50 lies
+            up = c["censored"] == "above"
+            y = c["lr50_bound"]
+            ax.plot([i], [y], "^" if up else "v", color="C2" if up else "C3", ms=8)
+            ax.annotate(("> " if up else "< ") + f"{fmt(y)}: {c['censored']} the range", (i, y),
                         textcoords="offset points", xytext=(0, -16), ha="center", fontsize=7)
         else:
             ax.plot([i, i], [c["lr10"], c["lr90"]], color="C0", lw=6, alpha=0.18, solid_capstyle="butt")
@@ -255,9 +256,9 @@ def boundary_compare_figures(plt, brows: list[dict], cell_fields: list[str], out
             i = keys.index(tuple(r.get(f) for f in layout.rows))
             j = cols.index(r.get(layout.column))
             x, color = i - 0.4 + width * (j + 0.5), f"C{j % 10}"
-            if r["above_range"] or r["below_range"]:
-                y = r["lr50_low"] if r["above_range"] else r["lr50_high"]
-                ax.plot([x], [y], "^" if r["above_range"] else "v", color=color, ms=7, gid=f"edge|{i}|{j}")
+            if r.get("censored"):  # its one-sided bound
+                y = r["lr50_bound"]
+                ax.plot([x], [y], "^" if r["censored"] == "above" else "v", color=color, ms=7, gid=f"edge|{i}|{j}")
             else:
                 y = r["lr50_high"]
                 ax.errorbar([x], [r["lr50"]], yerr=[[r["lr50"] - r["lr50_low"]], [r["lr50_high"] - r["lr50"]]],
@@ -295,14 +296,12 @@ def boundary_fits(plt, tabs: Tables, warmup, crit: str):
     cf = tabs.cell_fields
     for ax, r in zip(axes.ravel(), rows):
         lrs, crashed, frange = tabs.fit_data[(warmup, tuple(r[f] for f in cf))]
-        grid = psy.make_grid(frange)
-        post = psy.posterior(grid, lrs, crashed)
+        grid = psy.grid_for(frange)
         xs = np.geomspace(frange[0] / 1.5, frange[1] * 1.5, 120)
-        p = psy.p_crash(grid, np.log(xs))                                # (X, M, S)
-        q = np.array([psy.weighted_quantiles(p[i], post, (0.05, 0.5, 0.95)) for i in range(len(xs))])
+        q = psy.curve(grid, psy.posterior(grid, lrs, crashed), xs)
         ax.fill_between(xs, q[:, 0], q[:, 2], color="C0", alpha=0.2, lw=0)
         ax.plot(xs, q[:, 1], color="C0", lw=1.2)
-        if not (r["above_range"] or r["below_range"]):
+        if not r.get("censored"):
             ax.axvspan(r["lr50_low"], r["lr50_high"], color="C1", alpha=0.15, lw=0)
         by: dict[float, list[bool]] = defaultdict(list)
         for lr, c in zip(lrs, crashed):
@@ -313,8 +312,7 @@ def boundary_fits(plt, tabs: Tables, warmup, crit: str):
         ax.set_ylim(-0.05, 1.05)
         label = ", ".join(fmt(r[f]) for f in cf if f not in ("warmup_steps",))
         mark = "" if r["converged"] else " " + stop_mark(r)
-        ax.set_title(f"{label}: LR50 {fmt(r['lr50'])} [{fmt(r['lr50_low'])}, {fmt(r['lr50_high'])}]{mark}",
-                     fontsize=7)
+        ax.set_title(f"{label}: LR50 {boundary_text(r)}{mark}", fontsize=7)
         ax.set_xlabel("learning rate", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[n:]:
@@ -338,7 +336,7 @@ def boundary_heatmap(plt, grid: BoundaryGrid, warmup, crit: str):
     for i, s in enumerate(rows):
         for j, d in enumerate(depths):
             c = grid.cells.get((s, d))
-            if c and not (c["above_range"] or c["below_range"]):
+            if c and not c.get("censored"):
                 lrs[i, j] = c["lr50"]
     fig, ax = plt.subplots(figsize=(3.4 + 1.3 * len(depths), 1.4 + 0.5 * len(rows)))
     finite = lrs[np.isfinite(lrs)]
