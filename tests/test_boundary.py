@@ -288,7 +288,7 @@ def test_efficiency_benchmark_runs_at_a_tiny_size(tmp_path, benchmark_module):
     bench = benchmark_module("boundary_efficiency")
     out = tmp_path / "eff.md"
     summary = bench.main(["--quick", "--workers", "1", "--families", "logistic sharp,plateau,above range",
-                          "--out", str(out)])
+                          "--replay", "1", "--out", str(out)])
     assert summary["all"]["n"] == 9 and set(summary) >= {"logistic sharp", "plateau", "above range", "all"}
     for fam in ("logistic sharp", "plateau", "above range"):
         v = summary[fam]
@@ -297,6 +297,10 @@ def test_efficiency_benchmark_runs_at_a_tiny_size(tmp_path, benchmark_module):
     text = out.read_text()
     assert "coverage, stopped on interval" in text and "By stop reason" in text and "ms with 3 pending" in text
     assert set(summary["_timing"]) == {0, 1, 3} and summary["_fine"]["stop_flips"] >= 0
+    # the stopping rules replayed on cells run to the budget: every rule, every family inside the range
+    assert [r["family"] for r in summary["_replay"]] == ["logistic sharp", "plateau"]
+    assert all(len(r["rows"]) == 30 for r in summary["_replay"])
+    assert all(name in text for name in bench.RULES) and "Stopping rules replayed" in text
     # the families' truths: LR50 is where P(crash) first reaches 0.5, and the shapes are the ones named
     for name, fam in bench.FAMILIES.items():
         assert fam.p(0.0) == pytest.approx(0.5) and fam.p(-1e-6) < 0.5 <= fam.p(1e-6), name

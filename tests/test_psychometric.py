@@ -87,7 +87,7 @@ def test_intervals_at_eight_trials_are_within_five_percent_of_a_fine_grid():
         assert abs(math.log(a.width / b.width)) < math.log(1.05)
 
 
-def test_stop_rule_judges_a_wider_interval_than_the_one_reported_and_the_range_edge():
+def test_stop_rule_judges_the_reported_interval_and_the_range_edge():
     grid = psy.grid_for(RANGE)
     assert psy.stop_reason(grid, [], [], 1.5) is None
     cands = psy.candidates(grid)
@@ -95,11 +95,12 @@ def test_stop_rule_judges_a_wider_interval_than_the_one_reported_and_the_range_e
     assert psy.stop_reason(grid, [cands[0]] * 8, [True] * 8, 1.5) == "range_edge"     # everything does
     lrs = [c for c in cands if 0.02 <= c <= 0.08]
     xs, ys = counts(lambda x, m: logistic(x, m, 1.3), math.log(0.04), lrs, n=6)
-    f, f_stop = psy.fit(RANGE, xs, ys, grid), psy.fit(RANGE, xs, ys, grid, psy.STOP_LEVEL)
-    assert psy.STOP_LEVEL > psy.LEVEL and f_stop.width > f.width
-    between = math.sqrt(f.width * f_stop.width)  # the reported interval is narrower, the judged one is not
-    assert psy.stop_reason(grid, xs, ys, between) is None
-    assert psy.stop_reason(grid, xs, ys, f_stop.width * 1.001) == "interval"
+    f = psy.fit(RANGE, xs, ys, grid)
+    assert psy.STOP_LEVEL == psy.LEVEL and f.width < 1.5
+    assert psy.stop_reason(grid, xs, ys, f.width * 1.001) == "interval"
+    assert psy.stop_reason(grid, xs, ys, f.width * 0.999) is None
+    wider = psy.fit(RANGE, xs, ys, grid, 0.95).width  # a level may be asked for: its own interval
+    assert wider > f.width and psy.stop_reason(grid, xs, ys, f.width * 1.001, stop_level=0.95) is None
 
 
 def test_a_fit_outside_the_range_is_censored_with_a_one_sided_bound():
