@@ -2,12 +2,14 @@
 
 A *cell* is one combination of the spec's non-LR axes (stabilizer x warmup x depth [x width ...]).
 Its boundary is not a line: at a given LR some seeds crash and some do not. The search models
-P(crash | lr) as a logistic in log-LR with a small lapse rate (``orchestrator/psychometric.py``:
-a grid posterior over its centre ``mu`` and width ``s``, numpy only) and reports, from every
-finished run of the cell (all seeds): ``lr50`` = exp(mu), where P(crash) = 0.5, with its 90 %
-interval (``lr50_low``, ``lr50_high``); ``lr10`` and ``lr90``, the band over which P(crash) goes
-from 0.1 to 0.9, with theirs; ``n_trials``, ``n_seeds``; ``converged`` and ``stop_reason``; and the
-older one-seed-vote bracket (``stable_lr``, ``crash_lr``) beside it for reference.
+P(crash | lr) as a logistic in log-LR with a crash floor below and a stable lapse above
+(``orchestrator/psychometric.py``: a grid posterior over LR50, the width ``s``, the floor and the
+lapse, numpy only) and reports, from every finished run of the cell (all seeds): ``lr50``, where
+the fitted P(crash) = 0.5, with its 90 % interval (``lr50_low``, ``lr50_high``); ``lr10`` and
+``lr90``, the band of the transition, with theirs; ``censored`` and ``lr50_bound`` where LR50 lies
+outside ``lr_range`` (then ``lr50`` and the band are None); ``n_trials``, ``n_seeds``;
+``converged`` and ``stop_reason``; and the older one-seed-vote bracket (``stable_lr``,
+``crash_lr``) beside it for reference.
 
 For each cell an Optuna study (ask/tell, persisted in the workdir's Optuna SQLite store) holds the
 trials; its sampler proposes the LR of the next one inside ``boundary.lr_range``:

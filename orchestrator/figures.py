@@ -201,9 +201,9 @@ def _log_lr_axis(ax) -> None:
 
 
 def boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
-    """One-dimensional cells: LR50 per cell with its 90 % interval as an error bar (a triangle where
-    LR50 lies outside the LR range), the band lr10-lr90 as a faint bar, the stop mark of a cell that
-    did not converge, and its trial count."""
+    """One-dimensional cells: LR50 per cell with its 90 % interval as an error bar (a censored cell,
+    LR50 outside the LR range: a triangle at its one-sided bound), the band lr10-lr90 as a faint
+    bar, the stop mark of a cell that did not converge, and its trial count."""
     rows = grid.rows
     fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.9 * len(rows)), 3.8))
     for i, s in enumerate(rows):
@@ -238,7 +238,8 @@ def boundary_compare_figures(plt, brows: list[dict], cell_fields: list[str], out
     a group of points per cell without the comparison axis (``comparison_layout``: warmup, else
     schedule, else depth), a point per value of that axis side by side within the group, each with
     its 90 % interval as an error bar and its trial count (and the stop mark of a search that did not
-    converge); a triangle where LR50 lies outside the LR range. Named ``lr50_by_<axis>[_depthD]``;
+    converge); a censored cell (LR50 outside the LR range) as a triangle at its one-sided bound,
+    pointing where LR50 lies. Named ``lr50_by_<axis>[_depthD]``;
     nothing when only the stabilizer varies (``boundary_points`` is that figure)."""
     from matplotlib.lines import Line2D
 
