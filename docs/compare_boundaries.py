@@ -28,11 +28,32 @@ def rows_of(path: Path) -> dict[str, dict]:
 
 def cell_text(r: dict) -> str:
     mark = "" if r["converged"] else " †" if r["stop_reason"] == "budget" else f" ({r['stop_reason']})"
+    if r.get("censored"):  # no LR50: the one-sided bound
+        return ("> " if r["censored"] == "above" else "< ") + f"{_f(r['lr50_bound'])} ({r['censored']} range){mark}"
     return f"{_f(r['lr50'])} [{_f(r['lr50_low'])}, {_f(r['lr50_high'])}]{mark}"
 
 
+def band_text(r: dict) -> str:
+    return "–" if r.get("censored") else f"{_f(r['lr10'])}-{_f(r['lr90'])} (x{r['band']:.2g})"
+
+
+def interval(r: dict) -> tuple[float, float]:
+    """LR50's interval; a censored cell's: from its bound to the end of the axis."""
+    if r.get("censored") == "above":
+        return r["lr50_bound"], float("inf")
+    if r.get("censored") == "below":
+        return 0.0, r["lr50_bound"]
+    return r["lr50_low"], r["lr50_high"]
+
+
+def position(r: dict) -> float:
+    """Where a cell sorts: its LR50, a censored cell its bound."""
+    return r["lr50"] if not r.get("censored") else r["lr50_bound"]
+
+
 def overlap(a: dict, b: dict) -> bool:
-    return a["lr50_low"] <= b["lr50_high"] and b["lr50_low"] <= a["lr50_high"]
+    (alo, ahi), (blo, bhi) = interval(a), interval(b)
+    return alo <= bhi and blo <= ahi
 
 
 def compare(a: dict[str, dict], b: dict[str, dict], labels: tuple[str, str]) -> str:
@@ -41,18 +62,18 @@ def compare(a: dict[str, dict], b: dict[str, dict], labels: tuple[str, str]) -> 
              "band = lr10-lr90 (x its width); † = budget spent before the interval reached the resolution**", "",
              f"| cell | {la} | trials | band | {lb} | trials | band | intervals overlap |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for cell in sorted(set(a) & set(b), key=lambda c: a[c]["lr50"]):
+    for cell in sorted(set(a) & set(b), key=lambda c: position(a[c])):
         ra, rb = a[cell], b[cell]
-        lines.append(f"| {cell} | {cell_text(ra)} | {ra['n_trials']} | {_f(ra['lr10'])}-{_f(ra['lr90'])} "
-                     f"(x{ra['band']:.2g}) | {cell_text(rb)} | {rb['n_trials']} | {_f(rb['lr10'])}-{_f(rb['lr90'])} "
-                     f"(x{rb['band']:.2g}) | {'yes' if overlap(ra, rb) else 'NO'} |")
-    cells = sorted(a, key=lambda c: a[c]["lr50"])
+        lines.append(f"| {cell} | {cell_text(ra)} | {ra['n_trials']} | {band_text(ra)} | {cell_text(rb)} | "
+                     f"{rb['n_trials']} | {band_text(rb)} | {'yes' if overlap(ra, rb) else 'NO'} |")
+    cells = sorted(a, key=lambda c: position(a[c]))
     lines += ["", f"**Pairs of cells ({la}): LR50 ratio and whether their 90 % intervals are disjoint in both "
               "searches (signal) or not (not distinguishable)**", "",
               "| cells | LR50 ratio | " + la + " | " + lb + " |", "| --- | --- | --- | --- |"]
     for x, y in itertools.combinations(cells, 2):
         verdict = [("disjoint" if not overlap(s[x], s[y]) else "overlap") for s in (a, b) if x in s and y in s]
-        lines.append(f"| {y} / {x} | {a[y]['lr50'] / a[x]['lr50']:.2g} | " + " | ".join(verdict) + " |")
+        ratio = f"{a[y]['lr50'] / a[x]['lr50']:.2g}" if not (a[x].get("censored") or a[y].get("censored")) else "–"
+        lines.append(f"| {y} / {x} | {ratio} | " + " | ".join(verdict) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -64,11 +85,15 @@ def figure(a: dict[str, dict], b: dict[str, dict], labels: tuple[str, str], path
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    cells = sorted(set(a) & set(b), key=lambda c: a[c]["lr50"])
+    cells = sorted(set(a) & set(b), key=lambda c: position(a[c]))
     fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(cells), 3.8))
     for j, (rows, label, color) in enumerate(((a, labels[0], "C0"), (b, labels[1], "C1"))):
         for i, c in enumerate(cells):
             r, x = rows[c], i + (j - 0.5) * 0.3
+            if r.get("censored"):  # a triangle at the one-sided bound, pointing where LR50 lies
+                ax.plot([x], [r["lr50_bound"]], "^" if r["censored"] == "above" else "v", color=color, ms=7,
+                        label=label if i == 0 else None)
+                continue
             ax.plot([x, x], [r["lr10"], r["lr90"]], color=color, lw=6, alpha=0.18, solid_capstyle="butt")
             ax.errorbar([x], [r["lr50"]], yerr=[[r["lr50"] - r["lr50_low"]], [r["lr50_high"] - r["lr50"]]],
                         fmt="o" if r["converged"] else "s", color=color, capsize=3, mfc=color if r["converged"] else "w",

@@ -2,12 +2,14 @@
 
 A *cell* is one combination of the spec's non-LR axes (stabilizer x warmup x depth [x width ...]).
 Its boundary is not a line: at a given LR some seeds crash and some do not. The search models
-P(crash | lr) as a logistic in log-LR with a small lapse rate (``orchestrator/psychometric.py``:
-a grid posterior over its centre ``mu`` and width ``s``, numpy only) and reports, from every
-finished run of the cell (all seeds): ``lr50`` = exp(mu), where P(crash) = 0.5, with its 90 %
-interval (``lr50_low``, ``lr50_high``); ``lr10`` and ``lr90``, the band over which P(crash) goes
-from 0.1 to 0.9, with theirs; ``n_trials``, ``n_seeds``; ``converged`` and ``stop_reason``; and the
-older one-seed-vote bracket (``stable_lr``, ``crash_lr``) beside it for reference.
+P(crash | lr) as a logistic in log-LR with a crash floor below and a stable lapse above
+(``orchestrator/psychometric.py``: a grid posterior over LR50, the width ``s``, the floor and the
+lapse, numpy only) and reports, from every finished run of the cell (all seeds): ``lr50``, where
+the fitted P(crash) = 0.5, with its 90 % interval (``lr50_low``, ``lr50_high``); ``lr10`` and
+``lr90``, the band of the transition, with theirs; ``censored`` and ``lr50_bound`` where LR50 lies
+outside ``lr_range`` (then ``lr50`` and the band are None); ``n_trials``, ``n_seeds``;
+``converged`` and ``stop_reason``; and the older one-seed-vote bracket (``stable_lr``,
+``crash_lr``) beside it for reference.
 
 For each cell an Optuna study (ask/tell, persisted in the workdir's Optuna SQLite store) holds the
 trials; its sampler proposes the LR of the next one inside ``boundary.lr_range``:
@@ -151,8 +153,8 @@ class PsiSampler(_LRSampler):
 
     def __init__(self, cfg: BoundaryConfig):
         super().__init__(cfg)
-        self.grid = psy.make_grid(cfg.lr_range)
-        self.cands = psy.candidates(cfg.lr_range)
+        self.grid = psy.grid_for(cfg.lr_range)
+        self.cands = psy.candidates(self.grid)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name != "lr":
@@ -276,7 +278,7 @@ class CellSearch:
             raise SpecError(problem)
         if "settings" not in self.study.user_attrs:
             self.study.set_user_attr("settings", study_settings(cell, cfg))
-        self.grid = sampler.grid if cfg.method == "psi" else psy.make_grid(cfg.lr_range)
+        self.grid = psy.grid_for(cfg.lr_range)
         self.study.set_user_attr("cell", cell.values)
         self.study.set_user_attr("method", cfg.method)
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -336,7 +338,7 @@ class CellSearch:
         if self.cfg.method == "psi":
             if len(obs) < self.cfg.min_trials_per_cell:
                 return None
-            return psy.stop_reason(cell_fit(obs, self.cfg, self.grid), self.cfg.resolution)
+            return psy.stop_reason(self.grid, [p.lr for p in obs], crashes(obs, self.cfg), self.cfg.resolution)
         if next_lr(obs, self.cfg) is None and not self._pending_repeats(obs):
             b = cell_bracket(obs, self.cfg)
             return "interval" if b.width <= self.cfg.resolution else "range_edge"
@@ -440,10 +442,8 @@ class CellSearch:
             "converged": reason == "interval", "stop_reason": reason,
             "stable_lr": b.stable_lr, "crash_lr": b.crash_lr, "boundary_lr": b.boundary,
             "bracket_width": b.width,
-            "above_range": (f.p_above_range >= 0.5 if self.cfg.method == "psi" else
-                            b.crash_lr is None and b.stable_lr is not None and b.stable_lr >= hi),
-            "below_range": (f.p_below_range >= 0.5 if self.cfg.method == "psi" else
-                            b.stable_lr is None and b.crash_lr is not None and b.crash_lr <= lo),
+            "bracket_above_range": b.crash_lr is None and b.stable_lr is not None and b.stable_lr >= hi,
+            "bracket_below_range": b.stable_lr is None and b.crash_lr is not None and b.crash_lr <= lo,
             "non_monotonic": b.non_monotonic,
             "stable_end_crashed": ends["stable"]["crashed"], "stable_end_seeds": ends["stable"]["seeds"],
             "crash_end_crashed": ends["crash"]["crashed"], "crash_end_seeds": ends["crash"]["seeds"],

@@ -290,7 +290,8 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
     typer.echo(f"{'cell':<36} {'LR50 [90 % interval]':>26} {'band lr10-lr90':>18} {'trials':>6} {'ref gain':>8}  stopped")
     for c in out.cells:
         notes = [c["stop_reason"] + ("" if c["converged"] else " (not converged)")]
-        notes += [n for n in ("above_range", "below_range") if c[n]]
+        if c.get("censored"):
+            notes.append(f"censored: LR50 {c['censored']} the range")
         if c["method"] == "bisect" and c["non_monotonic"]:
             notes.append("non_monotonic")
         if c["method"] == "bisect" and (c["stable_end_seeds"] > 1 or c["crash_end_seeds"] > 1):
@@ -298,8 +299,12 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
                          f"{c['crash_end_crashed']}/{c['crash_end_seeds']} at crash end")
         if not c["reference_learned"]:
             notes.append("its reference learned nothing: standard-error margin only")
-        interval = f"{fmt(c['lr50'])} [{fmt(c['lr50_low'])}, {fmt(c['lr50_high'])}]"
-        band = f"{fmt(c['lr10'])}-{fmt(c['lr90'])}"
+        if c.get("censored"):  # no LR50: the one-sided bound at the interval's level
+            interval = ("> " if c["censored"] == "above" else "< ") + fmt(c["lr50_bound"])
+            band = "-"
+        else:
+            interval = f"{fmt(c['lr50'])} [{fmt(c['lr50_low'])}, {fmt(c['lr50_high'])}]"
+            band = f"{fmt(c['lr10'])}-{fmt(c['lr90'])}"
         ref = f"{c['reference_gain']:.3f}" if c["reference_gain"] is not None else "-"
         typer.echo(f"{c['cell']:<36} {interval:>26} {band:>18} {c['n_trials']:>6} {ref:>8}  " + ", ".join(notes))
     if out.cells:

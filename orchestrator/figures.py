@@ -201,19 +201,20 @@ def _log_lr_axis(ax) -> None:
 
 
 def boundary_points(plt, grid: BoundaryGrid, warmup, crit: str):
-    """One-dimensional cells: LR50 per cell with its 90 % interval as an error bar (a triangle where
-    LR50 lies outside the LR range), the band lr10-lr90 as a faint bar, the stop mark of a cell that
-    did not converge, and its trial count."""
+    """One-dimensional cells: LR50 per cell with its 90 % interval as an error bar (a censored cell,
+    LR50 outside the LR range: a triangle at its one-sided bound), the band lr10-lr90 as a faint
+    bar, the stop mark of a cell that did not converge, and its trial count."""
     rows = grid.rows
     fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.9 * len(rows)), 3.8))
     for i, s in enumerate(rows):
         c = grid.cells.get((s, None))  # depth does not vary: not part of the cell
         if not c:
             continue
-        if c["above_range"] or c["below_range"]:
-            y = c["lr50_low"] if c["above_range"] else c["lr50_high"]
-            ax.plot([i], [y], "^" if c["above_range"] else "v", color="C2" if c["above_range"] else "C3", ms=8)
-            ax.annotate("above the range" if c["above_range"] else "below the range", (i, y),
+        if c.get("censored"):  # no LR50: its one-sided bound, a triangle pointing where LR50 lies
+            up = c["censored"] == "above"
+            y = c["lr50_bound"]
+            ax.plot([i], [y], "^" if up else "v", color="C2" if up else "C3", ms=8)
+            ax.annotate(("> " if up else "< ") + f"{fmt(y)}: {c['censored']} the range", (i, y),
                         textcoords="offset points", xytext=(0, -16), ha="center", fontsize=7)
         else:
             ax.plot([i, i], [c["lr10"], c["lr90"]], color="C0", lw=6, alpha=0.18, solid_capstyle="butt")
@@ -237,7 +238,8 @@ def boundary_compare_figures(plt, brows: list[dict], cell_fields: list[str], out
     a group of points per cell without the comparison axis (``comparison_layout``: warmup, else
     schedule, else depth), a point per value of that axis side by side within the group, each with
     its 90 % interval as an error bar and its trial count (and the stop mark of a search that did not
-    converge); a triangle where LR50 lies outside the LR range. Named ``lr50_by_<axis>[_depthD]``;
+    converge); a censored cell (LR50 outside the LR range) as a triangle at its one-sided bound,
+    pointing where LR50 lies. Named ``lr50_by_<axis>[_depthD]``;
     nothing when only the stabilizer varies (``boundary_points`` is that figure)."""
     from matplotlib.lines import Line2D
 
@@ -255,9 +257,9 @@ def boundary_compare_figures(plt, brows: list[dict], cell_fields: list[str], out
             i = keys.index(tuple(r.get(f) for f in layout.rows))
             j = cols.index(r.get(layout.column))
             x, color = i - 0.4 + width * (j + 0.5), f"C{j % 10}"
-            if r["above_range"] or r["below_range"]:
-                y = r["lr50_low"] if r["above_range"] else r["lr50_high"]
-                ax.plot([x], [y], "^" if r["above_range"] else "v", color=color, ms=7, gid=f"edge|{i}|{j}")
+            if r.get("censored"):  # its one-sided bound
+                y = r["lr50_bound"]
+                ax.plot([x], [y], "^" if r["censored"] == "above" else "v", color=color, ms=7, gid=f"edge|{i}|{j}")
             else:
                 y = r["lr50_high"]
                 ax.errorbar([x], [r["lr50"]], yerr=[[r["lr50"] - r["lr50_low"]], [r["lr50_high"] - r["lr50"]]],
@@ -295,14 +297,12 @@ def boundary_fits(plt, tabs: Tables, warmup, crit: str):
     cf = tabs.cell_fields
     for ax, r in zip(axes.ravel(), rows):
         lrs, crashed, frange = tabs.fit_data[(warmup, tuple(r[f] for f in cf))]
-        grid = psy.make_grid(frange)
-        post = psy.posterior(grid, lrs, crashed)
+        grid = psy.grid_for(frange)
         xs = np.geomspace(frange[0] / 1.5, frange[1] * 1.5, 120)
-        p = psy.p_crash(grid, np.log(xs))                                # (X, M, S)
-        q = np.array([psy.weighted_quantiles(p[i], post, (0.05, 0.5, 0.95)) for i in range(len(xs))])
+        q = psy.curve(grid, psy.posterior(grid, lrs, crashed), xs)
         ax.fill_between(xs, q[:, 0], q[:, 2], color="C0", alpha=0.2, lw=0)
         ax.plot(xs, q[:, 1], color="C0", lw=1.2)
-        if not (r["above_range"] or r["below_range"]):
+        if not r.get("censored"):
             ax.axvspan(r["lr50_low"], r["lr50_high"], color="C1", alpha=0.15, lw=0)
         by: dict[float, list[bool]] = defaultdict(list)
         for lr, c in zip(lrs, crashed):
@@ -313,8 +313,7 @@ def boundary_fits(plt, tabs: Tables, warmup, crit: str):
         ax.set_ylim(-0.05, 1.05)
         label = ", ".join(fmt(r[f]) for f in cf if f not in ("warmup_steps",))
         mark = "" if r["converged"] else " " + stop_mark(r)
-        ax.set_title(f"{label}: LR50 {fmt(r['lr50'])} [{fmt(r['lr50_low'])}, {fmt(r['lr50_high'])}]{mark}",
-                     fontsize=7)
+        ax.set_title(f"{label}: LR50 {boundary_text(r)}{mark}", fontsize=7)
         ax.set_xlabel("learning rate", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[n:]:
@@ -338,7 +337,7 @@ def boundary_heatmap(plt, grid: BoundaryGrid, warmup, crit: str):
     for i, s in enumerate(rows):
         for j, d in enumerate(depths):
             c = grid.cells.get((s, d))
-            if c and not (c["above_range"] or c["below_range"]):
+            if c and not c.get("censored"):
                 lrs[i, j] = c["lr50"]
     fig, ax = plt.subplots(figsize=(3.4 + 1.3 * len(depths), 1.4 + 0.5 * len(rows)))
     finite = lrs[np.isfinite(lrs)]

@@ -87,7 +87,7 @@ def export(tracking_uri: str, experiment: str, sweep: str | None, out_dir: str |
                               f"log-uniform in [{fmt(lo)}, {fmt(hi)}]; lower is less sensitive; – where a "
                               "cell's LRs do not cover the range")
     (out / "max_stable_lr.json").write_text(json.dumps(
-        {"crash": list(crash), "kappa": kappa, "criterion": crit, "lapse": psy.LAPSE, "level": psy.LEVEL,
+        {"crash": list(crash), "kappa": kappa, "criterion": crit, "level": psy.LEVEL, "model": psy.model_description(),
          "stop_reasons": STOP_REASONS, "tables": tabs.max_stable_lr}, indent=1, default=str))
     files.append(out / "max_stable_lr.json")
     if log_to_mlflow and sweep:

@@ -54,8 +54,8 @@ class Tables:
 
 
 BOUNDARY_FIELDS = ("lr50", "lr50_low", "lr50_high", "lr10", "lr10_low", "lr10_high", "lr90", "lr90_low",
-                   "lr90_high", "interval_ratio", "band", "n_trials", "n_seeds", "converged", "stop_reason",
-                   "method", "resolution")
+                   "lr90_high", "interval_ratio", "band", "censored", "lr50_bound", "crash_floor", "stable_lapse",
+                   "n_trials", "n_seeds", "converged", "stop_reason", "method", "resolution")
 """The fields of a boundary row (``max_stable_lr.json``, ``boundary.parquet``) besides the cell and
 the old bracket (``max_stable_lr``, ``crash_lr``, ...)."""
 STOP_REASONS = {"interval": "the LR50 interval (bisect: the bracket) reached the resolution",
@@ -122,7 +122,6 @@ def ablation_tables(table: pa.Table, crash=DEFAULT_CRASH, kappa: float = DEFAULT
             "non_monotonic": b.non_monotonic, "lrs": len(lrs_run), "trials": len(pts),
             "reference_lr": refs[0].lr if len(refs) == 1 else None,
             "reference_gain": refs[0].gain if len(refs) == 1 else None,
-            "above_range": fit.p_above_range >= 0.5, "below_range": fit.p_below_range >= 0.5,
             "bracket_above_range": b.crash_lr is None, "bracket_below_range": b.stable_lr is None})
         value, covers = lr_sensitivity(pts, srange)
         l0s = [p.initial_loss for p in pts if p.initial_loss is not None]
@@ -212,17 +211,26 @@ def stop_mark(r: dict) -> str:
 
 
 def boundary_text(r: dict, with_trials: bool = False) -> str:
-    """One cell's boundary: 'LR50 [low, high]' (90 % interval), '>' / '<' when LR50 lies outside
-    the LR range, the stop mark when not converged."""
-    text = f"{fmt(r['lr50'])} [{fmt(r['lr50_low'])}, {fmt(r['lr50_high'])}]"
-    if r["above_range"]:
-        text = f"> {fmt(r['lr50_low'])} (above range)"
-    elif r["below_range"]:
-        text = f"< {fmt(r['lr50_high'])} (below range)"
+    """One cell's boundary: 'LR50 [low, high]' (90 % interval); a censored cell (LR50 outside the
+    LR range: ``censored``) its one-sided bound, '> bound (above range)' / '< bound (below range)';
+    the stop mark when not converged."""
+    if r.get("censored") == "above":
+        text = f"> {fmt(r['lr50_bound'])} (above range)"
+    elif r.get("censored") == "below":
+        text = f"< {fmt(r['lr50_bound'])} (below range)"
+    else:
+        text = f"{fmt(r['lr50'])} [{fmt(r['lr50_low'])}, {fmt(r['lr50_high'])}]"
     text += stop_mark(r)
     if with_trials:
         text += f" ({r['n_trials']})"
     return text
+
+
+def band_text(r: dict) -> str:
+    """The band 'lr10–lr90 (x ratio)', '–' for a censored cell (no band the prior made)."""
+    if r.get("censored") or r.get("lr10") is None:
+        return "–"
+    return f"{fmt(r['lr10'])}–{fmt(r['lr90'])} (x{r['band']:.2g})"
 
 
 def _method_label(m: str) -> str:
@@ -243,7 +251,7 @@ def pivot_max_stable(rows: list[dict], cell_fields: list[str]) -> tuple[list[str
         for r in sorted(rows, key=lambda r: tuple(str(r[f]) for f in row_fields)):
             br = f"[{fmt(r['max_stable_lr'])}, {fmt(r['crash_lr'])}]" + (" *" if r["non_monotonic"] else "")
             body.append([fmt(r[f]) for f in row_fields] + [
-                boundary_text(r), f"{fmt(r['lr10'])}–{fmt(r['lr90'])} (x{r['band']:.2g})",
+                boundary_text(r), band_text(r),
                 f"{r['n_trials']} ({r['n_seeds']})", f"{_method_label(r['method'])}: {r['stop_reason']}", br])
         return header, body
     header = row_fields + [f"depth {d}" if d is not None else "LR50 [90 % interval]" for d in depths]
@@ -262,10 +270,15 @@ def boundary_caption(name: str, warmup, rows: list[dict], crit: str) -> str:
     bis = ("; method bisect is a one-seed look, its interval is the same fit over the few LRs bisection ran"
            if "bisect" in methods else "")
     where = f", warmup {warmup} steps" if warmup is not None else ""
-    return (f"Crash boundary, {name}{where}: LR50 (P(crash) = 0.5) with its 90 % interval, "
-            f"from a logistic in log-LR with a {psy.LAPSE:g} lapse fitted to every run of the cell (grid "
-            f"posterior, orchestrator/psychometric.py); band = LR where P(crash) is 0.1 and 0.9; "
-            f"{crit}; converged = interval narrower than x{'/'.join(f'{v:.3g}' for v in res)}"
+    censored = any(r.get("censored") for r in rows)
+    return (f"Crash boundary, {name}{where}: LR50 (P(crash) = 0.5) with its {100 * psy.LEVEL:g} % interval, "
+            f"from a logistic in log-LR with a crash floor below and a stable lapse above (each "
+            f"{psy.FLOORS[0]:g}-{psy.FLOORS[-1]:g}, estimated) fitted to every run of the cell (grid posterior, "
+            f"orchestrator/psychometric.py); band = where the transition has risen 10 % and 90 % of the way "
+            f"from floor to ceiling; {crit}; converged = interval narrower than "
+            f"x{'/'.join(f'{v:.3g}' for v in res)}"
+            + (f"; > / < = censored: LR50 above / below the LR range, with its {100 * psy.LEVEL:g} % one-sided "
+               "bound (no LR50 reported)" if censored else "")
             + (f"; {marks}" if marks else "") + bis
             + "; the bracket is the older summary (largest stable LR, smallest crashed LR above it; the runs at "
               "one LR vote, a tie is a crash; * = a crashed LR below the stable one)")

@@ -201,8 +201,11 @@ def test_psi_stops_at_the_budget_and_at_the_range_edge_and_says_which():
     assert rep["stop_reason"] == "budget" and not rep["converged"] and rep["n_trials"] == 12
     cfg = BoundaryConfig(lr_range=(1e-3, 1.0), max_trials_per_cell=40)
     rep = search_local([cell], cfg, None, "e", lambda c: result(False))[0]  # nothing ever crashes
-    assert rep["stop_reason"] == "range_edge" and rep["above_range"] and not rep["converged"]
-    assert rep["lr50_high"] > 1.0 and rep["n_trials"] < 40
+    assert rep["stop_reason"] == "range_edge" and rep["censored"] == "above" and not rep["converged"]
+    assert rep["p_above_range"] >= 0.9 and rep["n_trials"] < 40
+    # censored: no LR50 and no band (numbers the prior made), a one-sided bound inside the range
+    assert rep["lr50"] is None and rep["lr50_low"] is None and rep["lr50_high"] is None and rep["lr10"] is None
+    assert 1e-3 < rep["lr50_bound"] <= 1.0
 
 
 def test_psi_proposals_in_flight_spread_and_resume_from_the_store(tmp_path):
@@ -231,40 +234,60 @@ def test_psi_proposals_in_flight_spread_and_resume_from_the_store(tmp_path):
     assert len(set(seeds)) == len(seeds)  # the resumed search does not reuse a seed
 
 
+def small_grid():
+    """A grid small enough to check point by point: 25 LR50s, 5 widths, 2 floors, 2 lapses."""
+    from orchestrator import psychometric as psy
+
+    return psy.make_grid((1e-3, 1.0), n_s=5, floors=(0.02, 0.3), floor_prior=(0.7, 0.3), lapses=(0.02, 0.2),
+                         lapse_prior=(0.6, 0.4), n_candidates=9, max_step=0.5)
+
+
 def test_grid_posterior_equals_the_direct_likelihood():
     import numpy as np
 
     from orchestrator import psychometric as psy
 
     rng = np.random.default_rng(3)
-    grid = psy.make_grid((1e-3, 1.0), n_mu=31, n_s=7)
-    lrs = list(np.exp(rng.uniform(math.log(1e-3), 0, 25))) + [0.01, 0.01, 0.01]
-    crashed = list(rng.random(28) < 0.5)
+    grid = small_grid()
+    assert grid.shape == (25, 5, 2, 2)
+    cands = psy.candidates(grid)
+    # runs off the lattice (computed directly) and on it (read from the lattice table), some repeated
+    lrs = list(np.exp(rng.uniform(math.log(1e-3), 0, 20))) + [cands[3]] * 3 + [cands[5], cands[0], cands[-1]]
+    crashed = list(rng.random(len(lrs)) < 0.5)
     post = psy.posterior(grid, lrs, crashed)
-    # direct: for every grid point the product of Bernoulli probabilities of the model's formula
+    # direct: for every grid point the product of Bernoulli probabilities of the model's formula,
+    # P = floor + (1 - floor - lapse) F((x - x50) / s + z0), z0 = log((0.5 - floor) / (0.5 - lapse))
     direct = np.zeros(grid.shape)
-    for i, mu in enumerate(grid.mu):
+    trapezoid = lambda i, n: 0.5 if i in (0, n - 1) else 1.0  # noqa: E731
+    for i, x50 in enumerate(grid.x50):
         for j, ls in enumerate(grid.log_s):
-            lik = 1.0
-            for lr, c in zip(lrs, crashed):
-                p = psy.LAPSE + (1 - 2 * psy.LAPSE) / (1 + math.exp(-(math.log(lr) - mu) / math.exp(ls)))
-                lik *= p if c else 1 - p
-            direct[i, j] = lik * math.exp(ls) ** psy.S_POWER  # the prior: s ** S_POWER on the log grid
+            for a, (g, wg) in enumerate(zip((0.02, 0.3), (0.7, 0.3))):
+                for b, (lam, wl) in enumerate(zip((0.02, 0.2), (0.6, 0.4))):
+                    z0 = math.log((0.5 - g) / (0.5 - lam))
+                    lik = 1.0
+                    for lr, c in zip(lrs, crashed):
+                        p = g + (1 - g - lam) / (1 + math.exp(-((math.log(lr) - x50) / math.exp(ls) + z0)))
+                        lik *= p if c else 1 - p
+                    prior = math.exp(ls) ** psy.S_POWER * trapezoid(i, 25) * trapezoid(j, 5) * wg * wl
+                    direct[i, j, a, b] = lik * prior
     direct /= direct.sum()
     np.testing.assert_allclose(post, direct, rtol=1e-9, atol=1e-300)
     ll = psy.log_likelihood(grid, lrs, crashed) + grid.log_prior
     np.testing.assert_allclose(np.exp(ll - ll.max()) / np.exp(ll - ll.max()).sum(), direct, rtol=1e-9)
-    # the expected entropy of one candidate, by hand, from the two posteriors it can lead to
-    cand = 0.02
-    e = psy.expected_entropy(grid, post, [cand])[0]
+    # at every grid point the fitted P(crash) at its own LR50 is 0.5
+    np.testing.assert_allclose(psy.p_crash(grid, grid.x50)[np.arange(25), np.arange(25)], 0.5, rtol=1e-12)
+    # the expected entropy of LR50 for a candidate, by hand, from the two posteriors it can lead to
+    # (lattice candidates take the table's product, an LR off the lattice the direct path: the same)
+    cand = cands[4]
+    e = psy.expected_entropy(grid, post, [cand, cand * 1.0001])
     p1 = psy.p_crash(grid, math.log(cand))
     by_hand = 0.0
     for lik in (p1, 1 - p1):
         joint = post * lik
         z = joint.sum()
-        m = joint.sum(axis=1) / z
+        m = joint.reshape(25, -1).sum(axis=1) / z
         by_hand += z * -(m[m > 0] * np.log(m[m > 0])).sum()
-    assert e == pytest.approx(by_hand, rel=1e-12)
+    assert e[0] == pytest.approx(by_hand, rel=1e-12) and e[1] == pytest.approx(by_hand, rel=1e-3)
     # and the fit's quantiles: LR50's interval holds its median, lr10 < lr50 < lr90
     f = psy.summarize(grid, post, len(lrs))
     assert f.lr50_low < f.lr50 < f.lr50_high and f.lr10 < f.lr50 < f.lr90
@@ -273,13 +296,27 @@ def test_grid_posterior_equals_the_direct_likelihood():
 def test_efficiency_benchmark_runs_at_a_tiny_size(tmp_path, benchmark_module):
     bench = benchmark_module("boundary_efficiency")
     out = tmp_path / "eff.md"
-    summary = bench.main(["--cells-per-kind", "2", "--max-grid-seeds", "2", "--budget", "30", "--out", str(out)])
-    assert summary["all"]["n"] == 6 and set(summary) == set(bench.KINDS) | {"all"}
-    for kind, v in summary.items():
-        assert 0 <= v["coverage"] <= 1 and bench.BoundaryConfig(lr_range=(1e-3, 1.0)).min_trials_per_cell <= v["trials"] <= 30
-    assert "coverage of the 90 % interval" in out.read_text()
-    # the cells' truths: the bands the kinds name
-    for kind, band in bench.KINDS.items():
+    summary = bench.main(["--quick", "--workers", "1", "--families", "logistic sharp,plateau,above range",
+                          "--replay", "1", "--out", str(out)])
+    assert summary["all"]["n"] == 9 and set(summary) >= {"logistic sharp", "plateau", "above range", "all"}
+    for fam in ("logistic sharp", "plateau", "above range"):
+        v = summary[fam]
+        assert 0 <= v["coverage"] <= 1 and v["trials"] <= 30
+    assert summary["above range"]["censored"] == 3 and summary["above range"]["median_abs_log_err"] is None
+    text = out.read_text()
+    assert "coverage, stopped on interval" in text and "By stop reason" in text and "ms with 3 pending" in text
+    assert set(summary["_timing"]) == {0, 1, 3} and summary["_fine"]["stop_flips"] >= 0
+    # the stopping rules replayed on cells run to the budget: every rule, every family inside the range
+    assert [r["family"] for r in summary["_replay"]] == ["logistic sharp", "plateau"]
+    assert all(len(r["rows"]) == 30 for r in summary["_replay"])
+    assert all(name in text for name in bench.RULES) and "Stopping rules replayed" in text
+    # the families' truths: LR50 is where P(crash) first reaches 0.5, and the shapes are the ones named
+    for name, fam in bench.FAMILIES.items():
+        assert fam.p(0.0) == pytest.approx(0.5) and fam.p(-1e-6) < 0.5 <= fam.p(1e-6), name
+    assert bench.FAMILIES["plateau"].p(-0.5 * math.log(10)) == pytest.approx(0.3, abs=1e-3)
+    assert bench.FAMILIES["island"].p(0.5 * math.log(10)) == 0.1
+    assert bench.FAMILIES["bump"].p(-0.5 * math.log(10)) == pytest.approx(0.4, abs=1e-3)
+    for band in (1.2, 5.0):
         s = bench.s_of_band(band)
         assert math.exp(2 * s * math.log(9)) == pytest.approx(band)
 
@@ -289,10 +326,11 @@ def test_expected_entropy_counts_a_pending_trial_and_thompson_beyond_the_exact_l
 
     from orchestrator import psychometric as psy
 
-    grid = psy.make_grid((1e-3, 1.0), n_mu=41, n_s=5)
+    grid = small_grid()
+    cands = psy.candidates(grid)
     lrs, crashed = [0.01, 0.05, 0.2, 0.5], [False, False, True, True]
     post = psy.posterior(grid, lrs, crashed)
-    cand, pend = 0.1, 0.08
+    cand, pend = cands[5], cands[4]
     e = psy.expected_entropy(grid, post, [cand], [pend])[0]
     pp, pc = psy.p_crash(grid, math.log(pend)), psy.p_crash(grid, math.log(cand))
     by_hand = 0.0
@@ -300,10 +338,9 @@ def test_expected_entropy_counts_a_pending_trial_and_thompson_beyond_the_exact_l
         for lc in (pc, 1 - pc):      # the candidate's
             joint = post * lp * lc
             z = joint.sum()
-            m = joint.sum(axis=1) / z
+            m = joint.reshape(len(grid.x50), -1).sum(axis=1) / z
             by_hand += z * -(m[m > 0] * np.log(m[m > 0])).sum()
     assert e == pytest.approx(by_hand, rel=1e-12)
-    cands = psy.candidates((1e-3, 1.0))
     # more pending trials than the exact limit: a Thompson draw, repeatable with its RNG
     many = [0.1] * (psy.MAX_EXACT_PENDING + 1)
     a = psy.next_lr(grid, lrs, crashed, many, cands, np.random.default_rng(7))

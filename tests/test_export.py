@@ -257,9 +257,13 @@ def test_boundary_of_every_cell_on_one_axis_grouped_by_warmup_per_depth(tmp_path
     from orchestrator.figures import boundary_compare_figures
 
     def row(stab, w, d, lr50, above=False):
+        if above:  # censored: no LR50, its one-sided bound
+            return {"stabilizer": stab, "warmup_steps": w, "depth": d, "lr50": None, "lr50_low": None,
+                    "lr50_high": None, "censored": "above", "lr50_bound": lr50, "converged": False,
+                    "stop_reason": "range_edge", "n_trials": 12}
         return {"stabilizer": stab, "warmup_steps": w, "depth": d, "lr50": lr50, "lr50_low": lr50 / 1.3,
-                "lr50_high": lr50 * 1.3, "above_range": above, "below_range": False, "converged": not above,
-                "stop_reason": "range_edge" if above else "interval", "n_trials": 12}
+                "lr50_high": lr50 * 1.3, "censored": None, "lr50_bound": None, "converged": True,
+                "stop_reason": "interval", "n_trials": 12}
     rows = [row(s, w, d, 0.1 * (1 + w / 50) * (2 if s == "qk_norm" else 1), above=(s, w, d) == ("qk_norm", 50, 4))
             for s in ("none", "qk_norm") for w in (0, 50) for d in (2, 4)]
     captured = []
