@@ -63,7 +63,7 @@ from orchestrator import psychometric as psy
 from orchestrator.boundary_config import BoundaryConfig, boundary_config
 from orchestrator.spec import SweepSpec
 from workloads.outcome import SIZE_FIELDS, Bracket, Point, best_gain, bracket, classify
-from workloads.trial import TrialConfig
+from workloads.config import TrialConfig  # (workloads.trial.TrialConfig without torch: the driver needs none)
 
 log = logging.getLogger("ablate")
 optuna.logging.set_verbosity(optuna.logging.WARNING)

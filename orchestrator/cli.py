@@ -202,6 +202,21 @@ def _preflight(spec: Path, kind: str, max_trials: Optional[int], address: Option
     return p
 
 
+@contextmanager
+def _workdir_lock(workdir: Path):
+    """The one-driver lock of an existing workdir, taken before the spec's checks (a second driver
+    is refused at once, not after them); let go of when the command ends (the session has released
+    it already when the run got that far)."""
+    from orchestrator.faults import lock_existing
+
+    lock = lock_existing(workdir)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _ui_hint(tracking_uri: str, experiment: str) -> None:
     """Where to look at the experiment: its own page in the MLflow UI (``Tracker.experiment_url``)."""
     from orchestrator.mlflow_store import Tracker
@@ -247,7 +262,7 @@ def sweep(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAM
 
     The checks of ablate check come first: a refused spec leaves nothing behind.
     Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
-    with _errors(tracking_uri):
+    with _errors(tracking_uri), _workdir_lock(workdir):
         p = _preflight(spec, "sweep", max_trials, address, quiet=True)
         from orchestrator.sweep import run_sweep
 
@@ -277,7 +292,7 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
 
     The checks of ablate check come first: a refused spec leaves nothing behind.
     Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
-    with _errors(tracking_uri):
+    with _errors(tracking_uri), _workdir_lock(workdir):
         p = _preflight(spec, "boundary", max_trials, address, quiet=True)
         from orchestrator.boundary import run_boundary
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.faults import Interrupted, RayStartError, StopSignals, WorkdirLock, prepare_workdir
+from orchestrator.faults import Interrupted, RayStartError, StopSignals, WorkdirLock, lock_existing, prepare_workdir
 from orchestrator.mlflow_store import Tracker, check_store, default_tracking_uri
 from orchestrator.preflight import check_data, check_gpus, embedded_run
 from orchestrator.quiet import FoldedWarnings
@@ -331,10 +331,15 @@ def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tr
     driver), the store (reachable, writable), ``precheck(storage)``, the cluster's resources; only
     then is the parent run opened."""
     embedded = embedded_run(address)
-    check_data(spec, spec.trials(), embedded)  # before the workdir exists: a refusal leaves nothing
-    check_gpus(spec, embedded)
+    lock = lock_existing(workdir)  # a busy workdir is refused before the checks
+    try:
+        check_data(spec, spec.trials(), embedded)  # before the workdir exists: a refusal leaves nothing
+        check_gpus(spec, embedded)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     signals = StopSignals().__enter__()
-    lock = None
     started_ray = False
     try:
         workdir = prepare_workdir(workdir)
