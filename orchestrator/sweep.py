@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator import embedded
 from orchestrator.faults import Interrupted, RayStartError, StopSignals, WorkdirLock, lock_existing, prepare_workdir
 from orchestrator.mlflow_store import Tracker, check_store, default_tracking_uri
 from orchestrator.preflight import check_data, check_gpus, embedded_run
@@ -92,14 +93,16 @@ def init_ray(address: str | None = None, workdir: Path | None = None, attempts: 
     backoff = backoff if backoff is not None else _env_number(RAY_START_BACKOFF, 5.0)
     kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if not address:
-        _embedded_token_auth()
+        embedded.token_auth()  # on, or one warning line when switched off
+        embedded.reap_leftovers(workdir)  # what a killed driver of this workdir left running
     for attempt in range(1, attempts + 1):
         before = _children()
         try:
             if address:
                 ray.init(address=address, **kwargs)  # the cluster's own authentication applies, untouched
             else:
-                ray.init(address="local", include_dashboard=False, **kwargs)
+                with embedded.loopback() as ip:  # every port of the embedded Ray on 127.0.0.1 only
+                    ray.init(address="local", include_dashboard=False, _node_ip_address=ip, **kwargs)
             break
         except Exception as e:  # noqa: BLE001 - Ray raises Exception, RuntimeError, ConnectionError, ...
             try:
@@ -113,6 +116,8 @@ def init_ray(address: str | None = None, workdir: Path | None = None, attempts: 
             log.warning("Ray did not start (%s); attempt %d of %d in %.0f s", _first_line(e), attempt + 1,
                         attempts, delay)
             time.sleep(delay)
+    if not address:
+        embedded.record_session(workdir)  # for the next driver, should this one be killed
     if workdir is not None:  # Ray's own logs, reachable from the workdir
         try:
             session = Path(ray._private.worker._global_node.get_session_dir_path())
@@ -178,59 +183,6 @@ def _ray_start_message(e: BaseException, address: str | None, attempt: int, atte
     hint = ("a loaded machine can take longer: wait and re-run, or set "
             f"{RAY_START_ATTEMPTS} / {RAY_START_BACKOFF} (now {attempts} attempts)")
     return f"Ray did not start on this machine {tries}: {_first_line(e)}; Ray's log: {logs}; {hint}"
-
-
-def _embedded_token_auth() -> None:
-    """Token authentication on, explicitly, for the Ray that ``init_ray`` starts on this machine,
-    and Ray's token file readable by this user only.
-
-    Ray (2.60 here) turns token authentication on by default for a new local cluster and then logs
-    "Token authentication is enabled for this Ray cluster" on every start; it logs nothing when
-    ``RAY_AUTH_MODE`` is set. The embedded cluster's GCS and raylet listen on this machine's network
-    address, not only on loopback, so anyone who can reach it could run code in it: authentication
-    stays on, and ablate says so once, here, instead of Ray on every command. A ``RAY_AUTH_MODE``
-    set by the user wins. On a cluster (``--address``) nothing is changed: the cluster's own setting
-    applies. Ray writes a missing token file (``~/.ray/auth_token``, or $RAY_AUTH_TOKEN_PATH) with
-    the default umask (0644 here): ablate creates it first, 0600 (:func:`private_token_file`).
-    """
-    if "RAY_AUTH_MODE" not in os.environ:
-        try:  # a Ray without token authentication has neither; then there is nothing to set
-            from ray._private.authentication import authentication_token_setup  # noqa: F401
-            from ray._raylet import Config
-        except ImportError:
-            return
-        os.environ["RAY_AUTH_MODE"] = "token"  # inherited by the raylet, GCS and workers
-        Config.initialize("")  # the driver's cached Ray config re-reads it (what Ray does when it enables it)
-    if os.environ["RAY_AUTH_MODE"].lower() == "token":
-        private_token_file()
-
-
-def private_token_file() -> Path | None:
-    """Ray's token file for this user (``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) made
-    mode 0600: created with Ray's own generator when missing, its group/other bits removed when this
-    user owns it. None when the token comes from ``$RAY_AUTH_TOKEN`` (no file)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return None
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
-        from ray._raylet import AuthenticationTokenLoader
-
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it meanwhile
-            return private_token_file()
-        with os.fdopen(fd, "w") as f:
-            f.write(generate_new_authentication_token())
-        AuthenticationTokenLoader.instance().reset_cache()
-        return path
-    if st.st_mode & 0o077 and st.st_uid == os.getuid():
-        os.chmod(path, 0o600)
-        log.info("Ray's token file %s: made readable by its owner only (0600)", path)
-    return path
 
 
 def storage_root(spec: SweepSpec, workdir: Path) -> str:
@@ -315,6 +267,7 @@ class Session:
 
             ray.shutdown()  # embedded Ray's raylet, GCS and agents go with the driver
             self.started_ray = False
+            embedded.forget_session(self.workdir)
         if self.signals is not None:
             self.signals.__exit__(None, None, None)
             self.signals = None
