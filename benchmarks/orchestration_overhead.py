@@ -266,7 +266,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--values", type=int, default=50_000, help="metric values of the ingest measurement")
     ap.add_argument("--repeats", type=int, default=5, help="repeats of every figure (median and range printed)")
+    ap.add_argument("--first-only", action="store_true", help="only the command to the first trial's start")
     args = ap.parse_args(argv)
+    if args.first_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            first = command_to_first_trial(Path(tmp), args.repeats, args.concurrency, args.steps)
+        for kind, values in first.items():
+            print(f"command to first trial, {kind}: {spread(values)}  (target <= 8 s)")
+        return dict(first=first)
 
     from orchestrator.spec import parse_spec
 

@@ -511,9 +511,9 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     optuna_storage = optuna_storage or f"sqlite:///{ses.workdir / 'optuna.db'}"
     searches = [CellSearch(c, cfg, optuna_storage, spec.name) for c in cells]
     set_peers(searches)
-    # Runs of an interrupted search that never finished are replaced by the resumed search.
+    # Runs of an interrupted search that never finished are replaced by the resumed search (closed first).
     for r in ses.tracker.trial_runs(spec.name, "tags.status = 'running'"):
-        ses.tracker.delete_run(r.info.run_id)
+        ses.tracker.discard(r, "cut off; the resumed search replaces it")
     budget = len(cells) * cfg.max_trials_per_cell
     callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, budget,
                                 progress=progress, total_is_budget=True, crash=spec.crash,
@@ -533,7 +533,7 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
         # a fresh Tune experiment per invocation: the search's state is the Optuna store's
         run_config=run_config(spec, f"{spec.name}-boundary-{int(time.time())}", ses.storage, callback),
     )
-    ses.fit(tuner)
+    ses.fit(tuner, callback)
     reports = [s.report() for s in searches]
     ses.tracker.log_text(ses.parent, json.dumps(reports, indent=1, default=str), "boundary/cells.json")
     ses.finish()

@@ -278,3 +278,59 @@ def test_mlflow_basic_auth_variant_refuses_without_the_password(tmp_path, monkey
         assert MlflowClient(s.uri).get_experiment(exp).name == "yes"
     finally:
         s.stop()
+
+
+def test_mlflow_basic_auth_variant_answers_to_the_heads_public_name(tmp_path):
+    """cluster.yaml's variant opens MLflow beyond the head (``--host 0.0.0.0``). MLflow 3.17 answers 403
+    "Invalid Host header" to a Host header it does not allow, by default anything but localhost and
+    the private address ranges: a client naming the head by its public name was refused. The
+    variant passes ``--allowed-hosts`` from ``orchestrator.mlflow_hosts`` (the head's host name and
+    addresses, on EC2 its public name and IP, and ``$ABLATE_MLFLOW_HOSTS``): a request naming the
+    head so reaches the password check (401 without it, 200 with it), any other name is refused."""
+    import base64
+    import http.client
+    import os
+    import secrets
+    import socket
+    import subprocess
+    import sys
+
+    from orchestrator.localcluster import free_port
+
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
+    text = (Path(__file__).parent.parent / "cluster.yaml").read_text()
+    variant = [ln for ln in text.splitlines() if "--allowed-hosts" in ln]
+    assert variant == ['  #   --allowed-hosts "$(python3 -m orchestrator.mlflow_hosts --port 5000)"'], variant
+
+    public = "mlflow.example.org"  # a public name of the head (on EC2 the metadata service gives it)
+    password = secrets.token_urlsafe(24)
+    auth = "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()
+
+    def status(server, host, headers=()):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host, **dict(headers)})
+        r = conn.getresponse()
+        body = r.read().decode(errors="replace")
+        conn.close()
+        return r.status, body
+
+    port = free_port()
+    hosts = subprocess.run([sys.executable, "-m", "orchestrator.mlflow_hosts", "--port", str(port), "--no-metadata"],
+                           env=dict(os.environ, ABLATE_MLFLOW_HOSTS=public), capture_output=True, text=True,
+                           timeout=60, check=True).stdout.strip()
+    assert f"{public}:{port}" in hosts.split(",") and f"127.0.0.1:{port}" in hosts.split(",")
+    before = MlflowServer(tmp_path / "before", admin_password=password).start()  # without --allowed-hosts
+    try:
+        assert status(before, f"{public}:{before.port}")[0] == 403
+    finally:
+        before.stop()
+    s = MlflowServer(tmp_path / "after", port=port, admin_password=password, allowed_hosts=hosts).start()
+    try:
+        assert status(s, f"{public}:{port}")[0] == 401  # allowed: asked for the password
+        assert status(s, f"{socket.gethostname()}:{port}")[0] == 401
+        assert status(s, f"{public}:{port}", {"Authorization": auth})[0] == 200
+        code, body = status(s, f"attacker.example.com:{port}", {"Authorization": auth})
+        assert code == 403 and "Invalid Host header" in body
+        assert status(s, f"127.0.0.1:{port}", {"Authorization": auth})[0] == 200
+    finally:
+        s.stop()
