@@ -192,6 +192,7 @@ def prestart(modules: list[str], experiment: str, workdir: str | Path, tracking_
                 importlib.import_module(m)
             from orchestrator.mlflow_store import Tracker
 
+            logging.getLogger("mlflow").setLevel(logging.WARNING)  # (as init_ray sets it) no "Creating tables"
             Tracker(uri, experiment)
         except BaseException as e:  # noqa: BLE001 - told in the main thread
             failed.append(e)

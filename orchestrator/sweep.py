@@ -278,13 +278,19 @@ def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progres
         cut = [r for r in ses.tracker.trial_runs(spec.name) if r.info.status == "RUNNING"]
         for r in cut:
             ses.tracker.close_cut_off(r, "cut off: its driver stopped before the trial ended")
-        ended, again = reconcile_tune_state(exp_dir, ses.tracker, spec.name)
+        try:
+            ended, again = reconcile_tune_state(exp_dir, ses.tracker, spec.name)
+        except (OSError, ValueError, KeyError) as e:  # Tune's state as Tune left it: it resumes as before
+            log.warning("sweep %s: Tune's saved state not checked against MLflow's record (%s)", spec.name, e)
+            ended = again = 0
         if progress:
             notes = [f"{n} {what}" for n, what in (
                 (len(cut), "run(s) an earlier driver left RUNNING closed (KILLED)"),
                 (ended, "trial(s) MLflow holds as ended not run again (Tune's saved state was older)"),
                 (again, "trial(s) whose end MLflow never received run again")) if n]
             print(f"[{spec.name}] resuming from {exp_dir}" + (f": {'; '.join(notes)}" if notes else ""), flush=True)
+        # (Tune warns, twice, of each ended trial whose result.json a killed driver never wrote: MLflow has it)
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=False)
         _replace_callbacks(tuner, run_config(spec, spec.name, ses.storage, callback).callbacks)
     else:
@@ -330,11 +336,17 @@ def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[in
     ``experiment_state-*.json`` of ``exp_dir`` (what ``Tuner.restore`` reads), a trial that MLflow
     holds as ended (FINISHED with its class, or FAILED) is marked ended (TERMINATED, ERROR) so that
     the resumed sweep does not train it again, and one that Tune holds as ended but MLflow does not
-    (its end never reached the store) is PENDING, so that it runs again. Returns the two counts."""
+    (its end never reached the store) is PENDING, so that it runs again. A trial marked ended is
+    also taken out of the grid searcher's trials in flight (``basic-variant-state-*.json``, saved
+    with it: Tune's ``BasicVariantGenerator`` hands out no more trials than ``concurrency`` while it
+    counts them, and a trial that never ends again would stall the sweep); without that file no
+    trial is marked ended. Returns the two counts."""
     import fnmatch
+    import io
     import json
 
     import pyarrow.fs as pafs
+    import ray.cloudpickle as cloudpickle
 
     from orchestrator.mlflow_store import TAG_TRIAL
 
@@ -346,28 +358,46 @@ def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[in
         elif r.info.status == "FAILED" and status == "failed":
             ended[tid] = "ERROR"
     fs, path = pafs.FileSystem.from_uri(exp_dir) if "://" in exp_dir else (pafs.LocalFileSystem(), exp_dir)
-    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
-                   if fnmatch.fnmatch(i.base_name, "experiment_state-*.json"))
-    if not names:
+    files = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]
+
+    def newest(pattern: str) -> str | None:
+        names = sorted(n for n in files if fnmatch.fnmatch(n, pattern))
+        return f"{path.rstrip('/')}/{names[-1]}" if names else None
+
+    state_file, searcher_file = newest("experiment_state-*.json"), newest("basic-variant-state-*.json")
+    if state_file is None:
         return 0, 0
-    state_file = f"{path.rstrip('/')}/{names[-1]}"
     with fs.open_input_stream(state_file) as f:
         data = json.loads(f.readall())
-    marked = again = 0
+    searcher = None
+    if searcher_file is not None:
+        with fs.open_input_stream(searcher_file) as f:
+            searcher = cloudpickle.load(io.BytesIO(f.readall()))
+    live = searcher.get("_live_trials") if isinstance(searcher, dict) else None
+    marked, again = [], 0
     for entry in data.get("trial_data", []):
         trial = json.loads(entry[0])
         want, status = ended.get(trial.get("trial_id")), trial.get("status")
         if want is not None and status not in ("TERMINATED", "ERROR"):
-            trial["status"], marked = want, marked + 1
+            if not isinstance(live, set):
+                continue  # the searcher's count of trials in flight cannot follow: Tune runs it again
+            trial["status"] = want
+            marked.append(trial["trial_id"])
         elif want is None and status in ("TERMINATED", "ERROR"):
             trial["status"], again = "PENDING", again + 1
         else:
             continue
         entry[0] = json.dumps(trial, indent=2)
+    if marked:
+        live.difference_update(marked)
+        buf = io.BytesIO()
+        cloudpickle.dump(searcher, buf)
+        with fs.open_output_stream(searcher_file) as f:
+            f.write(buf.getvalue())
     if marked or again:
         with fs.open_output_stream(state_file) as f:
             f.write(json.dumps(data).encode())
-    return marked, again
+    return len(marked), again
 
 
 def _label(cfg, spec: SweepSpec) -> str:

@@ -377,8 +377,8 @@ def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tm
     client = MlflowClient(uri)
     try:
         deadline = time.time() + 240
-        finished = {}
-        while time.time() < deadline and len(finished) < 2:
+        finished, stale = {}, set()
+        while time.time() < deadline and not (len(finished) >= 2 and stale):
             time.sleep(0.25)
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
@@ -386,7 +386,8 @@ def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tm
             except Exception:  # noqa: BLE001 - the store may be mid-creation
                 continue
             finished = {r.data.tags["ablate.trial_id"]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
-        assert len(finished) >= 2, log.read_text()[-3000:]
+            stale = set(finished) - _tune_ended(wd / "ray_results" / "t-kill9")  # ended in MLflow, not in Tune's state
+        assert len(finished) >= 2 and stale, log.read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID` does
         proc.wait(timeout=30)
     finally:
@@ -396,7 +397,10 @@ def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tm
     assert len(finished) < 4, "the kill must land mid-sweep"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"{len(finished)} trial(s) MLflow holds as ended not run again" in done.stdout, done.stdout
+    import re
+
+    marked = re.search(r"(\d+) trial\(s\) MLflow holds as ended not run again", done.stdout)
+    assert marked and len(stale) <= int(marked.group(1)) <= len(finished), done.stdout
     trials = _runs(client, "ablate-t-kill9", "trial")
     assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
     by_trial = {r.data.tags["ablate.trial_id"]: r.info.run_id for r in trials}
@@ -406,3 +410,17 @@ def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tm
     deleted = [r for r in every if r.info.lifecycle_stage == "deleted"]
     assert all(r.info.status == "KILLED" for r in deleted), [(r.info.run_name, r.info.status) for r in deleted]
     assert [ln for ln in done.stderr.splitlines() if ln.startswith("note: stopped")], done.stderr[-2000:]
+
+
+def _tune_ended(exp_dir) -> set:
+    """The trials Tune's newest saved state holds as ended (what Tuner.restore would skip)."""
+    import json
+
+    files = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not files:
+        return set()
+    try:
+        data = json.loads(files[-1].read_text())
+    except ValueError:  # being written
+        return set()
+    return {t["trial_id"] for t in (json.loads(e[0]) for e in data["trial_data"]) if t["status"] in ("TERMINATED", "ERROR")}
