@@ -103,7 +103,7 @@ def test_killed_worker_node_trials_are_retried_elsewhere(cluster, server, tmp_pa
     assert sum(r.data.tags["node_id"] == survivor for r in runs) >= 4
 
 
-def test_mlflow_server_outage_loses_no_metrics(cluster, server, tmp_path):
+def test_mlflow_server_outage_loses_no_metrics(cluster, server, tmp_path, capfd):
     raw = spec("t-outage", n=6, steps=300)
 
     finished_at_outage = []
@@ -138,6 +138,12 @@ def test_mlflow_server_outage_loses_no_metrics(cluster, server, tmp_path):
         assert {0, 25, 50, 75, 100, 125, 150, 175, 200, 225, 250, 275, 299} <= set(steps), (r.info.run_name, steps)
         assert len(steps) == len(set(steps))  # each step once: nothing lost, nothing doubled
         assert "result/final_loss" in r.data.metrics
+    # what the outage showed: one short line per retry, then that the store is back; no MLflow chatter
+    out, err = capfd.readouterr()
+    waiting = [ln for ln in err.splitlines() if "waiting for the tracking store" in ln]
+    back = [ln for ln in err.splitlines() if "the tracking store answers again" in ln]
+    assert waiting and back and all(ln.startswith("[t-outage] ") and len(ln) < 160 for ln in waiting + back), err[-3000:]
+    assert "View run" not in out + err and "Traceback" not in err
 
 
 def test_embedded_session_starts_its_own_ray_beside_a_running_cluster(monkeypatch, tmp_path):

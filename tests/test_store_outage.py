@@ -18,7 +18,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from orchestrator.localcluster import MlflowServer
-from orchestrator.mlflow_store import StoreUnavailable, Tracker
+from orchestrator.mlflow_store import Tracker
 
 SPEC = {"name": "t-lost", "workload": "gpt", "steps": 250,
         "fixed": {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "eval_batches": 1,
