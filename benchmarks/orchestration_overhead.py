@@ -168,31 +168,42 @@ def through_sweep(raws: list[dict], workdir: Path) -> list[dict]:
     return out
 
 
-def command_to_first_trial(work: Path, repeats: int, concurrency: int, steps: int) -> dict[str, list[float]]:
+def command_to_first_trial(work: Path, repeats: int, concurrency: int, steps: int) -> dict[str, list[dict]]:
     """Seconds from ``ablate sweep SPEC`` (a fresh process, as a user types it) to the start of its
-    first trial (the trial's own clock), ``repeats`` times in a fresh workdir (the MLflow store is
-    created) and in a workdir that holds one (a warm-up sweep made it; not counted)."""
+    first trial (the trial's own clock, tag ``started_at``), ``repeats`` times in a fresh workdir (the
+    MLflow store is created) and in a workdir that holds one (a warm-up sweep made it; not counted).
+    Each with two marks on the way, from MLflow's records: the parent run's creation (imports, Ray's
+    start and the store done) and the first trial run's (Tune set up, its worker started)."""
     from orchestrator.mlflow_store import Tracker
 
-    def sweep(raw: dict, wd: Path) -> float:
+    def sweep(raw: dict, wd: Path) -> dict:
         path = work / f"{raw['name']}.yaml"
         path.write_text(yaml.safe_dump(raw))
         t0 = time.time()
         out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(path), "--workdir", str(wd)],
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
-        runs = Tracker(f"sqlite:///{wd / 'mlflow.db'}", f"ablate-{raw['name']}").trial_runs(raw["name"])
+        tr = Tracker(f"sqlite:///{wd / 'mlflow.db'}", f"ablate-{raw['name']}")
+        runs = tr.trial_runs(raw["name"])
         assert len(runs) == concurrency, runs
-        return min(float(r.data.tags["started_at"]) for r in runs) - t0
+        return {"parent run": tr.sweep_runs(raw["name"])[0].info.start_time / 1000 - t0,
+                "first trial run": min(r.info.start_time for r in runs) / 1000 - t0,
+                "first trial": min(float(r.data.tags["started_at"]) for r in runs) - t0}
 
     base = _spec(concurrency, concurrency, steps)
     existing = work / "first-existing"
     sweep(dict(base, name="first-warmup"), existing)
-    out: dict[str, list[float]] = {"fresh workdir": [], "existing workdir": []}
+    out: dict[str, list[dict]] = {"fresh workdir": [], "existing workdir": []}
     for i in range(repeats):
         out["fresh workdir"].append(sweep(dict(base, name=f"first-fresh-{i}"), work / f"first-fresh-{i}"))
         out["existing workdir"].append(sweep(dict(base, name=f"first-existing-{i}"), existing))
     return out
+
+
+def print_first(first: dict[str, list[dict]]) -> None:
+    for kind, rows in first.items():
+        marks = ", ".join(f"{k} {spread([r[k] for r in rows])}" for k in ("parent run", "first trial run"))
+        print(f"  {kind}: {spread([r['first trial'] for r in rows])}  (target <= 8 s; on the way: {marks})")
 
 
 def spread(values: list[float], fmt: str = "{:.2f}", unit: str = " s") -> str:
@@ -271,8 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.first_only:
         with tempfile.TemporaryDirectory() as tmp:
             first = command_to_first_trial(Path(tmp), args.repeats, args.concurrency, args.steps)
-        for kind, values in first.items():
-            print(f"command to first trial, {kind}: {spread(values)}  (target <= 8 s)")
+        print("the command as a user runs it: `ablate sweep` (a fresh process, 2 trials) to its first trial's start:")
+        print_first(first)
         return dict(first=first)
 
     from orchestrator.spec import parse_spec
@@ -308,8 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"trials of {args.steps} steps, concurrency {c}, {os.cpu_count()} CPUs; every figure: median "
           f"[min, max] of {reps} repeats")
     print("the command as a user runs it: `ablate sweep` (a fresh process, 2 trials) to its first trial's start:")
-    for kind, values in first.items():
-        print(f"  {kind}: {spread(values)}  (target <= 8 s)")
+    print_first(first)
     print(f"{'':28}{n:>4} trials            {2 * n:>4} trials")
     print(f"{'plain process pool':28}{spread(col('p1')):>22} {spread(col('p2')):>22}")
     print(f"{'ablate sweep (Tune+MLflow)':28}{spread(col('s1')):>22} {spread(col('s2')):>22}")
@@ -338,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  raw sqlite3.executemany of the same rows (the limit): {spread(rate('raw'), '{:,.0f}', ' rows/s')}")
     med = statistics.median
     ok = (med(col("per_trial")) < 0.3 and med(col("fixed_startup")) <= 8 and med(rate("tracker")) >= 10_000
-          and all(med(v) <= 8 for v in first.values()))
+          and all(med([r["first trial"] for r in rows]) <= 8 for rows in first.values()))
     print("all targets met" if ok else "target missed")
     return dict(rows=rows, first=first, startup=startup, rates=rates, ok=ok)
 
