@@ -1,15 +1,15 @@
-"""A tracking server that goes away (issue #32 item 3), with a real ``mlflow server``
+"""A tracking server gone for good (issue #32 item 3), with a real ``mlflow server``
 (``orchestrator.localcluster.MlflowServer``) stopped under a sweep: while it is away, one short line
-per retry says so (not MLflow's own retry chatter, nor its "View run" lines); gone for good, the sweep
-stops with one error line that says what was saved, what was not, and that the same command resumes;
-the same command then resumes, and the runs of the trials it cut off end KILLED, not RUNNING."""
+per retry says so (not MLflow's own retry chatter, nor its "View run" lines); then the sweep stops
+with one error line that says what was saved, what was not, and that the same command resumes; the
+same command then resumes, and the runs of the trials it cut off end KILLED, not RUNNING. (An outage
+the sweep survives: ``tests/test_cluster.py::test_mlflow_server_outage_loses_no_metrics``.)"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -18,37 +18,12 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from orchestrator.localcluster import MlflowServer
-from orchestrator.mlflow_store import Tracker
 
-SPEC = {"name": "t-lost", "workload": "gpt", "steps": 250,
+SPEC = {"name": "t-lost", "workload": "gpt", "steps": 200,
         "fixed": {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "eval_batches": 1,
                   "schedule": "constant"},
-        "axes": {"lr": [1e-3, 2e-3, 3e-3, 4e-3]}, "probe_interval": 10, "resources": {"cpus": 1, "gpus": 0},
+        "axes": {"lr": [1e-3, 2e-3, 3e-3]}, "probe_interval": 10, "resources": {"cpus": 1, "gpus": 0},
         "concurrency": 2}
-
-
-def test_an_outage_the_tracker_survives_is_one_line_per_retry(tmp_path, capfd):
-    server = MlflowServer(tmp_path / "mlflow").start()
-    try:
-        tr = Tracker(server.uri, "e", patience=60, label="t-short")
-        run = tr.client.create_run(tr.experiment_id).info.run_id
-        server.stop()
-        restart = threading.Timer(4.0, server.start)
-        restart.start()
-        tr.set_tags(run, {"k": "v"})  # waits for the server, then writes
-        restart.join()
-        tr.finish(run)
-        assert tr.client.get_run(run).data.tags["k"] == "v" and tr.client.get_run(run).info.status == "FINISHED"
-    finally:
-        server.stop()
-    out, err = capfd.readouterr()
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    waiting = [ln for ln in lines if ln.startswith(f"[t-short] waiting for the tracking store {server.uri} (retry ")]
-    assert waiting and all(len(ln) < 160 and ln.endswith(": connection refused") for ln in waiting), lines
-    assert [int(ln.split("(retry ")[1].split(",")[0]) for ln in waiting] == list(range(1, len(waiting) + 1))
-    assert lines[-1].startswith(f"[t-short] the tracking store answers again (after {len(waiting)} retries")
-    assert len(lines) == len(waiting) + 1, lines  # nothing else: no MLflow retry warnings
-    assert "View run" not in out + err  # MLflow's per-run line on a tracking server
 
 
 def _trial_runs(uri: str, view=ViewType.ACTIVE_ONLY) -> list:
@@ -68,7 +43,7 @@ def test_a_tracking_server_gone_for_good_stops_the_sweep_saying_what_was_saved(t
            "--tracking-uri", server.uri]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(cmd, env=dict(env, ABLATE_TRACKING_PATIENCE="8"), start_new_session=True, text=True,
+    proc = subprocess.Popen(cmd, env=dict(env, ABLATE_TRACKING_PATIENCE="6"), start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
@@ -98,7 +73,7 @@ def test_a_tracking_server_gone_for_good_stops_the_sweep_saying_what_was_saved(t
     waiting = [ln for ln in err.splitlines() if "waiting for the tracking store" in ln]
     assert waiting and all(ln.startswith("[t-lost] waiting for the tracking store ") and len(ln) < 160
                            for ln in waiting), waiting
-    assert len(waiting) <= 6, waiting  # one line per retry, within 8 s: 0.5 + 1 + 2 + 4 s of backoff
+    assert len(waiting) <= 5, waiting  # one line per retry, within 6 s: 0.5 + 1 + 2 s of backoff (and the calls')
     saved = int(line.split("saved: the ")[1].split(" ")[0])
     assert saved >= len(finished)
 
@@ -111,6 +86,6 @@ def test_a_tracking_server_gone_for_good_stops_the_sweep_saying_what_was_saved(t
         every = _trial_runs(server.uri, ViewType.ALL)
     finally:
         server.stop()
-    assert len(active) == 4 and len({r.data.tags["ablate.trial_id"] for r in active}) == 4
+    assert len(active) == 3 and len({r.data.tags["ablate.trial_id"] for r in active}) == 3
     assert all(r.info.status == "FINISHED" for r in active)
     assert all(r.info.status != "RUNNING" for r in every), [(r.info.run_name, r.info.status) for r in every]
