@@ -72,8 +72,8 @@ from optuna.trial import TrialState
 from orchestrator import psychometric as psy
 from orchestrator.boundary_config import BoundaryConfig, boundary_config
 from orchestrator.spec import SpecError, SweepSpec
+from workloads.config import TrialConfig  # (workloads.trial.TrialConfig without torch: the driver needs none)
 from workloads.outcome import Bracket, Point, Reference, bracket, cell_reference, classify, criterion_label
-from workloads.trial import TrialConfig
 
 log = logging.getLogger("ablate")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -621,9 +621,9 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
                        precheck=lambda _: check_studies(cells, cfg, store, spec.name))
     optuna_storage = optuna_storage or f"sqlite:///{ses.workdir / 'optuna.db'}"
     searches = [CellSearch(c, cfg, optuna_storage, spec.name) for c in cells]
-    # Runs of an interrupted search that never finished are replaced by the resumed search.
+    # Runs of an interrupted search that never finished are replaced by the resumed search (closed first).
     for r in ses.tracker.trial_runs(spec.name, "tags.status = 'running'"):
-        ses.tracker.delete_run(r.info.run_id)
+        ses.tracker.discard(r, "cut off; the resumed search replaces it")
     budget = len(cells) * cfg.max_trials_per_cell
     callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, budget,
                                 progress=progress, total_is_budget=True, crash=spec.crash,
@@ -643,7 +643,7 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
         # a fresh Tune experiment per invocation: the search's state is the Optuna store's
         run_config=run_config(spec, f"{spec.name}-boundary-{int(time.time())}", ses.storage, callback),
     )
-    ses.fit(tuner)
+    ses.fit(tuner, callback)
     reports = [s.report() for s in searches]
     ses.tracker.log_text(ses.parent, json.dumps(reports, indent=1, default=str), "boundary/cells.json")
     ses.finish()

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from orchestrator.spec import SpecError, SweepSpec
+from orchestrator.spec import SpecError, SweepSpec, validation_message
 from workloads.outcome import DEFAULT_CRASH, DEFAULT_KAPPA
 
 METHODS = ("psi", "bisect")
@@ -23,7 +23,7 @@ class BoundaryConfig(BaseModel):
     """The spec's ``boundary:`` block (``seed_offset``, ``crash`` and ``kappa`` come from the rest of
     the spec)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
     lr_range: tuple[float, float]
     """[low, high], 0 < low < high: the learning rates searched, in log space (required)."""
     method: Literal["psi", "bisect"] = "psi"
@@ -104,11 +104,10 @@ def boundary_config(spec: SweepSpec) -> BoundaryConfig:
         raise SpecError(f"fixed.seed: {offset!r}: a boundary search's seed offset must be an integer >= 0")
     try:
         cfg = BoundaryConfig(**spec.boundary, crash=spec.crash, kappa=spec.degraded_kappa, seed_offset=offset)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
+    except ValidationError as e:  # every number finite: lr_range: [1e-3, .inf] is refused here
         allowed = ", ".join(k for k in BoundaryConfig.model_fields if k not in ("crash", "kappa", "seed_offset"))
-        raise SpecError(f"boundary.{loc}: {err.get('input')!r}: {err['msg']} (keys: {allowed})") from None
+        keys = f" (keys: {allowed})" if e.errors()[0]["type"] == "extra_forbidden" else ""
+        raise SpecError(validation_message(e, "boundary") + keys) from None
     lo, hi = cfg.lr_range
     if not 0 < lo < hi:
         raise SpecError(f"boundary.lr_range: {list(cfg.lr_range)} must satisfy 0 < low < high")

@@ -202,6 +202,35 @@ def _preflight(spec: Path, kind: str, max_trials: Optional[int], address: Option
     return p
 
 
+@contextmanager
+def _prestarted(modules: list[str], spec, workdir: Path, tracking_uri: Optional[str], address: Optional[str]):
+    """The embedded Ray started while the driver's modules are imported and its store is made
+    (``orchestrator.raystart.prestart``); the sweep or search inside takes it over, and shuts it
+    down. One it did not take (a refusal before it got there) is shut down here."""
+    from orchestrator.raystart import discard_prestarted, prestart
+
+    prestart(modules, spec.experiment_name, workdir, tracking_uri, address)
+    try:
+        yield
+    finally:
+        discard_prestarted(workdir)
+
+
+@contextmanager
+def _workdir_lock(workdir: Path):
+    """The one-driver lock of an existing workdir, taken before the spec's checks (a second driver
+    is refused at once, not after them); let go of when the command ends (the session has released
+    it already when the run got that far)."""
+    from orchestrator.faults import lock_existing
+
+    lock = lock_existing(workdir)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _ui_hint(tracking_uri: str, experiment: str) -> None:
     """Where to look at the experiment: its own page in the MLflow UI (``Tracker.experiment_url``)."""
     from orchestrator.mlflow_store import Tracker
@@ -247,12 +276,13 @@ def sweep(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAM
 
     The checks of ablate check come first: a refused spec leaves nothing behind.
     Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
-    with _errors(tracking_uri):
+    with _errors(tracking_uri), _workdir_lock(workdir):
         p = _preflight(spec, "sweep", max_trials, address, quiet=True)
-        from orchestrator.sweep import run_sweep
+        with _prestarted(["orchestrator.sweep"], p.spec, workdir, tracking_uri, address):
+            from orchestrator.sweep import run_sweep
 
-        s = p.spec
-        out = run_sweep(s, p.raw, workdir=workdir, tracking_uri=tracking_uri, resume=resume, address=address)
+            s = p.spec
+            out = run_sweep(s, p.raw, workdir=workdir, tracking_uri=tracking_uri, resume=resume, address=address)
     c = out.counts
     typer.echo(f"\nsweep {out.name}: {out.trials} trials: {c.get('stable', 0)} stable, "
                f"{c.get('collapsed', 0)} collapsed, {c.get('diverged', 0)} diverged, {c.get('failed', 0)} failed "
@@ -277,11 +307,12 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
 
     The checks of ablate check come first: a refused spec leaves nothing behind.
     Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
-    with _errors(tracking_uri):
+    with _errors(tracking_uri), _workdir_lock(workdir):
         p = _preflight(spec, "boundary", max_trials, address, quiet=True)
-        from orchestrator.boundary import run_boundary
+        with _prestarted(["orchestrator.sweep", "orchestrator.boundary"], p.spec, workdir, tracking_uri, address):
+            from orchestrator.boundary import run_boundary
 
-        out = run_boundary(p.spec, p.raw, workdir=workdir, tracking_uri=tracking_uri, address=address)
+            out = run_boundary(p.spec, p.raw, workdir=workdir, tracking_uri=tracking_uri, address=address)
     method = out.cells[0]["method"] if out.cells else "psi"
     typer.echo(f"\nboundary {out.name}: {len(out.cells)} cells in {out.wall_time:.0f}s, method {method}"
                + (" (a one-seed look)" if method == "bisect" else "")
@@ -574,7 +605,7 @@ def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, addr
     try:
         import ray
 
-        init_ray(address, workdir)
+        init_ray(address, workdir, preload=False)
         res = ray.cluster_resources()
         typer.echo(f"ray         {len(ray.nodes())} node(s): CPU {res.get('CPU', 0):g}, GPU {res.get('GPU', 0):g}, "
                    f"memory {res.get('memory', 0) / 2**30:.1f} GiB")

@@ -69,6 +69,17 @@ def prepare_workdir(workdir: str | Path) -> Path:
 _HELD: dict[str, int] = {}  # workdir -> fd of the lock this process holds
 
 
+def lock_existing(workdir: str | Path, what: str = "") -> WorkdirLock | None:
+    """The workdir's lock, taken now when the workdir exists (a driver that holds it made it), so
+    that a second driver is refused before any slow check; None for a workdir that does not exist
+    yet (nothing is created: a refused spec leaves nothing behind). Released with ``release``, or
+    by the session that takes it again (re-entrant) and lets go of it at its end."""
+    wd = Path(workdir).expanduser().resolve()
+    if not wd.is_dir():
+        return None
+    return WorkdirLock(wd).acquire(what)
+
+
 class WorkdirLock:
     """Exclusive lock on a workdir for one driver process (re-entrant within the process)."""
 

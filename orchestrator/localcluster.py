@@ -43,14 +43,17 @@ def write_token(path: str | Path) -> Path:
 
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a SQLite store and served artifacts under ``root``; with
-    ``admin_password``, MLflow's basic-auth app (user ``admin``), as cluster.yaml's variant runs it."""
+    ``admin_password``, MLflow's basic-auth app (user ``admin``), as cluster.yaml's variant runs it;
+    with ``allowed_hosts``, the Host names it answers to (``--allowed-hosts``)."""
 
-    def __init__(self, root: str | Path, port: int | None = None, admin_password: str | None = None):
+    def __init__(self, root: str | Path, port: int | None = None, admin_password: str | None = None,
+                 allowed_hosts: str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.admin_password = admin_password
+        self.allowed_hosts = allowed_hosts  # --allowed-hosts (orchestrator.mlflow_hosts), as cluster.yaml's variant
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> MlflowServer:
@@ -58,6 +61,8 @@ class MlflowServer:
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts", "--workers", "1"]
         env = dict(os.environ)
+        if self.allowed_hosts is not None:
+            cmd += ["--allowed-hosts", self.allowed_hosts]
         if self.admin_password:
             cmd[4:4] = ["--app-name", "basic-auth"]
             env.update(MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password,

@@ -22,10 +22,10 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:  # MLflow is imported where it is used: the store's checks (check_store) need none of it
+    from mlflow.entities import Metric
 
 log = logging.getLogger("ablate")
 
@@ -34,6 +34,12 @@ log = logging.getLogger("ablate")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# MLflow prints "View run <name> at: <url>" (and the experiment's URL) for every run it ends on a
+# tracking server: one line per trial. The sweep's end prints the experiment's URL once instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+PATIENCE_ENV = "ABLATE_TRACKING_PATIENCE"
+"""Seconds a tracking store may stay unreachable before the sweep stops (default 60)."""
 
 TAG_SWEEP = "ablate.sweep"
 TAG_TRIAL = "ablate.trial_id"
@@ -138,6 +144,32 @@ class StoreError(RuntimeError):
     """The tracking store cannot be used as asked; one line naming the URI or path and what to do."""
 
 
+class StoreUnavailable(StoreError):
+    """The tracking store did not answer for the tracker's whole patience (``seconds``, ``retries``
+    retries; ``reason``: the last error in a few words). The sweep that meets it stops, saying what
+    was saved (``orchestrator.sweep.Session.fit``)."""
+
+    def __init__(self, uri: str, seconds: float, retries: int, reason: str):
+        self.uri, self.seconds, self.retries, self.reason = uri, seconds, retries, reason
+        super().__init__(f"the MLflow tracking store {uri} did not answer for {seconds:.0f} s ({retries} "
+                         f"retries; last: {reason})")
+
+
+def short_reason(e: BaseException) -> str:
+    """A store error in a few words (MLflow's HTTP errors are hundreds of characters long)."""
+    text = str(e)
+    low = text.lower()
+    for key, words in (("connection refused", "connection refused"), ("timed out", "timed out"),
+                       ("name or service not known", "unknown host"), ("temporary failure in name", "unknown host"),
+                       ("connection reset", "connection reset"), ("remote end closed", "connection closed"),
+                       ("database is locked", "database is locked"), ("503", "HTTP 503"), ("502", "HTTP 502"),
+                       ("504", "HTTP 504"), ("500", "HTTP 500")):
+        if key in low:
+            return words
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {first[:80]}" if first else type(e).__name__
+
+
 MIN_FREE_BYTES = 32 * 2**20
 
 
@@ -182,10 +214,21 @@ def check_store(tracking_uri: str, write: bool = True, timeout: float = 5.0) -> 
 class Tracker:
     """A thin, batched writer over ``MlflowClient``: sweep runs, trial runs, metrics, tags."""
 
-    def __init__(self, tracking_uri: str, experiment: str, retries: int = 8):
+    def __init__(self, tracking_uri: str, experiment: str, retries: int | None = None,
+                 patience: float | None = None, label: str = ""):
+        from mlflow.tracking import MlflowClient
+
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         self.retries = retries
+        if patience is None:
+            try:
+                patience = float(os.environ.get(PATIENCE_ENV, 60))
+            except ValueError:
+                raise StoreError(f"{PATIENCE_ENV}: {os.environ[PATIENCE_ENV]!r} is not a number of seconds") from None
+        self.patience = patience
+        self.label = label  # the sweep's name, on its waiting lines
+        self.down: StoreUnavailable | None = None  # set once the patience is spent: later calls try once
         exp = self._call(self.client.get_experiment_by_name, experiment)
         if exp is None:
             self.experiment_id = self._call(self.client.create_experiment, experiment,
@@ -203,20 +246,47 @@ class Tracker:
         return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
     def _call(self, fn, *args, **kwargs):
-        """Retry transient store errors (a restarting server, a busy SQLite file) with backoff:
-        0.5 s doubling to 10 s, about a minute in all; then the error propagates and the sweep
-        stops with it (metrics are never dropped silently). Errors no retry can fix (a read-only
-        store, a full disk, a wrong request: :func:`permanent_error`) propagate at once."""
-        delay = 0.5
-        for attempt in range(self.retries + 1):
+        """Retry transient store errors (a restarting server, a busy SQLite file) with backoff, 0.5 s
+        doubling to 10 s, for ``patience`` seconds (default 60, $ABLATE_TRACKING_PATIENCE; at most
+        ``retries`` retries when set); each retry is one line, ``[sweep] waiting for the tracking
+        store URI (retry k, n s): reason``, and a store that answers again says so. Then
+        :class:`StoreUnavailable` (metrics are never dropped silently), and every later call tries
+        once, without waiting. Errors no retry can fix (a read-only store, a full disk, a wrong
+        request: :func:`permanent_error`) propagate at once."""
+        if self.down is not None:
             try:
                 return fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - MLflow raises many types for transport errors
-                if attempt == self.retries or permanent_error(e):
+            except Exception as e:  # noqa: BLE001
+                if permanent_error(e):
                     raise
-                log.warning("MLflow call %s failed (%s); retrying in %.1fs", fn.__name__, e, delay)
+                raise self.down from e
+        delay, t0, retry = 0.5, None, 0
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - MLflow raises many types for transport errors
+                if permanent_error(e):
+                    raise
+                now = time.monotonic()
+                t0 = now if t0 is None else t0
+                if (self.retries is not None and retry >= self.retries) or now - t0 + delay > self.patience:
+                    self.down = StoreUnavailable(self.uri, now - t0, retry, short_reason(e))
+                    raise self.down from e
+                retry += 1
+                self._say(f"waiting for the tracking store {self.uri} (retry {retry}, {now - t0:.0f} s): "
+                          f"{short_reason(e)}")
                 time.sleep(delay)
                 delay = min(delay * 2, 10)
+                continue
+            if retry:
+                self._say(f"the tracking store answers again (after {retry} retries, "
+                          f"{time.monotonic() - t0:.0f} s); nothing was lost")
+            return result
+
+    def _say(self, text: str) -> None:
+        import sys
+
+        print(f"[{self.label}] {text}" if self.label else text, file=sys.stderr, flush=True)
 
     # ---- runs
     def find_runs(self, filter_string: str, include_deleted: bool = False) -> list:
@@ -263,7 +333,7 @@ class Tracker:
         if existing and not replace:
             return existing[0].info.run_id
         for r in existing:
-            self.delete_run(r.info.run_id)
+            self.discard(r, "replaced by a new attempt of the trial")
         tags = {TAG_SWEEP: sweep, TAG_TRIAL: trial_id, TAG_KIND: "trial", "mlflow.parentRunId": parent_id,
                 "mlflow.runName": name, "status": "running", **(tags or {})}
         run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=name)
@@ -284,6 +354,8 @@ class Tracker:
 
     def log_params(self, run_id: str, values: dict) -> None:
         """Nested dicts flattened to dotted keys; MLflow takes at most 100 params a batch."""
+        from mlflow.entities import Param
+
         params = [Param(k[:250], v[:6000]) for k, v in _flatten(values).items()]
         for i in range(0, len(params), 100):
             self._call(self.client.log_batch, run_id, params=params[i:i + 100])
@@ -311,10 +383,14 @@ class Tracker:
         return self._sql
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
         self._call(self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_batch(self, run_id: str, metrics: list[Metric], tags: dict[str, Any]) -> None:
         """Tags and a few metrics (a trial's results) in one call; more than 1000 metrics go apart."""
+        from mlflow.entities import RunTag
+
         if len(metrics) > BATCH:
             self.log_metrics(run_id, metrics)
             metrics = []
@@ -340,6 +416,18 @@ class Tracker:
 
     def delete_run(self, run_id: str) -> None:
         self._call(self.client.delete_run, run_id)
+
+    def discard(self, run, why: str = "replaced") -> None:
+        """Soft-delete a run that another replaces (a trial's earlier attempt): closed first, KILLED
+        with tag ``interrupted``, when it is still RUNNING (a deleted run kept RUNNING forever)."""
+        if run.info.status == "RUNNING":
+            self.close_cut_off(run, why)
+        self.delete_run(run.info.run_id)
+
+    def close_cut_off(self, run, why: str) -> None:
+        """A trial run left RUNNING by an attempt that will not end it: KILLED, tag ``interrupted``."""
+        self.set_tags(run.info.run_id, {"interrupted": why})
+        self.finish(run.info.run_id, "KILLED")
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._call(self.client.set_terminated, run_id, status)

@@ -2,9 +2,9 @@
 the first thing ``ablate sweep`` / ``ablate boundary`` do): the spec (validated, its grid or its
 cells counted before anything is built), the data sources, the GPUs it asks for, and what would run.
 
-No workdir, lock, store, Ray or MLflow is touched here, and Ray and MLflow are not even imported:
-a refusal costs the spec's validation only (torch is imported once the spec's structure is valid,
-to build the trial configs). On a cluster (``--address`` / ``RAY_ADDRESS``) the GPUs are those of
+No workdir, lock, store, Ray or MLflow is touched here, and Ray, MLflow and torch are not even
+imported (torch only to count the local GPUs of a spec that asks for some, or to time steps): a
+refusal costs the spec's validation only, well under 2 s (``benchmarks/refusal_time.py``). On a cluster (``--address`` / ``RAY_ADDRESS``) the GPUs are those of
 the cluster, checked when the driver joins it (``orchestrator.sweep.check_resources``); a data
 source missing on the driver's machine is then a warning (the workers may have it).
 """
@@ -81,7 +81,7 @@ def check_data(spec: SweepSpec, trials, embedded: bool) -> list[str]:
     """Every distinct data source of the grid must load here before anything is launched. On a
     cluster the trials may read data that only the workers have: a missing source is a warning
     (returned, and logged)."""
-    from workloads.data import check_source
+    from workloads.sources import check_source
 
     seen, warnings = set(), []
     for t in trials:

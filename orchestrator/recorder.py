@@ -53,7 +53,7 @@ class TrialRecorder:
     def tracker(self) -> Tracker:
         if self._tracker is None:
             uri = os.environ.get("ABLATE_TRACKING_URI") or self.tracking_uri
-            self._tracker = Tracker(uri, self.experiment)
+            self._tracker = Tracker(uri, self.experiment, label=self.sweep)
         return self._tracker
 
     # ---- a trial's run

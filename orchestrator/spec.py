@@ -46,20 +46,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from workloads.divergence import DivergenceConfig
 from workloads.outcome import CLASSES, DEFAULT_CRASH, DEFAULT_KAPPA, criterion_label, validate_crash
 
-# torch (through workloads.trial, models, stabilizers) is imported only once a spec has passed the
-# checks that need no trial field: a spec that is not YAML, has an unknown key or too large a grid
-# is refused without it (``ablate check`` in well under a second).
-# Set by the spec's own keys, not through fixed/axes:
+# Validation imports no torch: the trial fields, the stabilizer registry, the data sources' names and
+# their cheap checks come from workloads.config, workloads.stabilizers and workloads.sources, which
+# import none (a refused spec returns in a fraction of a second; tests/test_spec.py checks that no
+# torch is loaded). Set by the spec's own keys, not through fixed/axes:
 RESERVED = {"workload", "steps", "threads"}
 MAX_TRIALS = 10_000
 WORKLOADS = ("gpt", "vit", "swin")  # workloads.models.WORKLOADS (checked equal in tests/test_spec.py)
 
 
 def _trial():
-    """``workloads.trial`` (imports torch), on first use."""
-    import workloads.trial
+    """``workloads.config``: ``TrialConfig`` (public as ``workloads.trial.TrialConfig``) and
+    ``ConfigError``, without torch."""
+    import workloads.config
 
-    return workloads.trial
+    return workloads.config
 
 
 def _trial_fields() -> set[str]:
@@ -89,8 +90,9 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    # attribute docstrings are the fields' descriptions: docs/spec.md is generated from them
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # attribute docstrings are the fields' descriptions: docs/spec.md is generated from them;
+    # every number finite (YAML reads .inf and .nan as floats)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class Resources(_Strict):
@@ -288,6 +290,16 @@ def _first_msg(e: ValidationError) -> str:
     return f"{err['msg']}"
 
 
+def validation_message(e: ValidationError, prefix: str = "") -> str:
+    """A pydantic error as one line: the field (``boundary.lr_range[1]``), the value and what is
+    allowed (pydantic's own words, e.g. "Input should be a finite number")."""
+    err = e.errors()[0]
+    where = prefix
+    for part in err["loc"]:
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+    return f"{where}: {err.get('input')!r}: {err['msg']}"
+
+
 def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a spec is a YAML mapping, got {type(raw).__name__}")
@@ -359,9 +371,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
     try:
         spec = SweepSpec(**raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise SpecError(f"{loc}: {err.get('input')!r}: {err['msg']}") from None
+        raise SpecError(validation_message(e)) from None
     spec.check_grid_size()  # before anything is built: a huge grid is refused in milliseconds
     trials = spec.trials()  # every combination must build
     _check_devices(spec, trials)
@@ -372,9 +382,11 @@ def _number(where: str, v: Any) -> Any:
     """A numeric string (``1e-3``: YAML 1.1 reads a float without a dot as a string) as a float."""
     if isinstance(v, str):
         try:
-            return float(v)
+            v = float(v)
         except ValueError:
             raise SpecError(f"{where}: {v!r} is not a number (write numbers unquoted, e.g. 1.0e-3)") from None
+    if isinstance(v, float) and not math.isfinite(v):
+        raise SpecError(f"{where}: {v!r} is not a finite number; allowed: finite numbers (not .inf, .nan)")
     return v
 
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.faults import Interrupted, RayStartError, StopSignals, WorkdirLock, prepare_workdir
-from orchestrator.mlflow_store import Tracker, check_store, default_tracking_uri
+from orchestrator import embedded
+from orchestrator.faults import Interrupted, StopSignals, WorkdirLock, lock_existing, prepare_workdir
+from orchestrator.mlflow_store import StoreError, StoreUnavailable, Tracker, check_store, default_tracking_uri
 from orchestrator.preflight import check_data, check_gpus, embedded_run
 from orchestrator.quiet import FoldedWarnings
+from orchestrator.raystart import init_ray  # noqa: F401 - also public here, orchestrator.sweep.init_ray
 from orchestrator.spec import SpecError, SweepSpec
 from orchestrator.tracking import TrackingCallback
 from orchestrator.trainable import train_trial
@@ -52,185 +54,13 @@ class SweepOutcome:
         return self.trials > 0 and self.counts.get("failed", 0) >= self.trials
 
 
-# Ray's start on a loaded machine can time out (Ray waits 30 s for its node, a limit inside Ray):
-# the start is retried, ABLATE_RAY_START_ATTEMPTS times in all, waiting ABLATE_RAY_START_BACKOFF
-# seconds before the second attempt and twice as long before each next one.
-RAY_START_ATTEMPTS = "ABLATE_RAY_START_ATTEMPTS"
-RAY_START_BACKOFF = "ABLATE_RAY_START_BACKOFF"
-
-
-def _env_number(name: str, default: float, cast=float):
-    try:
-        v = cast(os.environ.get(name, default))
-    except ValueError:
-        raise SpecError(f"{name}: {os.environ[name]!r} is not a number") from None
-    if v < (1 if cast is int else 0):
-        raise SpecError(f"{name}: {v} is too small")
-    return v
-
-
-def init_ray(address: str | None = None, workdir: Path | None = None, attempts: int | None = None,
-             backoff: float | None = None) -> bool:
-    """Connect to a cluster (``address``/``RAY_ADDRESS``) or start Ray embedded on this machine.
-    True when this call started Ray (the caller then shuts it down).
-
-    Embedded Ray is always a new instance of its own (``address="local"``): ``ray.init()`` without
-    an address would attach to the cluster last started on this machine (``ray start --head``, a
-    ``ray.cluster_utils.Cluster``, found through ``<RAY_TMPDIR or /tmp>/ray/ray_current_cluster``)
-    and run the sweep's trials there, beside whatever else uses it.
-
-    A start (or join) that fails is retried ``attempts`` times in all (default
-    $ABLATE_RAY_START_ATTEMPTS, else 3) with a doubling wait from ``backoff`` seconds (default
-    $ABLATE_RAY_START_BACKOFF, else 5); then :class:`RayStartError` names Ray, the cause and its log.
-    An authentication error or a malformed address is not retried."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    attempts = attempts if attempts is not None else _env_number(RAY_START_ATTEMPTS, 3, int)
-    backoff = backoff if backoff is not None else _env_number(RAY_START_BACKOFF, 5.0)
-    kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
-    if not address:
-        _embedded_token_auth()
-    for attempt in range(1, attempts + 1):
-        before = _children()
-        try:
-            if address:
-                ray.init(address=address, **kwargs)  # the cluster's own authentication applies, untouched
-            else:
-                ray.init(address="local", include_dashboard=False, **kwargs)
-            break
-        except Exception as e:  # noqa: BLE001 - Ray raises Exception, RuntimeError, ConnectionError, ...
-            try:
-                ray.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
-            _kill_new_children(before)  # a half-started node's GCS / raylet, which ray.shutdown does not know
-            if attempt >= attempts or not _retryable(e):
-                raise RayStartError(_ray_start_message(e, address, attempt, attempts)) from e
-            delay = backoff * 2 ** (attempt - 1)
-            log.warning("Ray did not start (%s); attempt %d of %d in %.0f s", _first_line(e), attempt + 1,
-                        attempts, delay)
-            time.sleep(delay)
-    if workdir is not None:  # Ray's own logs, reachable from the workdir
-        try:
-            session = Path(ray._private.worker._global_node.get_session_dir_path())
-            link = workdir / "ray_logs"
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(session / "logs")
-        except (AttributeError, OSError):
-            pass
-    logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # A failed trial's traceback (every attempt) goes to its MLflow run (traceback.txt) and its last
-    # line to the summary; Tune's own copy on the terminal is hundreds of lines per trial.
-    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
-    return True
-
-
-def _children() -> set[int]:
-    import psutil
-
-    return {c.pid for c in psutil.Process().children(recursive=True)}
-
-
-def _kill_new_children(before: set[int]) -> None:
-    """Kill this process's children that a failed ``ray.init`` started (those not in ``before``)."""
-    import psutil
-
-    new = [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
-    for c in new:
-        try:
-            c.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(new, timeout=5)
-
-
-def _first_line(e: BaseException) -> str:
-    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    return text[:300] + ("..." if len(text) > 300 else "")
-
-
-def _retryable(e: BaseException) -> bool:
-    try:
-        from ray.exceptions import AuthenticationError
-    except ImportError:  # pragma: no cover - older Ray
-        AuthenticationError = ()  # noqa: N806
-    return not isinstance(e, (ValueError, TypeError, AuthenticationError))
-
-
-def _ray_start_message(e: BaseException, address: str | None, attempt: int, attempts: int) -> str:
-    import re
-    import tempfile
-
-    tries = f"after {attempt} attempt{'s' if attempt > 1 else ''}"
-    if address:
-        return (f"Ray: could not join the cluster at {address} {tries}: {_first_line(e)}; Ray's log is on the "
-                "cluster's head node (/tmp/ray/session_latest/logs); check the address and that the cluster is up "
-                "(ray status)")
-    m = re.search(r"(\S*/session_[0-9][^/\s]*)", str(e))
-    logs = (f"{m.group(1)}/logs" if m else
-            str(Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "session_latest" / "logs"))
-    hint = ("a loaded machine can take longer: wait and re-run, or set "
-            f"{RAY_START_ATTEMPTS} / {RAY_START_BACKOFF} (now {attempts} attempts)")
-    return f"Ray did not start on this machine {tries}: {_first_line(e)}; Ray's log: {logs}; {hint}"
-
-
-def _embedded_token_auth() -> None:
-    """Token authentication on, explicitly, for the Ray that ``init_ray`` starts on this machine,
-    and Ray's token file readable by this user only.
-
-    Ray (2.60 here) turns token authentication on by default for a new local cluster and then logs
-    "Token authentication is enabled for this Ray cluster" on every start; it logs nothing when
-    ``RAY_AUTH_MODE`` is set. The embedded cluster's GCS and raylet listen on this machine's network
-    address, not only on loopback, so anyone who can reach it could run code in it: authentication
-    stays on, and ablate says so once, here, instead of Ray on every command. A ``RAY_AUTH_MODE``
-    set by the user wins. On a cluster (``--address``) nothing is changed: the cluster's own setting
-    applies. Ray writes a missing token file (``~/.ray/auth_token``, or $RAY_AUTH_TOKEN_PATH) with
-    the default umask (0644 here): ablate creates it first, 0600 (:func:`private_token_file`).
-    """
-    if "RAY_AUTH_MODE" not in os.environ:
-        try:  # a Ray without token authentication has neither; then there is nothing to set
-            from ray._private.authentication import authentication_token_setup  # noqa: F401
-            from ray._raylet import Config
-        except ImportError:
-            return
-        os.environ["RAY_AUTH_MODE"] = "token"  # inherited by the raylet, GCS and workers
-        Config.initialize("")  # the driver's cached Ray config re-reads it (what Ray does when it enables it)
-    if os.environ["RAY_AUTH_MODE"].lower() == "token":
-        private_token_file()
-
-
-def private_token_file() -> Path | None:
-    """Ray's token file for this user (``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) made
-    mode 0600: created with Ray's own generator when missing, its group/other bits removed when this
-    user owns it. None when the token comes from ``$RAY_AUTH_TOKEN`` (no file)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return None
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
-        from ray._raylet import AuthenticationTokenLoader
-
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it meanwhile
-            return private_token_file()
-        with os.fdopen(fd, "w") as f:
-            f.write(generate_new_authentication_token())
-        AuthenticationTokenLoader.instance().reset_cache()
-        return path
-    if st.st_mode & 0o077 and st.st_uid == os.getuid():
-        os.chmod(path, 0o600)
-        log.info("Ray's token file %s: made readable by its owner only (0600)", path)
-    return path
+def _chain(e: BaseException):
+    """An exception and its causes (Tune wraps a callback's error in its own)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def storage_root(spec: SweepSpec, workdir: Path) -> str:
@@ -274,12 +104,30 @@ class Session:
     signals: StopSignals | None = None
     started_ray: bool = False
 
-    def fit(self, tuner):
+    def fit(self, tuner, callback: TrackingCallback | None = None):
+        """``tuner.fit()``. A signal: :meth:`interrupted`. The tracking store gone for good (the
+        callback's writes waited out the tracker's patience): one ``StoreError`` line that says
+        what was saved, what was not, and that the same command resumes."""
         try:
             with FoldedWarnings():  # Tune's bottleneck lines and library warnings: one line at the end
-                return self.signals.fit(tuner) if self.signals else tuner.fit()
+                result = self.signals.fit(tuner) if self.signals else tuner.fit()
         except (Interrupted, KeyboardInterrupt) as e:
             self.interrupted(e)
+        except Exception as e:
+            lost = next((x for x in _chain(e) if isinstance(x, StoreUnavailable)), None)
+            if lost is None:
+                raise
+            self.store_lost(lost, callback)
+        if callback is not None and callback.lost is not None:
+            self.store_lost(callback.lost, callback)
+        return result
+
+    def store_lost(self, lost: StoreUnavailable, callback: TrackingCallback | None):
+        """Let go of the session (nothing more can be written) and raise the final one-line error."""
+        self.close()
+        saved = f"; {callback.saved_text()}" if callback is not None else ""
+        raise StoreError(f"{lost}{saved}. Re-run the same command to resume once the store answers again (it "
+                         "closes the runs of the trials cut off, KILLED)") from None
 
     def interrupted(self, e: BaseException):
         """Mark the runs (``mark_interrupted``), let go of the session, raise ``Interrupted``."""
@@ -315,6 +163,7 @@ class Session:
 
             ray.shutdown()  # embedded Ray's raylet, GCS and agents go with the driver
             self.started_ray = False
+            embedded.forget_session(self.workdir)
         if self.signals is not None:
             self.signals.__exit__(None, None, None)
             self.signals = None
@@ -331,10 +180,15 @@ def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tr
     driver), the store (reachable, writable), ``precheck(storage)``, the cluster's resources; only
     then is the parent run opened."""
     embedded = embedded_run(address)
-    check_data(spec, spec.trials(), embedded)  # before the workdir exists: a refusal leaves nothing
-    check_gpus(spec, embedded)
+    lock = lock_existing(workdir)  # a busy workdir is refused before the checks
+    try:
+        check_data(spec, spec.trials(), embedded)  # before the workdir exists: a refusal leaves nothing
+        check_gpus(spec, embedded)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     signals = StopSignals().__enter__()
-    lock = None
     started_ray = False
     try:
         workdir = prepare_workdir(workdir)
@@ -419,8 +273,24 @@ def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progres
         ses.signals.on_stop.append(lambda: callback.settings.update(progress=False))
     trainable = trainable_for(spec)
     if can_restore:
+        # The runs an earlier driver left RUNNING (SIGKILL, the tracking store lost) are closed now;
+        # MLflow's record of which trials ended wins over Tune's saved state, which can be older.
+        cut = [r for r in ses.tracker.trial_runs(spec.name) if r.info.status == "RUNNING"]
+        for r in cut:
+            ses.tracker.close_cut_off(r, "cut off: its driver stopped before the trial ended")
+        try:
+            ended, again = reconcile_tune_state(exp_dir, ses.tracker, spec.name)
+        except (OSError, ValueError, KeyError) as e:  # Tune's state as Tune left it: it resumes as before
+            log.warning("sweep %s: Tune's saved state not checked against MLflow's record (%s)", spec.name, e)
+            ended = again = 0
         if progress:
-            print(f"[{spec.name}] resuming from {exp_dir}", flush=True)
+            notes = [f"{n} {what}" for n, what in (
+                (len(cut), "run(s) an earlier driver left RUNNING closed (KILLED)"),
+                (ended, "trial(s) MLflow holds as ended not run again (Tune's saved state was older)"),
+                (again, "trial(s) whose end MLflow never received run again")) if n]
+            print(f"[{spec.name}] resuming from {exp_dir}" + (f": {'; '.join(notes)}" if notes else ""), flush=True)
+        # (Tune warns, twice, of each ended trial whose result.json a killed driver never wrote: MLflow has it)
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=False)
         _replace_callbacks(tuner, run_config(spec, spec.name, ses.storage, callback).callbacks)
     else:
@@ -431,7 +301,7 @@ def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progres
             log.warning("sweep %s: no Tune state under %s; replacing %d earlier trial runs",
                         spec.name, exp_dir, len(stale))
             for r in stale:
-                ses.tracker.delete_run(r.info.run_id)
+                ses.tracker.discard(r, "replaced: the sweep started again without its Tune state")
         space = {"point": tune.grid_search([{"trial": c.to_dict(), "label": _label(c, spec)} for c in trials])}
         tuner = tune.Tuner(
             trainable,
@@ -445,7 +315,7 @@ def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progres
         print(f"[{spec.name}] {len(trials)} trials, {spec.resources.cpus:g} CPU / {spec.resources.gpus:g} GPU "
               f"each; MLflow: {ses.tracking_uri} (experiment {spec.experiment_name!r})", flush=True)
     ses.tracker.set_tags(ses.parent, {"trials_total": len(trials)})
-    ses.fit(tuner)
+    ses.fit(tuner, callback)
     counts = {"stable": 0, "collapsed": 0, "diverged": 0, "failed": 0}
     errors = []
     for run in ses.tracker.trial_runs(spec.name):
@@ -457,6 +327,77 @@ def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progres
     ses.finish()
     return SweepOutcome(spec.name, spec.experiment_name, ses.tracking_uri, ses.parent, exp_dir, len(trials),
                         counts, resumed=can_restore, errors=errors)
+
+
+def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[int, int]:
+    """MLflow's record of which trials ended wins over Tune's saved state, which is saved every few
+    seconds (``TUNE_GLOBAL_CHECKPOINT_S``) and so can be behind it: a driver killed by SIGKILL after
+    recording a trial's end, or one that lost the tracking store. In the newest
+    ``experiment_state-*.json`` of ``exp_dir`` (what ``Tuner.restore`` reads), a trial that MLflow
+    holds as ended (FINISHED with its class, or FAILED) is marked ended (TERMINATED, ERROR) so that
+    the resumed sweep does not train it again, and one that Tune holds as ended but MLflow does not
+    (its end never reached the store) is PENDING, so that it runs again. A trial marked ended is
+    also taken out of the grid searcher's trials in flight (``basic-variant-state-*.json``, saved
+    with it: Tune's ``BasicVariantGenerator`` hands out no more trials than ``concurrency`` while it
+    counts them, and a trial that never ends again would stall the sweep); without that file no
+    trial is marked ended. Returns the two counts."""
+    import fnmatch
+    import io
+    import json
+
+    import pyarrow.fs as pafs
+    import ray.cloudpickle as cloudpickle
+
+    from orchestrator.mlflow_store import TAG_TRIAL
+
+    ended: dict[str, str] = {}
+    for r in tracker.trial_runs(sweep):
+        tid, status = r.data.tags.get(TAG_TRIAL), r.data.tags.get("status", "running")
+        if r.info.status == "FINISHED" and status != "running":
+            ended[tid] = "TERMINATED"
+        elif r.info.status == "FAILED" and status == "failed":
+            ended[tid] = "ERROR"
+    fs, path = pafs.FileSystem.from_uri(exp_dir) if "://" in exp_dir else (pafs.LocalFileSystem(), exp_dir)
+    files = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]
+
+    def newest(pattern: str) -> str | None:
+        names = sorted(n for n in files if fnmatch.fnmatch(n, pattern))
+        return f"{path.rstrip('/')}/{names[-1]}" if names else None
+
+    state_file, searcher_file = newest("experiment_state-*.json"), newest("basic-variant-state-*.json")
+    if state_file is None:
+        return 0, 0
+    with fs.open_input_stream(state_file) as f:
+        data = json.loads(f.readall())
+    searcher = None
+    if searcher_file is not None:
+        with fs.open_input_stream(searcher_file) as f:
+            searcher = cloudpickle.load(io.BytesIO(f.readall()))
+    live = searcher.get("_live_trials") if isinstance(searcher, dict) else None
+    marked, again = [], 0
+    for entry in data.get("trial_data", []):
+        trial = json.loads(entry[0])
+        want, status = ended.get(trial.get("trial_id")), trial.get("status")
+        if want is not None and status not in ("TERMINATED", "ERROR"):
+            if not isinstance(live, set):
+                continue  # the searcher's count of trials in flight cannot follow: Tune runs it again
+            trial["status"] = want
+            marked.append(trial["trial_id"])
+        elif want is None and status in ("TERMINATED", "ERROR"):
+            trial["status"], again = "PENDING", again + 1
+        else:
+            continue
+        entry[0] = json.dumps(trial, indent=2)
+    if marked:
+        live.difference_update(marked)
+        buf = io.BytesIO()
+        cloudpickle.dump(searcher, buf)
+        with fs.open_output_stream(searcher_file) as f:
+            f.write(buf.getvalue())
+    if marked or again:
+        with fs.open_output_stream(state_file) as f:
+            f.write(json.dumps(data).encode())
+    return len(marked), again
 
 
 def _label(cfg, spec: SweepSpec) -> str:

@@ -9,10 +9,28 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from orchestrator.mlflow_store import TAG_REFERENCE
+from orchestrator.mlflow_store import TAG_REFERENCE, StoreUnavailable
 from orchestrator.progress import Progress
 from orchestrator.recorder import TrialRecorder
 from workloads.stabilizers import label as stabilizer_label
+
+
+def _store_guarded(hook):
+    """A Tune hook that stops touching MLflow once the store is gone for good: the first
+    :class:`StoreUnavailable` is kept (``lost``) and raised at the end of Tune's step
+    (``on_step_end``), where Tune lets it through; the hooks in between write nothing (Tune catches
+    some hooks' errors, and would log a traceback and fail the trial)."""
+    def guarded(self, *args, **kwargs):
+        if self.lost is not None:
+            return None
+        try:
+            return hook(self, *args, **kwargs)
+        except StoreUnavailable as e:
+            self.lost = e
+            return None
+
+    guarded.__name__, guarded.__doc__ = hook.__name__, hook.__doc__
+    return guarded
 
 
 class TrackingCallback(Callback):
@@ -38,6 +56,15 @@ class TrackingCallback(Callback):
                                       crash_criterion=s["crash"])
         self.progress = Progress(s["sweep"], s["total_trials"], total_is_budget=s["total_is_budget"])
         self._fresh: set[str] = set()            # trials whose run on_trial_start made for this attempt
+        self.lost: StoreUnavailable | None = None  # the tracking store, gone for good
+
+    def saved_text(self) -> str:
+        """What the sweep kept and what it did not, when the store went away (its final error)."""
+        r = self.recorder
+        cut = [t for t in r.runs if t not in r.outcomes]
+        state = "the search's state (its Optuna store)" if self.settings["total_is_budget"] else "the sweep's Tune state"
+        return (f"saved: the {r.done} trial(s) that ended before it went away (recorded in MLflow) and {state}; "
+                f"not saved: the results of the {len(cut)} trial(s) running then (they run again)")
 
     def __getstate__(self):
         return {"settings": self.settings}
@@ -61,6 +88,7 @@ class TrackingCallback(Callback):
         return (t.status for t in trials), self.recorder.outcomes.values(), self.recorder.done
 
     # ---- Tune hooks
+    @_store_guarded
     def on_trial_start(self, iteration, trials, trial, **info):
         """The trial's run is made when the trial starts (RUNNING, tag status=running, its config as
         params), replacing a run of an earlier attempt: a sweep stopped before the trial's first
@@ -68,6 +96,7 @@ class TrackingCallback(Callback):
         self._run_for(trial, replace=True)
         self._fresh.add(trial.trial_id)
 
+    @_store_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid = trial.trial_id
         first = result.get("training_iteration") == 1  # an attempt's first report: its run is replaced,
@@ -80,9 +109,11 @@ class TrackingCallback(Callback):
             self.recorder.finish(tid, json.loads(result["summary"]))
         self.recorder.flush(force=self.recorder.full(tid))
 
+    @_store_guarded
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.recorder.flush_trial(trial.trial_id)
 
+    @_store_guarded
     def on_trial_error(self, iteration, trials, trial, **info):
         self._run_for(trial, replace=False)
         tb = ""
@@ -91,10 +122,17 @@ class TrackingCallback(Callback):
         self.recorder.fail(trial.trial_id, tb, trial.num_failures)
 
     def on_step_end(self, iteration, trials, **info):
-        self.recorder.flush()
+        if self.lost is None:
+            try:
+                self.recorder.flush()
+            except StoreUnavailable as e:
+                self.lost = e
+        if self.lost is not None:
+            raise self.lost  # ends Tune's run; Session.fit says what was saved
         if self.settings["progress"]:
             self.progress.tick(*self._progress_of(trials))
 
+    @_store_guarded
     def on_experiment_end(self, trials, **info):
         self.recorder.flush(force=True)
         if self.settings["progress"]:

@@ -7,6 +7,12 @@ import json
 import socket
 import time
 
+PRELOAD = ("ray.tune.trainable.function_trainable", "orchestrator.trainable", "workloads.trial")
+"""What a trial's worker process imports before its trial can start (Tune's function-trainable actor,
+this module, the trial's code and torch): the embedded Ray has its workers import these as they
+start (Ray's ``preload_python_modules``), while the driver is still setting up, so that the first
+trial starts without waiting for them (``orchestrator.sweep.init_ray``)."""
+
 
 def train_trial(config: dict, report_every_s: float = 1.0) -> None:
     """Tune function trainable: one ``workloads.trial.run``, its reporter forwarded to ``tune.report``.

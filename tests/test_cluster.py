@@ -103,7 +103,7 @@ def test_killed_worker_node_trials_are_retried_elsewhere(cluster, server, tmp_pa
     assert sum(r.data.tags["node_id"] == survivor for r in runs) >= 4
 
 
-def test_mlflow_server_outage_loses_no_metrics(cluster, server, tmp_path):
+def test_mlflow_server_outage_loses_no_metrics(cluster, server, tmp_path, capfd):
     raw = spec("t-outage", n=6, steps=300)
 
     finished_at_outage = []
@@ -138,6 +138,12 @@ def test_mlflow_server_outage_loses_no_metrics(cluster, server, tmp_path):
         assert {0, 25, 50, 75, 100, 125, 150, 175, 200, 225, 250, 275, 299} <= set(steps), (r.info.run_name, steps)
         assert len(steps) == len(set(steps))  # each step once: nothing lost, nothing doubled
         assert "result/final_loss" in r.data.metrics
+    # what the outage showed: one short line per retry, then that the store is back; no MLflow chatter
+    out, err = capfd.readouterr()
+    waiting = [ln for ln in err.splitlines() if "waiting for the tracking store" in ln]
+    back = [ln for ln in err.splitlines() if "the tracking store answers again" in ln]
+    assert waiting and back and all(ln.startswith("[t-outage] ") and len(ln) < 160 for ln in waiting + back), err[-3000:]
+    assert "View run" not in out + err and "Traceback" not in err
 
 
 def test_embedded_session_starts_its_own_ray_beside_a_running_cluster(monkeypatch, tmp_path):
@@ -276,5 +282,57 @@ def test_mlflow_basic_auth_variant_refuses_without_the_password(tmp_path, monkey
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         exp = MlflowClient(s.uri).create_experiment("yes")
         assert MlflowClient(s.uri).get_experiment(exp).name == "yes"
+    finally:
+        s.stop()
+
+
+def test_mlflow_basic_auth_variant_answers_to_the_heads_public_name(tmp_path):
+    """cluster.yaml's variant opens MLflow beyond the head (``--host 0.0.0.0``). MLflow 3.17 answers 403
+    "Invalid Host header" to a Host header it does not allow, by default anything but localhost and
+    the private address ranges: a client naming the head by its public name was refused. The
+    variant passes ``--allowed-hosts`` from ``orchestrator.mlflow_hosts`` (the head's host name and
+    addresses, on EC2 its public name and IP, and ``$ABLATE_MLFLOW_HOSTS``): a request naming the
+    head so reaches the password check (401 without it, 200 with it), any other name is refused, with
+    the password or not (what a public name got before)."""
+    import base64
+    import http.client
+    import os
+    import secrets
+    import socket
+    import subprocess
+    import sys
+
+    from orchestrator.localcluster import free_port
+
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
+    text = (Path(__file__).parent.parent / "cluster.yaml").read_text()
+    variant = [ln for ln in text.splitlines() if "--allowed-hosts" in ln and "$(" in ln]
+    assert variant == ['  #   --allowed-hosts "$(python3 -m orchestrator.mlflow_hosts --port 5000)"'], variant
+
+    public = "mlflow.example.org"  # a public name of the head (on EC2 the metadata service gives it)
+    password = secrets.token_urlsafe(24)
+    auth = "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()
+
+    def status(server, host, headers=()):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host, **dict(headers)})
+        r = conn.getresponse()
+        body = r.read().decode(errors="replace")
+        conn.close()
+        return r.status, body
+
+    port = free_port()
+    hosts = subprocess.run([sys.executable, "-m", "orchestrator.mlflow_hosts", "--port", str(port), "--no-metadata"],
+                           env=dict(os.environ, ABLATE_MLFLOW_HOSTS=public), capture_output=True, text=True,
+                           timeout=60, check=True).stdout.strip()
+    assert f"{public}:{port}" in hosts.split(",") and f"127.0.0.1:{port}" in hosts.split(",")
+    s = MlflowServer(tmp_path / "after", port=port, admin_password=password, allowed_hosts=hosts).start()
+    try:
+        assert status(s, f"{public}:{port}")[0] == 401  # allowed: asked for the password
+        assert status(s, f"{socket.gethostname()}:{port}")[0] == 401
+        assert status(s, f"{public}:{port}", {"Authorization": auth})[0] == 200
+        code, body = status(s, f"attacker.example.com:{port}", {"Authorization": auth})  # as every
+        assert code == 403 and "Invalid Host header" in body  # public name was without --allowed-hosts
+        assert status(s, f"127.0.0.1:{port}", {"Authorization": auth})[0] == 200
     finally:
         s.stop()

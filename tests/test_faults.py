@@ -280,7 +280,7 @@ def test_read_only_commands_fail_fast_and_create_nothing(tmp_path):
 
 
 def test_permanent_store_errors_are_not_retried(tmp_path):
-    from orchestrator.mlflow_store import Tracker, permanent_error
+    from orchestrator.mlflow_store import StoreUnavailable, Tracker, permanent_error
 
     tr = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", retries=3)
     calls = []
@@ -297,9 +297,14 @@ def test_permanent_store_errors_are_not_retried(tmp_path):
             tr._call(fails, exc)
         assert len(calls) == 1 and time.monotonic() - t0 < 0.5 and permanent_error(exc)
     calls.clear()
-    with pytest.raises(ConnectionError):
+    with pytest.raises(StoreUnavailable) as lost:
         tr._call(fails, ConnectionError("Connection refused"))
-    assert len(calls) == 4  # a transient error is retried
+    assert len(calls) == 4 and isinstance(lost.value.__cause__, ConnectionError)  # a transient error is retried
+    assert lost.value.retries == 3 and lost.value.reason == "connection refused"
+    calls.clear()
+    with pytest.raises(StoreUnavailable):  # once given up on, a store is tried once, without waiting
+        tr._call(fails, ConnectionError("Connection refused"))
+    assert len(calls) == 1
 
 
 def test_doctor_leaves_no_data_in_the_store(tmp_path):
@@ -350,3 +355,72 @@ def test_a_sweep_where_every_trial_failed_exits_non_zero(tmp_path):
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
     assert errors == ["error: every trial failed (1); the first error: ValueError: cannot mmap an empty file "
                       "(tracebacks: each trial run's traceback.txt in MLflow)"]
+
+
+def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tmp_path):
+    """SIGKILL leaves Tune's saved state behind MLflow's record (it is saved every few seconds; here
+    never after the start, TUNE_GLOBAL_CHECKPOINT_S=3600): the re-run does not train again the trials
+    MLflow holds as finished (before issue #32 it did), closes the runs the killed attempt left
+    RUNNING before replacing them (a soft-deleted run stayed RUNNING), and stops the Ray agents the
+    killed driver left running."""
+    from mlflow.entities import ViewType
+
+    raw = dict(SPEC, name="t-kill9", steps=150)
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    wd = tmp_path / "wd"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_path), "--workdir", str(wd)]
+    log = tmp_path / "first.log"
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1", TUNE_GLOBAL_CHECKPOINT_S="3600"),
+                            start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    uri = f"sqlite:///{wd / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    try:
+        deadline = time.time() + 240
+        finished, stale = {}, set()
+        while time.time() < deadline and not (len(finished) >= 2 and stale):
+            time.sleep(0.25)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                runs = _runs(client, "ablate-t-kill9", "trial")
+            except Exception:  # noqa: BLE001 - the store may be mid-creation
+                continue
+            finished = {r.data.tags["ablate.trial_id"]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
+            stale = set(finished) - _tune_ended(wd / "ray_results" / "t-kill9")  # ended in MLflow, not in Tune's state
+        assert len(finished) >= 2 and stale, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID` does
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert len(finished) < 4, "the kill must land mid-sweep"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import re
+
+    marked = re.search(r"(\d+) trial\(s\) MLflow holds as ended not run again", done.stdout)
+    assert marked and len(stale) <= int(marked.group(1)) <= len(finished), done.stdout
+    trials = _runs(client, "ablate-t-kill9", "trial")
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    by_trial = {r.data.tags["ablate.trial_id"]: r.info.run_id for r in trials}
+    assert len(by_trial) == 4 and all(by_trial[t] == rid for t, rid in finished.items())  # not trained again
+    exp = client.get_experiment_by_name("ablate-t-kill9")
+    every = client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", run_view_type=ViewType.ALL)
+    deleted = [r for r in every if r.info.lifecycle_stage == "deleted"]
+    assert all(r.info.status == "KILLED" for r in deleted), [(r.info.run_name, r.info.status) for r in deleted]
+    assert [ln for ln in done.stderr.splitlines() if ln.startswith("note: stopped")], done.stderr[-2000:]
+
+
+def _tune_ended(exp_dir) -> set:
+    """The trials Tune's newest saved state holds as ended (what Tuner.restore would skip)."""
+    import json
+
+    files = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not files:
+        return set()
+    try:
+        data = json.loads(files[-1].read_text())
+    except ValueError:  # being written
+        return set()
+    return {t["trial_id"] for t in (json.loads(e[0]) for e in data["trial_data"]) if t["status"] in ("TERMINATED", "ERROR")}

@@ -120,3 +120,97 @@ def test_spec_names_the_workloads_without_importing_them():
     from orchestrator import spec
 
     assert spec.WORKLOADS == WORKLOADS
+
+
+_NO_TORCH = """
+import sys, time
+t0 = time.perf_counter()
+from orchestrator.boundary_config import boundary_config
+from orchestrator.cli import app
+from orchestrator.preflight import plan
+from orchestrator.spec import SpecError, load_spec
+p = plan(sys.argv[1], "boundary")
+assert len(p.spec.trials()) == 4 and p.cells == 4, p.cells
+for bad in sys.argv[2:]:
+    try:
+        boundary_config(load_spec(bad))
+    except SpecError as e:
+        print("REFUSED", e)
+print("SECONDS", time.perf_counter() - t0)
+print("HEAVY", sorted(m for m in ("torch", "ray", "mlflow", "optuna", "timm", "pyarrow") if m in sys.modules))
+"""
+
+
+def test_validation_imports_no_torch(tmp_path):
+    """Issue #32: a spec is validated, its trials built and its data sources checked (what ``ablate
+    check``, ``sweep`` and ``boundary`` do before anything starts) without torch, Ray or MLflow:
+    a refusal comes in a fraction of a second. A fresh interpreter, as the command line is."""
+    import subprocess
+    import sys
+
+    good = dict(BASE, axes={"stabilizers": ["none", "weyl+qk_norm"], "warmup_steps": [0, 10]},
+                boundary={"lr_range": [1e-3, 1.0]}, fixed={"data": "stdlib", "weight_decay": 0.01})
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
+    bad = dict(good, boundary={"lr_range": [1e-3, float("inf")]})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path / "good.yaml"), str(tmp_path / "bad.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(ln.split(" ", 1) for ln in out.stdout.splitlines())
+    assert lines["HEAVY"] == "[]", lines
+    assert lines["REFUSED"] == "boundary.lr_range[1]: inf: Input should be a finite number"
+    # and the public names still lead to the implementations (imported on first use)
+    from workloads.stabilizers import REGISTRY, WeylAdamW
+    from workloads.trial import TrialConfig
+    import workloads.config
+
+    assert TrialConfig is workloads.config.TrialConfig and REGISTRY["weyl"].optimizer == WeylAdamW.__name__
+
+
+_INF = ".inf"
+
+
+@pytest.mark.parametrize("text, message", [
+    # the boundary block, every numeric key
+    ("boundary: {lr_range: [1.0e-3, .inf]}", r"boundary.lr_range\[1\]: inf: Input should be a finite number"),
+    ("boundary: {lr_range: [.nan, 1.0]}", r"boundary.lr_range\[0\]: nan: Input should be a finite number"),
+    ("boundary: {lr_range: [-.inf, 1.0]}", r"boundary.lr_range\[0\]: -inf: Input should be a finite number"),
+    ("boundary: {lr_range: [1.0e-3, 1.0], resolution: .inf}", r"boundary.resolution: inf: Input should be a finite"),
+    ("boundary: {lr_range: [1.0e-3, 1.0], resolution: .nan}", r"boundary.resolution: nan: Input should be a finite"),
+    ("boundary: {lr_range: [1.0e-3, 1.0], max_trials_per_cell: .inf}",
+     r"boundary.max_trials_per_cell: inf: Input should be a finite number"),
+    ("boundary: {lr_range: [1.0e-3, 1.0], min_trials_per_cell: .nan}",
+     r"boundary.min_trials_per_cell: nan: Input should be a finite number"),
+    ("boundary: {lr_range: [1.0e-3, 1.0], max_in_flight_per_cell: .inf}",
+     r"boundary.max_in_flight_per_cell: inf: Input should be a finite number"),
+    ("boundary: {method: bisect, lr_range: [1.0e-3, 1.0], seeds: .inf}",
+     r"boundary.seeds: inf: Input should be a finite number"),
+])
+def test_every_boundary_number_refuses_non_finite_values(text, message):
+    from orchestrator.boundary_config import boundary_config
+
+    raw = yaml.safe_load("name: b\nworkload: gpt\nsteps: 10\naxes: {stabilizers: [none]}\n" + text)
+    with pytest.raises(SpecError, match=message):
+        boundary_config(parse_spec(raw))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("resources: {cpus: .inf}", r"resources.cpus: inf: Input should be a finite number"),
+    ("resources: {gpus: .inf}", r"resources.gpus: inf: Input should be a finite number"),
+    ("degraded_kappa: .nan", r"degraded_kappa: nan: Input should be a finite number"),
+    ("steps: .inf", r"steps: inf: Input should be a finite number"),
+    ("divergence: {max_loss_ratio: .inf}", r"divergence.max_loss_ratio: inf: Input should be a finite number"),
+    ("divergence: {stop_margin: .nan}", r"divergence.stop_margin: nan: Input should be a finite number"),
+    ("fixed: {weight_decay: .inf}", r"fixed.weight_decay: inf is not a finite number; allowed: finite numbers"),
+    ("fixed: {beta2: .nan}", r"fixed.beta2: nan is not a finite number"),
+    ("fixed: {min_lr_ratio: inf}", r"fixed.min_lr_ratio: inf is not a finite number"),  # a string, as YAML reads it
+    ("fixed: {stabilizer_options: {weyl: {tau: .inf}}}", r"stabilizer_options.weyl.tau: inf must be a finite number"),
+    ("axes: {lr: [1.0e-3, .nan]}", r"axes.lr: nan is not a finite number"),
+    ("axes: {lr: {log_range: [1.0e-3, .inf], num: 3}}", r"axes.lr: .* \(Input should be a finite number\)"),
+    ("axes: {mlp_ratio: [4.0, .inf]}", r"axes.mlp_ratio: inf is not a finite number"),
+])
+def test_numeric_spec_fields_refuse_non_finite_values(text, message):
+    raw = yaml.safe_load("name: b\nworkload: gpt\nsteps: 10\n" + text)
+    raw.setdefault("axes", {"lr": [1e-3]})
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw)

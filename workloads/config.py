@@ -3,6 +3,10 @@
 Each field carries its meaning (and its allowed values, where they are a fixed set) in its metadata:
 one source for ``python -m workloads.trial --help`` (``workloads.cli``) and for the spec reference
 ``docs/spec.md`` (``orchestrator.spec_doc``), read through :func:`field_help` and :func:`field_choices`.
+
+Imports no torch (the sources' names, the stabilizer registry and the workloads' names come from
+modules that import none): a spec is validated, every trial of its grid built as a ``TrialConfig``,
+without it (issue #32). ``workloads.trial`` re-exports ``TrialConfig``, its public name.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from workloads import data as data_mod
+from workloads import sources
 from workloads import stabilizers as stab
 from workloads.divergence import DivergenceConfig
 from workloads.models import WORKLOADS
@@ -92,7 +96,7 @@ class TrialConfig:
                                                            "(default), above_initial (opt-in loss rule)")
     data: str = _field("auto", "data source: stdlib, text, bin (gpt); digits, imagefolder, cifar10, synthetic (vit, "
                                "swin); auto: stdlib for gpt, digits for images",
-                       ["auto", *data_mod.TEXT_SOURCES, *data_mod.IMAGE_SOURCES])
+                       ["auto", *sources.TEXT_SOURCES, *sources.IMAGE_SOURCES])
     data_path: str | None = _field(None, "file or folder of the data (data text, bin, imagefolder, cifar10)")
     vocab_size: int | None = _field(None, "vocabulary of --data bin token shards (default 50304); byte-level text "
                                           "uses 256")
@@ -107,7 +111,7 @@ class TrialConfig:
             raise ConfigError(f"workload: {self.workload!r} is not one of {list(WORKLOADS)}")
         if self.data == "auto":
             set_("data", DEFAULT_DATA[self.workload])
-        allowed_data = data_mod.TEXT_SOURCES if self.workload == "gpt" else data_mod.IMAGE_SOURCES
+        allowed_data = sources.TEXT_SOURCES if self.workload == "gpt" else sources.IMAGE_SOURCES
         if self.data not in allowed_data:
             raise ConfigError(f"data: {self.data!r} is not a source for {self.workload}; allowed: {list(allowed_data)}")
         for name in ("depth", "width", "heads", "seq_len", "img_size", "patch_size", "window_size",
@@ -121,7 +125,12 @@ class TrialConfig:
                 raise ConfigError(f"{name}: {v!r} must be an integer >= 0")
         if self.width % self.heads:
             raise ConfigError(f"width: {self.width} must be divisible by heads ({self.heads})")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        for f in dataclasses.fields(self):  # every number: finite (YAML's .inf / .nan are floats)
+            v = getattr(self, f.name)
+            if str(f.type).split(" ")[0] == "float" and not (
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ConfigError(f"{f.name}: {v!r} must be a finite number")
+        if not self.lr > 0:
             raise ConfigError(f"lr: {self.lr!r} must be a finite number > 0")
         for name in ("weight_decay", "grad_clip", "dropout", "min_lr_ratio", "eps"):
             if getattr(self, name) < 0:

@@ -14,12 +14,19 @@ Every model is an ``nn.Module`` with the probe interface the trial loop relies o
                                                 the first that many), without changing what the
                                                 forward computes
 
-timm is imported only when a ViT or Swin is built, so GPT trials start faster.
+timm is imported only when a ViT or Swin is built, so GPT trials start faster; torch only when a
+model is (``WORKLOADS`` is read by the spec's validation, which imports no torch).
 """
 
-from workloads.models.gpt import GPT, GPTConfig
-
 WORKLOADS = ("gpt", "vit", "swin")
+
+
+def __getattr__(name: str):
+    if name in ("GPT", "GPTConfig"):
+        from workloads.models import gpt
+
+        return getattr(gpt, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_vit(**kwargs):

@@ -11,18 +11,22 @@
 Learning-rate warmup and the decay schedule are separate axes of ``TrialConfig``, not stabilizers.
 A stabilizer acts at one of three points: model options (the architecture is built with it),
 a module transform after construction, or the optimizer.
+
+The registry (names, options, :func:`resolve`, :func:`label`) imports no torch: a spec is validated
+without it (``orchestrator.spec``). The implementations (:class:`WeylAdamW`,
+:class:`SigmaReparamLinear`, :func:`apply_sigma_reparam`, ...) are imported on first use, from
+``workloads.stabilizers.weyl`` and ``workloads.stabilizers.sigma_reparam``, and stay reachable here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
-from workloads.stabilizers.sigma_reparam import SCOPES, SigmaReparamConv2d, SigmaReparamLinear, apply_sigma_reparam
-from workloads.stabilizers.weyl import WeylAdamW
+SCOPES = ("blocks", "all")
+"""sigmaReparam's scopes: the Linears of the blocks, or every Linear and the patch-embedding conv."""
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,16 @@ class Stabilizer:
     options: Mapping[str, type | tuple[str, ...]] = field(default_factory=dict)
     """Allowed option names and their types, or the tuple of their allowed values."""
     model_options: Callable[[Mapping[str, Any]], dict] | None = None
-    transform: Callable[[nn.Module, Mapping[str, Any]], nn.Module] | None = None
+    transform: Callable[[Any, Mapping[str, Any]], Any] | None = None
     """``transform(model, options)``: the model with the stabilizer applied."""
-    optimizer: type | None = None
+    optimizer: str | None = None
+    """The name of its optimizer class in this package (e.g. ``"WeylAdamW"``), imported on first use."""
+
+
+def _sigma_reparam(model, options: Mapping[str, Any]):
+    from workloads.stabilizers.sigma_reparam import apply_sigma_reparam
+
+    return apply_sigma_reparam(model, options.get("scope") or "blocks")
 
 
 REGISTRY: dict[str, Stabilizer] = {
@@ -44,11 +55,11 @@ REGISTRY: dict[str, Stabilizer] = {
         Stabilizer("weyl", "WeylAdamW: AdamW with Weyl smoothing of each matrix's step (Qi et al. 2025)",
                    options={"tau": float, "threshold": float, "squarings": int, "weight_power_iters": int,
                             "init_power_iters": int},
-                   optimizer=WeylAdamW),
+                   optimizer="WeylAdamW"),
         Stabilizer("sigma_reparam", "sigmaReparam on every Linear of the blocks, or (scope: all) on every "
                    "Linear and the patch-embedding conv (Zhai et al. 2023)",
                    options={"scope": SCOPES},
-                   transform=lambda m, o: apply_sigma_reparam(m, o.get("scope") or "blocks")),
+                   transform=_sigma_reparam),
         Stabilizer("mlra", "multi-head low-rank attention (Chung et al. 2024)",
                    options={"rank": int},
                    model_options=lambda o: {"attention": "mlra", "mlra_rank": o.get("rank")}),
@@ -84,6 +95,8 @@ def resolve(names: tuple[str, ...] | list[str] | str, options: Mapping[str, Mapp
                 continue
             if v is not None and not isinstance(v, (int, float) if allowed[k] is float else allowed[k]):
                 raise ValueError(f"stabilizer_options.{key}.{k}: {v!r} is not a {allowed[k].__name__}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"stabilizer_options.{key}.{k}: {v!r} must be a finite number")
     return [REGISTRY[n] for n in names if n != "none"]
 
 
@@ -93,5 +106,18 @@ def label(names: tuple[str, ...]) -> str:
     return "+".join(active) if active else "none"
 
 
-__all__ = ["REGISTRY", "SigmaReparamConv2d", "SigmaReparamLinear", "Stabilizer", "WeylAdamW", "apply_sigma_reparam",
-           "label", "resolve"]
+def __getattr__(name: str):
+    """The implementations, imported (with torch) on first use."""
+    if name in ("SigmaReparamConv2d", "SigmaReparamLinear", "apply_sigma_reparam"):
+        from workloads.stabilizers import sigma_reparam
+
+        return getattr(sigma_reparam, name)
+    if name == "WeylAdamW":
+        from workloads.stabilizers.weyl import WeylAdamW
+
+        return WeylAdamW
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["REGISTRY", "SCOPES", "SigmaReparamConv2d", "SigmaReparamLinear", "Stabilizer", "WeylAdamW",
+           "apply_sigma_reparam", "label", "resolve"]

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workloads.stabilizers import SCOPES
+
 
 class _SigmaReparam:
     """What a reparametrised layer adds to its ``weight``: ``gamma``, the power-iteration buffers
@@ -205,11 +207,9 @@ def post_forward(model: nn.Module, args, output) -> None:
                     m.u.copy_(u_old[i])
                     m.v.copy_(v_old[i])
 
-
-SCOPES = ("blocks", "all")
-"""``blocks``: every ``nn.Linear`` of the Transformer blocks (the default); ``all``: every
-``nn.Linear`` and ``nn.Conv2d`` of the model (the patch embedding, the classifier head, GPT's tied
-output head), the scope of Zhai et al."""
+# SCOPES (the registry's, workloads.stabilizers): ``blocks``: every ``nn.Linear`` of the Transformer
+# blocks (the default); ``all``: every ``nn.Linear`` and ``nn.Conv2d`` of the model (the patch
+# embedding, the classifier head, GPT's tied output head), the scope of Zhai et al.
 
 
 def apply_sigma_reparam(model: nn.Module, scope: str = "blocks") -> nn.Module:

@@ -1,0 +1,91 @@
+"""A tracking server gone for good (issue #32 item 3), with a real ``mlflow server``
+(``orchestrator.localcluster.MlflowServer``) stopped under a sweep: while it is away, one short line
+per retry says so (not MLflow's own retry chatter, nor its "View run" lines); then the sweep stops
+with one error line that says what was saved, what was not, and that the same command resumes; the
+same command then resumes, and the runs of the trials it cut off end KILLED, not RUNNING. (An outage
+the sweep survives: ``tests/test_cluster.py::test_mlflow_server_outage_loses_no_metrics``.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from orchestrator.localcluster import MlflowServer
+
+SPEC = {"name": "t-lost", "workload": "gpt", "steps": 200,
+        "fixed": {"depth": 1, "width": 32, "heads": 2, "seq_len": 32, "batch_size": 8, "eval_batches": 1,
+                  "schedule": "constant"},
+        "axes": {"lr": [1e-3, 2e-3, 3e-3]}, "probe_interval": 10, "resources": {"cpus": 1, "gpus": 0},
+        "concurrency": 2}
+
+
+def _trial_runs(uri: str, view=ViewType.ACTIVE_ONLY) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ablate-t-lost")
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", run_view_type=view)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_gone_for_good_stops_the_sweep_saying_what_was_saved(tmp_path):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_path), "--workdir", str(tmp_path / "wd"),
+           "--tracking-uri", server.uri]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(cmd, env=dict(env, ABLATE_TRACKING_PATIENCE="6"), start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        finished = []
+        while time.time() < deadline and not finished:
+            time.sleep(0.3)
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                finished = [r for r in _trial_runs(server.uri) if r.info.status == "FINISHED"]
+            except Exception:  # noqa: BLE001 - the experiment may be mid-creation
+                continue
+        assert finished, "no trial finished in time"
+        server.stop()  # for good
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in out + err and "View run" not in out + err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    line = errors[0]
+    assert line.startswith(f"error: the MLflow tracking store {server.uri} did not answer for "), line
+    assert "retries; last: connection refused" in line and "saved: the " in line and "trial(s) that ended" in line
+    assert "not saved: the results of the " in line and "Re-run the same command to resume" in line
+    waiting = [ln for ln in err.splitlines() if "waiting for the tracking store" in ln]
+    assert waiting and all(ln.startswith("[t-lost] waiting for the tracking store ") and len(ln) < 160
+                           for ln in waiting), waiting
+    assert len(waiting) <= 5, waiting  # one line per retry, within 6 s: 0.5 + 1 + 2 s of backoff (and the calls')
+    saved = int(line.split("saved: the ")[1].split(" ")[0])
+    assert saved >= len(finished)
+
+    server.start()  # the same store, back
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout and "run(s) an earlier driver left RUNNING closed (KILLED)" in done.stdout
+    try:
+        active = _trial_runs(server.uri)
+        every = _trial_runs(server.uri, ViewType.ALL)
+    finally:
+        server.stop()
+    assert len(active) == 3 and len({r.data.tags["ablate.trial_id"] for r in active}) == 3
+    assert all(r.info.status == "FINISHED" for r in active)
+    assert all(r.info.status != "RUNNING" for r in every), [(r.info.run_name, r.info.status) for r in every]
