@@ -517,13 +517,17 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     budget = len(cells) * cfg.max_trials_per_cell
     callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, budget,
                                 progress=progress, total_is_budget=True, crash=spec.crash,
-                                crash_criterion=spec.crash_criterion)
+                                crash_criterion=spec.crash_criterion, need=ses.autoscaled_need(spec))
     if progress:
         print(f"[{spec.name}] boundary search ({cfg.method}) over {len(cells)} cells, lr in {list(cfg.lr_range)}, "
               f"resolution {cfg.resolution:.4g}x, at most {cfg.max_trials_per_cell} trials a cell, seeds from "
               f"{cfg.seed_offset}; "
               f"MLflow: {ses.tracking_uri}; Optuna: {optuna_storage}", flush=True)
-    concurrency = spec.concurrency or max(1, int(_cluster_cpus() // spec.resources.cpus))
+    # Without spec.concurrency: as many trials as the cluster can hold at its largest (the nodes
+    # there and those its autoscaler may add: a fresh autoscaling cluster has no worker yet), and no
+    # more than the cells can take at once.
+    need = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
+    concurrency = spec.concurrency or min(ses.capacity.slots(need), len(cells) * cfg.max_in_flight_per_cell)
     searcher = ConcurrencyLimiter(BoundarySearcher(searches), max_concurrent=concurrency)
     tuner = tune.Tuner(
         trainable_for(spec),
@@ -540,8 +544,3 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     return BoundaryOutcome(spec.name, spec.experiment_name, ses.tracking_uri, ses.parent, reports,
                            time.monotonic() - t0, dense_grid_size(cfg))
 
-
-def _cluster_cpus() -> float:
-    import ray
-
-    return ray.cluster_resources().get("CPU", 1.0)
