@@ -260,7 +260,9 @@ class AutoscalingCluster:
         return {
             "cluster_name": "ablate-local", "max_workers": self.max_workers, "upscaling_speed": 1.0,
             "idle_timeout_minutes": self.idle_timeout_s / 60,
-            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+            # Ray's fake_multinode provider, each worker node's job folders its own (orchestrator.fake_provider)
+            "provider": {"type": "external", "module": "orchestrator.fake_provider.SeparateDirsFakeProvider",
+                         "use_node_id_as_ip": True, "disable_node_updaters": True,
                          "disable_launch_config_check": True, "gcs_address": self.address},
             "available_node_types": {FAKE_HEAD_TYPE: {"resources": self.head_resources, "node_config": {},
                                                       "max_workers": 0}, **self.worker_types},
@@ -301,7 +303,9 @@ class AutoscalingCluster:
                 raise RuntimeError(f"ray start --head exited: {log}")
             try:
                 self.jobs().list_jobs()
-                return self
+                if any(n["alive"] and n["head"] for n in self.nodes()):  # the head's raylet registered too
+                    return self
+                time.sleep(1)
             except Exception as e:  # noqa: BLE001 - not up yet
                 last = e
                 time.sleep(1)
