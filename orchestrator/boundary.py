@@ -494,8 +494,10 @@ class BoundaryOutcome:
 
 def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | Path = "ablate_runs",
                  tracking_uri: str | None = None, address: str | None = None,
-                 progress: bool = True, optuna_storage: str | None = None) -> BoundaryOutcome:
-    """Find every cell's maximum stable LR with Ray Tune running Optuna-proposed trials."""
+                 progress: bool = True, optuna_storage: str | None = None, trial_fn=None) -> BoundaryOutcome:
+    """Find every cell's maximum stable LR with Ray Tune running Optuna-proposed trials.
+    ``trial_fn``: what each trial runs (default ``orchestrator.trainable.train_trial``; a benchmark's
+    stand-in)."""
     import time
 
     from ray import tune
@@ -530,7 +532,7 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     concurrency = spec.concurrency or min(ses.capacity.slots(need), len(cells) * cfg.max_in_flight_per_cell)
     searcher = ConcurrencyLimiter(BoundarySearcher(searches), max_concurrent=concurrency)
     tuner = tune.Tuner(
-        trainable_for(spec),
+        trainable_for(spec, trial_fn),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True,
                                     trial_name_creator=lambda t: t.trial_id,
                                     trial_dirname_creator=lambda t: t.trial_id),

@@ -70,22 +70,25 @@ class Capacity:
         return any(t.holds(need) for t in self.types)
 
     def slots(self, need: dict[str, float]) -> int:
-        """How many trials of ``need`` the cluster can run at once at its largest (nodes now, plus
-        every type at its ``max_workers``, under the cluster-wide cap): the concurrency a boundary
-        search asks for when the spec sets none. At least 1."""
+        """How many trials of ``need`` the cluster can run at once at its largest: its nodes now, or
+        every type at its ``max_workers`` (under the cluster-wide cap, the types that hold the most
+        first), whichever holds more: the concurrency a boundary search asks for when the spec sets
+        none. At least 1."""
         def per_node(res: dict[str, float]) -> int:
             fits = [math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
             return min(fits) if fits else 0
 
-        total = sum(per_node(n) for n in self.nodes)
+        now = sum(per_node(n) for n in self.nodes)
         budget = self.max_workers if self.max_workers is not None and self.max_workers >= 0 else None
+        largest = 0
         for t in sorted(self.types, key=lambda t: -per_node(t.resources)):
             n = t.max_workers if t.max_workers >= 0 else (budget if budget is not None else 1000)
             if budget is not None:
                 n = min(n, budget)
                 budget -= n
-            total += n * per_node(t.resources)
-        return max(1, total)
+            largest += n * per_node(t.resources)
+        # the nodes there now are (mostly) of those types: the larger of the two, not their sum
+        return max(1, now, largest)
 
     def lines(self) -> list[str]:
         """What ``ablate check --address`` prints: what is there now, what can be added."""

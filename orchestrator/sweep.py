@@ -374,19 +374,23 @@ def run_config(spec: SweepSpec, name: str, storage: str, callback: TrackingCallb
                           failure_config=tune.FailureConfig(max_failures=spec.max_failures))
 
 
-def trainable_for(spec: SweepSpec):
+def trainable_for(spec: SweepSpec, trial_fn=None):
+    """The Tune trainable of the spec's trials: ``trial_fn`` (default :func:`train_trial`; a
+    benchmark's stand-in trial) with the spec's resources."""
     from ray import tune
 
-    return tune.with_resources(train_trial, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
+    return tune.with_resources(trial_fn or train_trial, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
 
 
 def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | Path = "ablate_runs",
               tracking_uri: str | None = None, resume: bool | None = None, address: str | None = None,
-              progress: bool = True) -> SweepOutcome:
+              progress: bool = True, trial_fn=None) -> SweepOutcome:
     """Run (or continue) the sweep of ``spec``: every trial of its grid, recorded in MLflow.
 
     ``resume``: None continues an existing sweep of the same name in the same storage and starts a
     new one otherwise; True requires one to continue; False refuses to touch an existing one.
+    ``trial_fn``: the function each trial runs (default ``orchestrator.trainable.train_trial``;
+    ``benchmarks/cluster_scaling.py`` passes a stand-in that returns at once).
     """
     from ray import tune
 
@@ -405,7 +409,7 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
 
     ses = open_session(spec, spec_raw, workdir, tracking_uri, address, precheck=precheck)
     try:
-        out = _run(spec, ses, trials, can_restore, progress)
+        out = _run(spec, ses, trials, can_restore, progress, trial_fn)
     except Interrupted:
         raise  # Session.fit marked the runs and closed the session
     except KeyboardInterrupt as e:  # a signal outside fit (setting up, summing up)
@@ -417,7 +421,8 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
     return out
 
 
-def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progress: bool) -> SweepOutcome:
+def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progress: bool,
+         trial_fn=None) -> SweepOutcome:
     from ray import tune
 
     exp_dir = f"{ses.storage.rstrip('/')}/{spec.name}"
@@ -426,7 +431,7 @@ def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progres
                                 need=ses.autoscaled_need(spec))
     if ses.signals is not None:  # after a stop, Tune marks the running trials done: no progress line
         ses.signals.on_stop.append(lambda: callback.settings.update(progress=False))
-    trainable = trainable_for(spec)
+    trainable = trainable_for(spec, trial_fn)
     if can_restore:
         if progress:
             print(f"[{spec.name}] resuming from {exp_dir}", flush=True)

@@ -274,3 +274,4 @@ def test_a_worker_lost_mid_trial_has_its_trial_retried_and_recorded_once(cluster
     assert all(r.data.tags["node_id"] != victim for r in runs)  # the lost node's trial ran again elsewhere
     log = cluster.autoscaler_log()
     assert victim[:8] in log or "Terminating" in log, log[-3000:]
+
