@@ -422,6 +422,14 @@ class BoundarySearcher(Searcher):
         self.live: dict[str, tuple[CellSearch, Any]] = {}
         self._rr = itertools.cycle(range(len(searches)))
         self._lock = threading.Lock()
+        # Cells whose ask() said "not now", skipped until their next tell. Tune polls suggest on
+        # every step it has room for a trial; each poll asked every cell, and a cell that waits for
+        # its trials in flight (at max_in_flight_per_cell, or settled with trials still running)
+        # read its study and fitted its posterior to say None again: a poll cost grew with the
+        # cells. What a cell answers changes with its own tells (its trials in flight, its
+        # observations), so a tell is what makes it worth asking again.
+        self._waiting: set[int] = set()
+        self._index = {id(s): i for i, s in enumerate(searches)}
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
@@ -457,9 +465,13 @@ class BoundarySearcher(Searcher):
     def suggest(self, trial_id: str):
         with self._lock:
             for _ in range(len(self.searches)):
-                s = self.searches[next(self._rr)]
+                i = next(self._rr)
+                if i in self._waiting:
+                    continue
+                s = self.searches[i]
                 nxt = s.ask()
                 if nxt is None:
+                    self._waiting.add(i)
                     continue
                 trial, lr, seed = nxt
                 self.live[trial_id] = (s, trial)
@@ -475,6 +487,7 @@ class BoundarySearcher(Searcher):
             s, trial = self.live.pop(trial_id, (None, None))
             if s is None:
                 return
+            self._waiting.discard(self._index[id(s)])
             if error or not result or "summary" not in result:
                 s.tell(trial, None, failed=True)
                 return

@@ -275,3 +275,34 @@ def test_a_worker_lost_mid_trial_has_its_trial_retried_and_recorded_once(cluster
     log = cluster.autoscaler_log()
     assert victim[:8] in log or "Terminating" in log, log[-3000:]
 
+
+def test_the_searcher_asks_a_waiting_cell_again_only_after_its_own_tell(monkeypatch):
+    """Tune polls ``suggest`` on every step it has room; a cell waiting for its trials in flight is
+    not asked again (no study read, no posterior fit) until one of its trials ends: a poll's cost
+    does not grow with the cells that wait."""
+    from orchestrator.boundary import BoundarySearcher, CellSearch, cells_of
+    from orchestrator.boundary_config import boundary_config
+    from orchestrator.spec import parse_spec
+
+    raw = {"name": "poll", "workload": "gpt", "steps": 10, "fixed": TINY, "axes": {"warmup_steps": [0, 1, 2]},
+           "boundary": {"lr_range": [1e-3, 1.0], "max_trials_per_cell": 10, "max_in_flight_per_cell": 2}}
+    spec = parse_spec(raw)
+    cfg = boundary_config(spec)
+    searches = [CellSearch(c, cfg, None, "poll") for c in cells_of(spec, cfg)]
+    asked = []
+    real_ask = CellSearch.ask
+    monkeypatch.setattr(CellSearch, "ask", lambda self: asked.append(self.cell.key) or real_ask(self))
+    searcher = BoundarySearcher(searches)
+    got = [searcher.suggest(f"t{i}") for i in range(6)]
+    assert all(g is not None for g in got)                        # 3 cells x 2 in flight
+    assert searcher.suggest("t6") is None
+    n = len(asked)
+    for i in range(7, 20):                                        # polls while every cell waits
+        assert searcher.suggest(f"t{i}") is None
+    assert len(asked) == n, "waiting cells were asked again"
+    cell = got[0]["point"]["cell"]
+    summary = {"final_loss": 2.0, "initial_loss": 5.5, "baseline_loss": 4.0, "stop_reason": None}
+    searcher.on_trial_complete("t0", {"summary": json.dumps(summary)})
+    nxt = searcher.suggest("t20")
+    assert nxt is not None and nxt["point"]["cell"] == cell      # only the cell told is asked again
+    assert asked[n:] == [cell]
