@@ -482,10 +482,25 @@ class BoundarySearcher(Searcher):
                 return Searcher.FINISHED
             return None
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """A trial's last report carries its summary: its study is told at once. Tune hands the same
+        report to the tracking callback, which records the trial in MLflow, in the same step; the
+        trial's end comes as a later event. Telling only at that end (``on_trial_complete``) let a
+        stop (``ray job stop``, SIGTERM: Tune stops between steps) fall in between: MLflow held a
+        finished trial its study never counted, and the resumed search ran a replacement."""
+        if "summary" not in result:
+            return
         with self._lock:
             s, trial = self.live.pop(trial_id, (None, None))
             if s is None:
+                return
+            self._waiting.discard(self._index[id(s)])
+            s.tell(trial, json.loads(result["summary"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        with self._lock:
+            s, trial = self.live.pop(trial_id, (None, None))
+            if s is None:  # told already, from its last report
                 return
             self._waiting.discard(self._index[id(s)])
             if error or not result or "summary" not in result:

@@ -237,7 +237,9 @@ def check(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAM
                                                        "(default: boundary when the spec has a boundary: block)."),
           max_trials: Optional[int] = MAX_TRIALS, time_steps: int = TIME_STEPS, address: Optional[str] = ADDRESS):
     """Check a spec without running it: validate it, count its grid (or its cells), check its data
-    sources and the GPUs it asks for, and print what would run. Writes nothing, starts nothing.
+    sources and the GPUs it asks for, and print what would run. Writes nothing, starts nothing; with
+    --address it joins the cluster to print what is there now and what its autoscaler can add, and
+    refuses a trial that no node type can hold.
 
     ablate sweep and ablate boundary run the same checks first. Exit 0: it would run; 2: refused."""
     with _errors():

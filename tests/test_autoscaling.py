@@ -204,12 +204,13 @@ def _optuna_counts(workdir: Path, prefix: str) -> dict[str, tuple[int, int]]:
 @pytest.mark.slow
 def test_boundary_search_stopped_with_ray_job_stop_resumes_when_submitted_again(cluster, tmp_path):
     name = "as-bnd"
-    spec = write_spec(tmp_path / "bnd.yaml", name=name, workload="gpt", steps=30,
+    # resolution 1.01: no cell converges early, each runs its 10 trials (the stop lands mid-search)
+    spec = write_spec(tmp_path / "bnd.yaml", name=name, workload="gpt", steps=50,
                       fixed={**TINY, "warmup_steps": 0, "schedule": "constant", "eval_interval": 0},
                       axes={"stabilizers": ["none", "qk_norm"]}, probe_interval=10,
                       resources={"cpus": 1, "gpus": 0.25},
-                      boundary={"lr_range": [1e-3, 3.0], "max_trials_per_cell": 8, "min_trials_per_cell": 4,
-                                "max_in_flight_per_cell": 2})
+                      boundary={"lr_range": [1e-3, 3.0], "resolution": 1.01, "max_trials_per_cell": 10,
+                                "min_trials_per_cell": 4, "max_in_flight_per_cell": 2})
     first = submit(cluster, "ablate", "boundary", str(spec), wait=False, sid="bnd-1")
     assert first.returncode == 0, first.stderr
     finished = lambda: [r for r in trial_runs(cluster.mlflow.uri, "ablate-as-bnd", name)  # noqa: E731
@@ -226,6 +227,7 @@ def test_boundary_search_stopped_with_ray_job_stop_resumes_when_submitted_again(
     at_stop = _optuna_counts(cluster.workdir, name)
     done_at_stop = len(finished())
     assert sum(c for c, _ in at_stop.values()) == done_at_stop >= 3
+    assert done_at_stop < 20, "the search had ended before the stop"
 
     second = submit(cluster, "ablate", "boundary", str(spec), sid="bnd-2")
     out = second.stdout + second.stderr
@@ -236,6 +238,8 @@ def test_boundary_search_stopped_with_ray_job_stop_resumes_when_submitted_again(
     # the posterior continued: every study kept the first job's trials and added to them
     assert set(after) == set(at_stop) and all(after[k][0] >= at_stop[k][0] for k in after)
     assert sum(c for c, _ in after.values()) > done_at_stop
+    # each cell spent its budget of 10 over the two jobs (trials cut off by the stop count as failed)
+    assert all(n == 10 for _, n in after.values()), after
     # each trial recorded once: one finished MLflow run per completed Optuna trial, no (cell, lr, seed) twice
     assert len(done) == sum(c for c, _ in after.values())
     keys = [(r.data.params["stabilizers"], r.data.params["lr"], r.data.params["seed"]) for r in done]
