@@ -399,18 +399,17 @@ class AutoscalingCluster:
         provider terminates it. Returns how many processes were killed."""
         import psutil
 
-        port = next(n["node_manager_port"] for n in self.nodes() if n["node_id"] == node_id)
         victims = []
         for p in self._processes():
             try:
                 args = p.cmdline()
             except psutil.Error:
                 continue
-            if args and args[0].endswith("raylet") and f"--node_manager_port={port}" in args:
+            if args and args[0].endswith("raylet") and f"--node_id={node_id}" in args:
                 victims = [p, *p.children(recursive=True)]
                 break
         if not victims:
-            raise RuntimeError(f"no raylet of node {node_id} (port {port}) found")
+            raise RuntimeError(f"no raylet of node {node_id} found")
         for p in victims:
             try:
                 p.kill()
