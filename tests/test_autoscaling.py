@@ -174,6 +174,8 @@ def test_gpu_sweep_scales_workers_from_zero_through_ray_job_submit(cluster, tmp_
     # idle workers go (idle_timeout 8 s)
     wait_for(lambda: cluster.workers() == [], 120, "the idle workers to be removed")
     assert "nodes of type gpu_a10g (idle)" in cluster.autoscaler_log()
+    print("autoscaler:", *[ln for ln in cluster.autoscaler_log().splitlines() if "Adding" in ln or "Removing" in ln],
+          sep="\n  ")
     # the README's read-back: ablate export --tracking-uri
     exp = ablate(cluster, "export", str(spec), "--tracking-uri", cluster.mlflow.uri, "--out", str(tmp_path / "x"))
     assert exp.returncode == 0, exp.stderr
