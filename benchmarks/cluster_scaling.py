@@ -24,7 +24,7 @@
    of its MLflow runs: none lost.
 
     python benchmarks/cluster_scaling.py [--trials 8] [--steps 1000] [--cpus 1]
-    python benchmarks/cluster_scaling.py --mode scale [--cells 5,30,100] [--nodes 4] [--per-cell 12] [--sweep-trials 1000]
+    python benchmarks/cluster_scaling.py --mode scale [--cells 5,30,100] [--nodes 4] [--per-cell 4] [--sweep-trials 1000]
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=1, help="nodes: CPUs per worker node")
     ap.add_argument("--cells", default="5,30,100", help="scale: the boundary searches' cell counts")
     ap.add_argument("--nodes", type=int, default=4, help="scale: worker nodes (4-8)")
-    ap.add_argument("--per-cell", type=int, default=12, help="scale: at most this many trials a cell")
+    ap.add_argument("--per-cell", type=int, default=4, help="scale: at most this many trials a cell (the GPU spec: 30)")
     ap.add_argument("--sweep-trials", type=int, default=1000, help="scale: trials of the sweep through MLflow")
     args = ap.parse_args()
     (scale_mode if args.mode == "scale" else nodes_mode)(args)
