@@ -528,6 +528,14 @@ class BoundarySearcher(Searcher):
         self.live: dict[str, tuple[CellSearch, Any]] = {}
         self._rr = itertools.cycle(range(len(searches)))
         self._lock = threading.Lock()
+        # Cells whose ask() said "not now", skipped until their next tell. Tune polls suggest on
+        # every step it has room for a trial; each poll asked every cell, and a cell that waits for
+        # its trials in flight (at max_in_flight_per_cell, or settled with trials still running)
+        # read its study and fitted its posterior to say None again: a poll cost grew with the
+        # cells. What a cell answers changes with its own tells (its trials in flight, its
+        # observations), so a tell is what makes it worth asking again.
+        self._waiting: set[int] = set()
+        self._index = {id(s): i for i, s in enumerate(searches)}
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
@@ -563,9 +571,13 @@ class BoundarySearcher(Searcher):
     def suggest(self, trial_id: str):
         with self._lock:
             for _ in range(len(self.searches)):
-                s = self.searches[next(self._rr)]
+                i = next(self._rr)
+                if i in self._waiting:
+                    continue
+                s = self.searches[i]
                 nxt = s.ask()
                 if nxt is None:
+                    self._waiting.add(i)
                     continue
                 trial, lr, seed = nxt
                 self.live[trial_id] = (s, trial)
@@ -578,11 +590,27 @@ class BoundarySearcher(Searcher):
                 return Searcher.FINISHED
             return None
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """A trial's last report carries its summary: its study is told at once. Tune hands the same
+        report to the tracking callback, which records the trial in MLflow, in the same step; the
+        trial's end comes as a later event. Telling only at that end (``on_trial_complete``) let a
+        stop (``ray job stop``, SIGTERM: Tune stops between steps) fall in between: MLflow held a
+        finished trial its study never counted, and the resumed search ran a replacement."""
+        if "summary" not in result:
+            return
         with self._lock:
             s, trial = self.live.pop(trial_id, (None, None))
             if s is None:
                 return
+            self._waiting.discard(self._index[id(s)])
+            s.tell(trial, json.loads(result["summary"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        with self._lock:
+            s, trial = self.live.pop(trial_id, (None, None))
+            if s is None:  # told already, from its last report
+                return
+            self._waiting.discard(self._index[id(s)])
             if error or not result or "summary" not in result:
                 s.tell(trial, None, failed=True)
                 return
@@ -602,8 +630,10 @@ class BoundaryOutcome:
 
 def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | Path = "ablate_runs",
                  tracking_uri: str | None = None, address: str | None = None,
-                 progress: bool = True, optuna_storage: str | None = None) -> BoundaryOutcome:
-    """Find every cell's maximum stable LR with Ray Tune running Optuna-proposed trials."""
+                 progress: bool = True, optuna_storage: str | None = None, trial_fn=None) -> BoundaryOutcome:
+    """Find every cell's maximum stable LR with Ray Tune running Optuna-proposed trials.
+    ``trial_fn``: what each trial runs (default ``orchestrator.trainable.train_trial``; a benchmark's
+    stand-in)."""
     import time
 
     from ray import tune
@@ -627,16 +657,20 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     budget = len(cells) * cfg.max_trials_per_cell
     callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, budget,
                                 progress=progress, total_is_budget=True, crash=spec.crash,
-                                crash_criterion=spec.crash_criterion)
+                                crash_criterion=spec.crash_criterion, need=ses.autoscaled_need(spec))
     if progress:
         print(f"[{spec.name}] boundary search ({cfg.method}) over {len(cells)} cells, lr in {list(cfg.lr_range)}, "
               f"resolution {cfg.resolution:.4g}x, at most {cfg.max_trials_per_cell} trials a cell, seeds from "
               f"{cfg.seed_offset}; "
               f"MLflow: {ses.tracking_uri}; Optuna: {optuna_storage}", flush=True)
-    concurrency = spec.concurrency or max(1, int(_cluster_cpus() // spec.resources.cpus))
+    # Without spec.concurrency: as many trials as the cluster can hold at its largest (the nodes
+    # there and those its autoscaler may add: a fresh autoscaling cluster has no worker yet), and no
+    # more than the cells can take at once.
+    need = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
+    concurrency = spec.concurrency or min(ses.capacity.slots(need), len(cells) * cfg.max_in_flight_per_cell)
     searcher = ConcurrencyLimiter(BoundarySearcher(searches), max_concurrent=concurrency)
     tuner = tune.Tuner(
-        trainable_for(spec),
+        trainable_for(spec, trial_fn),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True,
                                     trial_name_creator=lambda t: t.trial_id,
                                     trial_dirname_creator=lambda t: t.trial_id),
@@ -650,8 +684,3 @@ def run_boundary(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str 
     return BoundaryOutcome(spec.name, spec.experiment_name, ses.tracking_uri, ses.parent, reports,
                            time.monotonic() - t0, dense_grid_size(cfg))
 
-
-def _cluster_cpus() -> float:
-    import ray
-
-    return ray.cluster_resources().get("CPU", 1.0)

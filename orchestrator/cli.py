@@ -28,7 +28,10 @@ class _Command(TyperCommand):
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Distributed ablations of Transformer training stability (Ray Tune + Optuna + MLflow).")
 
-WORKDIR = typer.Option("ablate_runs", "--workdir", metavar="DIR", help="Local state: MLflow SQLite store, Tune results, Ray log link.")
+WORKDIR = typer.Option("ablate_runs", "--workdir", metavar="DIR", envvar="ABLATE_WORKDIR",
+                       help="Local state: MLflow SQLite store, Tune results, the Optuna store, the one-driver lock, "
+                            "Ray log link (default: $ABLATE_WORKDIR, which cluster.yaml sets on the head, else "
+                            "ablate_runs).")
 TRACKING = typer.Option(None, "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                                       "else sqlite:///<workdir>/mlflow.db).")
 ADDRESS = typer.Option(None, "--address", metavar="ADDRESS", help="Ray cluster address (default: $RAY_ADDRESS, else embedded Ray).")
@@ -231,6 +234,17 @@ def _workdir_lock(workdir: Path):
             lock.release()
 
 
+def _job_workdir_warning(workdir: Path) -> None:
+    """A driver run by ``ray job submit --working-dir .`` starts in the job's unpacked copy of that
+    folder: a relative workdir there is not where the next submission of the same command looks, so
+    a stopped search or sweep would start over. One warning line naming the fix."""
+    path = workdir.resolve()
+    if "working_dir_files" in path.parts and "runtime_resources" in path.parts:
+        typer.secho(f"warning: --workdir {path} lies in this Ray job's unpacked working directory, which a "
+                    "re-submitted job does not see (its state would not resume): set ABLATE_WORKDIR to a fixed "
+                    "folder on the head (cluster.yaml does), or pass --workdir", fg=typer.colors.YELLOW, err=True)
+
+
 def _ui_hint(tracking_uri: str, experiment: str) -> None:
     """Where to look at the experiment: its own page in the MLflow UI (``Tracker.experiment_url``)."""
     from orchestrator.mlflow_store import Tracker
@@ -252,7 +266,9 @@ def check(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAM
                                                        "(default: boundary when the spec has a boundary: block)."),
           max_trials: Optional[int] = MAX_TRIALS, time_steps: int = TIME_STEPS, address: Optional[str] = ADDRESS):
     """Check a spec without running it: validate it, count its grid (or its cells), check its data
-    sources and the GPUs it asks for, and print what would run. Writes nothing, starts nothing.
+    sources and the GPUs it asks for, and print what would run. Writes nothing, starts nothing; with
+    --address it joins the cluster to print what is there now and what its autoscaler can add, and
+    refuses a trial that no node type can hold.
 
     ablate sweep and ablate boundary run the same checks first. Exit 0: it would run; 2: refused."""
     with _errors():
@@ -261,8 +277,31 @@ def check(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAM
 
             raw = read_spec_file(spec)
             boundary = isinstance(raw, dict) and bool(raw.get("boundary"))
-        _preflight(spec, "boundary" if boundary else "sweep", max_trials, address, time_steps)
+        p = _preflight(spec, "boundary" if boundary else "sweep", max_trials, address, time_steps)
+        if not p.embedded:
+            _cluster_check(p.spec, address)
     typer.echo("ok: nothing was run or written")
+
+
+def _cluster_check(spec, address: Optional[str]) -> None:
+    """``check --address``: join the cluster, print what is there now and what its autoscaler may add
+    (``orchestrator.capacity``), refuse a trial no node type can ever hold; then leave it."""
+    import ray
+
+    from orchestrator.capacity import read_capacity
+    from orchestrator.spec import SpecError
+    from orchestrator.sweep import init_ray
+
+    init_ray(address)
+    try:
+        cap = read_capacity()
+    finally:
+        ray.shutdown()
+    for line in cap.lines():
+        typer.echo(line)
+    msg = cap.refusal(spec.resources.cpus, spec.resources.gpus)
+    if msg:
+        raise SpecError(msg)
 
 
 @app.command(cls=_Command)
@@ -278,6 +317,7 @@ def sweep(spec: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAM
     Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
     with _errors(tracking_uri), _workdir_lock(workdir):
         p = _preflight(spec, "sweep", max_trials, address, quiet=True)
+        _job_workdir_warning(workdir)
         with _prestarted(["orchestrator.sweep"], p.spec, workdir, tracking_uri, address):
             from orchestrator.sweep import run_sweep
 
@@ -309,6 +349,7 @@ def boundary(spec: Path = typer.Argument(..., metavar="SPEC", help="Spec with a 
     Ctrl-C (or SIGTERM) stops it cleanly: exit 130 (143), and the same command resumes it."""
     with _errors(tracking_uri), _workdir_lock(workdir):
         p = _preflight(spec, "boundary", max_trials, address, quiet=True)
+        _job_workdir_warning(workdir)
         with _prestarted(["orchestrator.sweep", "orchestrator.boundary"], p.spec, workdir, tracking_uri, address):
             from orchestrator.boundary import run_boundary
 

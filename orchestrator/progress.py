@@ -5,7 +5,11 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
-from typing import Iterable
+from typing import Callable, Iterable
+
+Note = Callable[[int], str]
+"""What the line adds about the trials still pending, given their count ("" for nothing): the
+cluster's state (``orchestrator.capacity.waiting_note``: trials waiting for the autoscaler's nodes)."""
 
 
 class Progress:
@@ -19,19 +23,20 @@ class Progress:
         self._t0 = time.monotonic()
         self._last = 0.0
 
-    def tick(self, statuses: Iterable[str], outcomes: Iterable[str], done: int) -> None:
+    def tick(self, statuses: Iterable[str], outcomes: Iterable[str], done: int, note: Note | None = None) -> None:
         """:meth:`show`, when ``every`` seconds have passed since the last tick that showed."""
         if time.monotonic() - self._last < self.every:
             return
         self._last = time.monotonic()
-        self.show(statuses, outcomes, done)
+        self.show(statuses, outcomes, done, note)
 
-    def show(self, statuses: Iterable[str], outcomes: Iterable[str], done: int) -> None:
-        print(self.line(statuses, outcomes, done), file=sys.stderr, flush=True)
+    def show(self, statuses: Iterable[str], outcomes: Iterable[str], done: int, note: Note | None = None) -> None:
+        print(self.line(statuses, outcomes, done, note), file=sys.stderr, flush=True)
 
-    def line(self, statuses: Iterable[str], outcomes: Iterable[str], done: int) -> str:
+    def line(self, statuses: Iterable[str], outcomes: Iterable[str], done: int, note: Note | None = None) -> str:
         """``statuses``: every trial's Tune status (PENDING, RUNNING, TERMINATED, ERROR...);
-        ``outcomes``: the classes of the trials that ended here, ``done`` of them (the ETA's rate)."""
+        ``outcomes``: the classes of the trials that ended here, ``done`` of them (the ETA's rate);
+        ``note``: called with the number of PENDING trials, what it returns is added."""
         total = self.total
         by = defaultdict(int)
         for s in statuses:
@@ -39,13 +44,15 @@ class Progress:
         finished = by["TERMINATED"] + by["ERROR"]
         diverged = sum(1 for v in outcomes if v in ("diverged", "collapsed"))
         elapsed = time.monotonic() - self._t0
+        extra = note(by["PENDING"]) if note is not None else ""
+        running = f"{by['RUNNING']} running" + (f", {extra}" if extra else "")
         if self.total_is_budget:  # a search: the total is an upper bound, no ETA
             return (f"[{self.sweep}] {finished} trials done (budget {total}; {diverged} diverged/collapsed, "
-                    f"{by['ERROR']} failed), {by['RUNNING']} running, elapsed {_hms(elapsed)}")
+                    f"{by['ERROR']} failed), {running}, elapsed {_hms(elapsed)}")
         remaining = total - finished
         eta = (elapsed / done * remaining) if done and remaining else 0.0
         return (f"[{self.sweep}] {finished}/{total} done ({diverged} diverged/collapsed, "
-                f"{by['ERROR']} failed), {by['RUNNING']} running, elapsed {_hms(elapsed)}"
+                f"{by['ERROR']} failed), {running}, elapsed {_hms(elapsed)}"
                 + (f", ETA {_hms(eta)}" if remaining and done else ""))
 
 

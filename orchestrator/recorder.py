@@ -83,10 +83,14 @@ class TrialRecorder:
             self._events[trial_id] += events
 
     def place(self, trial_id: str, info: Mapping[str, Any]) -> None:
-        """Tag where the attempt runs (``info``'s node_id, hostname, gpu_ids, started_at), once per
-        attempt, from the first ``info`` that names a node."""
+        """Tag where the attempt runs (``info``'s node_id, hostname, gpu_ids, started_at, and
+        device_override when a test cluster's fake GPU made it train on the CPU), once per attempt,
+        from the first ``info`` that names a node."""
         if trial_id not in self._tagged and info.get("node_id"):
-            self.tracker.set_tags(self.runs[trial_id], {k: info.get(k, "") for k in PLACE_KEYS})
+            tags = {k: info.get(k, "") for k in PLACE_KEYS}
+            if info.get("device_override"):  # test clusters' fake GPUs (orchestrator.trainable.FAKE_GPUS_ON_CPU)
+                tags["device_override"] = info["device_override"]
+            self.tracker.set_tags(self.runs[trial_id], tags)
             self._tagged.add(trial_id)
 
     # ---- the metric buffer

@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -72,19 +73,17 @@ def storage_root(spec: SweepSpec, workdir: Path) -> str:
     return root if "://" in root else str(Path(root).resolve())
 
 
-def check_resources(spec: SweepSpec) -> None:
-    """Fail before anything runs when the cluster cannot host a single trial."""
-    import ray
+def check_resources(spec: SweepSpec):
+    """Fail before anything runs when no node of the cluster can ever hold a trial: neither a node
+    present nor a node type its autoscaler may add (``orchestrator.capacity``; a fresh autoscaling
+    cluster has no GPU until a trial asks for one). Returns the cluster's ``Capacity``."""
+    from orchestrator.capacity import read_capacity
 
-    res = ray.cluster_resources()
-    gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
-    if spec.resources.gpus > 0 and gpus == 0:
-        raise SpecError(f"resources.gpus: {spec.resources.gpus} asked per trial, but the Ray cluster has no "
-                        f"GPUs (cluster resources: {cpus:g} CPU, 0 GPU); set resources.gpus: 0 to run on CPUs")
-    if spec.resources.gpus > gpus:
-        raise SpecError(f"resources.gpus: {spec.resources.gpus} per trial > {gpus:g} GPUs in the cluster")
-    if spec.resources.cpus > cpus:
-        raise SpecError(f"resources.cpus: {spec.resources.cpus} per trial > {cpus:g} CPUs in the cluster")
+    cap = read_capacity()
+    msg = cap.refusal(spec.resources.cpus, spec.resources.gpus)
+    if msg:
+        raise SpecError(msg)
+    return cap
 
 
 @dataclass
@@ -103,6 +102,15 @@ class Session:
     lock: WorkdirLock | None = None
     signals: StopSignals | None = None
     started_ray: bool = False
+    capacity: Any = None
+    """The cluster's ``orchestrator.capacity.Capacity``: the nodes there and the types it may add."""
+
+    def autoscaled_need(self, spec: SweepSpec) -> dict[str, float] | None:
+        """A trial's resources, when the cluster has an autoscaler whose nodes trials may wait for
+        (the progress line then says so); None otherwise."""
+        if self.capacity is None or not self.capacity.types:
+            return None
+        return {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
 
     def fit(self, tuner, callback: TrackingCallback | None = None):
         """``tuner.fit()``. A signal: :meth:`interrupted`. The tracking store gone for good (the
@@ -201,7 +209,7 @@ def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tr
         os.environ["ABLATE_TRACKING_URI"] = tracking_uri
         started_ray = init_ray(address, workdir)
         signals.install()  # ray.init took SIGTERM
-        check_resources(spec)
+        capacity = check_resources(spec)
         spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
         tracker = Tracker(tracking_uri, spec.experiment_name)
         parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))
@@ -209,7 +217,7 @@ def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tr
     except BaseException:
         Session(Path(workdir), "", "", None, "", lock=lock, signals=signals, started_ray=started_ray).close()
         raise
-    return Session(workdir, tracking_uri, storage, tracker, parent, spec.name, lock, signals, started_ray)
+    return Session(workdir, tracking_uri, storage, tracker, parent, spec.name, lock, signals, started_ray, capacity)
 
 
 def run_config(spec: SweepSpec, name: str, storage: str, callback: TrackingCallback):
@@ -220,19 +228,23 @@ def run_config(spec: SweepSpec, name: str, storage: str, callback: TrackingCallb
                           failure_config=tune.FailureConfig(max_failures=spec.max_failures))
 
 
-def trainable_for(spec: SweepSpec):
+def trainable_for(spec: SweepSpec, trial_fn=None):
+    """The Tune trainable of the spec's trials: ``trial_fn`` (default :func:`train_trial`; a
+    benchmark's stand-in trial) with the spec's resources."""
     from ray import tune
 
-    return tune.with_resources(train_trial, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
+    return tune.with_resources(trial_fn or train_trial, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
 
 
 def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | Path = "ablate_runs",
               tracking_uri: str | None = None, resume: bool | None = None, address: str | None = None,
-              progress: bool = True) -> SweepOutcome:
+              progress: bool = True, trial_fn=None) -> SweepOutcome:
     """Run (or continue) the sweep of ``spec``: every trial of its grid, recorded in MLflow.
 
     ``resume``: None continues an existing sweep of the same name in the same storage and starts a
     new one otherwise; True requires one to continue; False refuses to touch an existing one.
+    ``trial_fn``: the function each trial runs (default ``orchestrator.trainable.train_trial``;
+    ``benchmarks/cluster_scaling.py`` passes a stand-in that returns at once).
     """
     from ray import tune
 
@@ -251,7 +263,7 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
 
     ses = open_session(spec, spec_raw, workdir, tracking_uri, address, precheck=precheck)
     try:
-        out = _run(spec, ses, trials, can_restore, progress)
+        out = _run(spec, ses, trials, can_restore, progress, trial_fn)
     except Interrupted:
         raise  # Session.fit marked the runs and closed the session
     except KeyboardInterrupt as e:  # a signal outside fit (setting up, summing up)
@@ -263,15 +275,17 @@ def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | P
     return out
 
 
-def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progress: bool) -> SweepOutcome:
+def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progress: bool,
+         trial_fn=None) -> SweepOutcome:
     from ray import tune
 
     exp_dir = f"{ses.storage.rstrip('/')}/{spec.name}"
     callback = TrackingCallback(ses.tracking_uri, spec.experiment_name, spec.name, ses.parent, len(trials),
-                                progress=progress, crash=spec.crash, crash_criterion=spec.crash_criterion)
+                                progress=progress, crash=spec.crash, crash_criterion=spec.crash_criterion,
+                                need=ses.autoscaled_need(spec))
     if ses.signals is not None:  # after a stop, Tune marks the running trials done: no progress line
         ses.signals.on_stop.append(lambda: callback.settings.update(progress=False))
-    trainable = trainable_for(spec)
+    trainable = trainable_for(spec, trial_fn)
     if can_restore:
         # The runs an earlier driver left RUNNING (SIGKILL, the tracking store lost) are closed now;
         # MLflow's record of which trials ended wins over Tune's saved state, which can be older.

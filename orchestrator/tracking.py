@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from orchestrator.capacity import waiting_note
 from orchestrator.mlflow_store import TAG_REFERENCE, StoreUnavailable
 from orchestrator.progress import Progress
 from orchestrator.recorder import TrialRecorder
@@ -42,11 +43,12 @@ class TrackingCallback(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_id: str,
                  total_trials: int, flush_every: float = 2.0, progress: bool = True,
-                 total_is_budget: bool = False, crash: tuple[str, ...] = (), crash_criterion: str = ""):
+                 total_is_budget: bool = False, crash: tuple[str, ...] = (), crash_criterion: str = "",
+                 need: dict[str, float] | None = None):
         self.settings = dict(tracking_uri=tracking_uri, experiment=experiment, sweep=sweep,
                              parent_id=parent_id, total_trials=total_trials, flush_every=flush_every,
                              progress=progress, total_is_budget=total_is_budget,
-                             crash=crash_criterion, crash_classes=list(crash))
+                             crash=crash_criterion, crash_classes=list(crash), need=need)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -84,8 +86,11 @@ class TrackingCallback(Callback):
 
     def _progress_of(self, trials) -> tuple:
         """What the progress line counts: the trials' Tune statuses (read only when a line is
-        shown), the classes of the trials that ended here and their count."""
-        return (t.status for t in trials), self.recorder.outcomes.values(), self.recorder.done
+        shown), the classes of the trials that ended here and their count; and, given a trial's
+        resources (``need``), whether pending trials wait for the cluster's nodes."""
+        need = self.settings.get("need")
+        note = (lambda pending: waiting_note(need, pending)) if need else None
+        return (t.status for t in trials), self.recorder.outcomes.values(), self.recorder.done, note
 
     # ---- Tune hooks
     @_store_guarded

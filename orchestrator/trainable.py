@@ -4,6 +4,8 @@ only Ray and ``workloads`` (not MLflow, pydantic or the CLI): workers start fast
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
 import time
 
@@ -12,6 +14,40 @@ PRELOAD = ("ray.tune.trainable.function_trainable", "orchestrator.trainable", "w
 this module, the trial's code and torch): the embedded Ray has its workers import these as they
 start (Ray's ``preload_python_modules``), while the driver is still setting up, so that the first
 trial starts without waiting for them (``orchestrator.sweep.init_ray``)."""
+
+# Test only: Ray's fake multi-node clusters (orchestrator.localcluster) advertise GPUs that the
+# machine does not have. With this set to 1 in a node's environment, a trial to which Ray gave such
+# a GPU trains on the CPU (and its run is tagged so) instead of failing. Never set it on a real cluster.
+FAKE_GPUS_ON_CPU = "ABLATE_TEST_ONLY_FAKE_GPUS_TRAIN_ON_CPU"
+
+
+class NoCudaOnGpuNode(RuntimeError):
+    """Ray assigned GPUs to the trial, but CUDA is unavailable where it runs."""
+
+
+def gpu_device_check(device: str, gpu_ids: list, node: str, host: str) -> tuple[str, str]:
+    """A trial never trains on the wrong device silently. When Ray assigned GPUs (``gpu_ids``) to a
+    trial whose ``device`` is not an explicit ``cpu`` and torch sees no CUDA device on this node:
+    :class:`NoCudaOnGpuNode`, one line naming the node and ``CUDA_VISIBLE_DEVICES`` (Tune retries
+    the trial, then records it failed with that line); or, with :data:`FAKE_GPUS_ON_CPU` set (test
+    clusters with fake GPUs), the device ``cpu`` and a note for the run's ``device_override`` tag.
+    Returns (device, note); the note is "" when nothing was overridden."""
+    if not gpu_ids or device == "cpu":
+        return device, ""
+    import torch
+
+    if torch.cuda.is_available():
+        return device, ""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if os.environ.get(FAKE_GPUS_ON_CPU) == "1":
+        note = (f"{FAKE_GPUS_ON_CPU}=1: Ray's GPU(s) {gpu_ids} on node {node} have no CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={visible!r}); trained on the CPU (test clusters only)")
+        logging.getLogger("ablate").warning(note)
+        return "cpu", note
+    raise NoCudaOnGpuNode(
+        f"Ray assigned GPU(s) {gpu_ids} to this trial on node {node} ({host}), but torch sees no CUDA device "
+        f"there (CUDA_VISIBLE_DEVICES={visible!r}): not training on the CPU instead; check the node's NVIDIA "
+        f"driver and its torch build (python -c 'import torch; print(torch.cuda.is_available())')")
 
 
 def train_trial(config: dict, report_every_s: float = 1.0) -> None:
@@ -23,7 +59,8 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
     on the first report, and on the last a ``summary`` (the ``TrialResult`` as JSON, with the
     ``config`` the trial ran: what ``ablate trial --from-run`` re-runs). The trial's ``threads``
     (from the spec's ``resources.cpus``) reach ``torch.set_num_threads`` in the worker through the
-    trainer; the summary records torch's actual count.
+    trainer; the summary records torch's actual count. A trial given GPUs by Ray on a node without
+    CUDA fails before it builds anything (:func:`gpu_device_check`).
     """
     import ray
     from ray import tune
@@ -31,8 +68,11 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
     from workloads.trial import TrialConfig, run
 
     started_at = time.time()
-    cfg = TrialConfig(**config["point"]["trial"])
     node = ray.get_runtime_context().get_node_id()
+    gpu_ids = ray.get_gpu_ids()
+    fields = dict(config["point"]["trial"])
+    fields["device"], override = gpu_device_check(fields.get("device", "auto"), gpu_ids, node, socket.gethostname())
+    cfg = TrialConfig(**fields)
     pending: list[list] = []  # [step, metrics, events] not yet sent
     last_sent = [0.0, True]   # time of the last report; whether the next is the first
 
@@ -41,7 +81,9 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
         out = {**metrics, "step": step, "batch": json.dumps(pending)}
         if last_sent[1]:
             out.update(node_id=node, hostname=socket.gethostname(), started_at=started_at,
-                       gpu_ids=",".join(str(g) for g in ray.get_gpu_ids()))
+                       gpu_ids=",".join(str(g) for g in gpu_ids))
+            if override:
+                out["device_override"] = override
             last_sent[1] = False
         if final:
             out.update(final)

@@ -112,7 +112,10 @@ def test_gpus_on_a_cluster_without_gpus_fail_before_anything_runs(ray_local, tmp
     # a cluster (an address): its own resources, checked once the driver has joined it
     import ray
 
-    with pytest.raises(SpecError, match=r"resources.gpus: 0.5 asked per trial, but the Ray cluster has no GPUs"):
+    # (no autoscaler: what is there is all there is; tests/test_autoscaling.py has one that adds nodes)
+    with pytest.raises(SpecError, match=r"resources.gpus: 0.5 per trial, but no node of the cluster can ever hold it "
+                                        r"\(the largest has 0 GPU\): the cluster has 2 CPU / 0 GPU now, and no "
+                                        r"autoscaler that could add nodes; set resources.gpus: 0 to run on CPUs"):
         run_sweep(parse_spec(raw), raw, workdir=tmp_path, progress=False,
                   address=ray.get_runtime_context().gcs_address)
     assert not (tmp_path / "ray_results" / "t-gpu").exists()
