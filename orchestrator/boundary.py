@@ -457,14 +457,13 @@ class CellSearch:
 
 
 def cells_of(spec: SweepSpec, cfg: BoundaryConfig) -> list[Cell]:
-    """One cell per combination of the spec's axes (``boundary_config`` has refused ``axes.lr`` and
-    ``axes.seed``: the search chooses both; they are left out here too, for callers that skip it)."""
-    axes = {k: v for k, v in spec.axes.items() if k not in ("seed", "lr")}
-    names = list(axes)
+    """One cell per combination of the spec's swept values (its ``cells:`` with its axes;
+    ``boundary_config`` has refused ``lr`` and ``seed`` there: the search chooses both; they are left
+    out here too, for callers that skip it)."""
     base = spec.base_config()
     cells = []
-    for combo in itertools.product(*(axes[n] for n in names)) if names else [()]:
-        values = dict(zip(names, combo))
+    for values in spec.combos(skip=("seed", "lr")):
+        values = {k: v for k, v in values.items() if k not in ("seed", "lr")}
         fields = {**base, **values}
         TrialConfig(**{**fields, "lr": cfg.lr_range[0]})  # validated already by the spec
         shown = {k: ("+".join(v) or "none") if k == "stabilizers" else v for k, v in values.items()}

@@ -88,8 +88,9 @@ def boundary_config(spec: SweepSpec) -> BoundaryConfig:
                             "is the spec's top-level crash: [diverged, collapsed, degraded] and "
                             "degraded_kappa: (see workloads/outcome.py)")
     for axis in ("lr", "seed"):
-        if axis in spec.axes:
-            raise SpecError(f"axes.{axis}: not allowed in a boundary search: the search chooses every trial's "
+        if axis in spec.axes or any(axis in c for c in spec.cells):
+            where = "axes" if axis in spec.axes else "cells"
+            raise SpecError(f"{where}.{axis}: not allowed in a boundary search: the search chooses every trial's "
                             + ("learning rate inside boundary.lr_range" if axis == "lr" else
                                "seed (a fresh one per trial, offset by fixed.seed)")
                             + "; remove it (a grid over it is ablate sweep's)")

@@ -67,7 +67,7 @@ class Plan:
 
 
 def _grid_text(s: SweepSpec) -> str:
-    parts = [f"{k}: {len(v)}" for k, v in s.axes.items()]
+    parts = ([f"cells: {len(s.cells)}"] if s.cells else []) + [f"{k}: {len(v)}" for k, v in s.axes.items()]
     if "seed" not in s.axes and s.seeds > 1:
         parts.append(f"seeds: {s.seeds}")
     return " x ".join(parts) or "one point"
@@ -160,7 +160,7 @@ def _sync(tr) -> None:
 
 
 def _shape_name(cfg, spec: SweepSpec) -> str:
-    swept = [k for k in spec.axes if k not in ("lr", "seed", "warmup_steps", "schedule")]
+    swept = [k for k in spec.swept if k not in ("lr", "seed", "warmup_steps", "schedule")]
     parts = [f"{k}={cfg.stabilizer_label if k == 'stabilizers' else getattr(cfg, k)}" for k in swept]
     return " ".join(parts) or spec.workload
 
@@ -191,7 +191,7 @@ def plan(spec_path: str | Path, kind: str = "sweep", max_trials: int | None = No
         if isinstance(spec.boundary, dict) and spec.boundary and "lr_range" not in spec.boundary:
             raise SpecError("boundary.lr_range: missing; a boundary search needs boundary: {lr_range: [low, high]}")
         cfg = boundary_config(spec)
-        cells = math.prod(len(v) for k, v in spec.axes.items() if k not in ("seed", "lr"))
+        cells = len(spec.combos(skip=("seed", "lr")))
         per_cell = getattr(cfg, "max_trials_per_cell", None)
         n = cells * per_cell if per_cell else None
     else:

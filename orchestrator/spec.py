@@ -11,6 +11,9 @@ grid is built as a ``TrialConfig`` once, so a bad combination fails now, not ins
       lr: {log_range: [1.0e-4, 1.0e-1], num: 7}     # or a list [1e-3, 1e-2]
       warmup_steps: [0, 50]
       stabilizers: [none, weyl, sigma_reparam, mlra, qk_norm, weyl+qk_norm]
+    cells:                            # optional: explicit combinations, each with every axis combination
+      - {stabilizers: none, depth: 4}   # (fields the same in every cell; none in fixed or axes)
+      - {stabilizers: weyl, depth: 2}
     seeds: 1                          # each grid point with seeds 0..seeds-1 (or axes.seed: [...])
     resources: {cpus: 1, gpus: 0}     # per trial; fractional gpus pack trials onto one GPU
     concurrency: 2                    # trials at once (default: as many as resources allow)
@@ -147,6 +150,12 @@ class SweepSpec(_Strict):
     axes: dict[str, list[Any]] = {}
     """Swept trial fields, each a list of values or ``{log_range: [low, high], num: N}``; the grid is
     their cartesian product (a boundary search chooses ``lr`` itself and ignores an ``lr`` axis)."""
+    cells: list[dict[str, Any]] = []
+    """Explicit combinations of trial fields, one mapping each (every mapping setting the same fields,
+    none of them also in ``fixed`` or ``axes``): the grid is every cell combined with every
+    combination of the axes, instead of a product over all fields. For a study that compares chosen
+    cells (``none`` at two depths, each stabilizer at one) with enough trials each, where the full
+    product would spread them too thin."""
     seeds: int = Field(1, ge=1)
     """Each grid point runs with seeds 0..seeds-1 (or give ``axes.seed: [...]`` instead)."""
     resources: Resources = Resources()
@@ -192,34 +201,53 @@ class SweepSpec(_Strict):
             base["device"] = "cpu"
         return base
 
+    @property
+    def swept(self) -> list[str]:
+        """The fields that vary over the grid: the cells' fields, then the axes'."""
+        return list(self.cells[0] if self.cells else ()) + list(self.axes)
+
+    def combos(self, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Every combination of swept values (each cell with every combination of the axes but
+        ``skip``), as ``{field: value}`` in the order of :attr:`swept`."""
+        axes = {k: v for k, v in self.axes.items() if k not in skip}
+        names = list(axes)
+        return [{**cell, **dict(zip(names, combo))} for cell in (self.cells or [{}])
+                for combo in itertools.product(*(axes[n] for n in names))]
+
     def grid_size(self) -> int:
-        """Trials in the grid (product of axis lengths, times seeds), counted without building it."""
-        return math.prod(len(v) for v in self.axes.values()) * (1 if "seed" in self.axes else self.seeds)
+        """Trials in the grid (cells x product of axis lengths, times seeds), counted without building it."""
+        return (max(1, len(self.cells)) * math.prod(len(v) for v in self.axes.values())
+                * (1 if "seed" in self.axes else self.seeds))
 
     def check_grid_size(self) -> None:
-        check_grid_size({k: len(v) for k, v in self.axes.items()}, self.seeds, self.max_trials)
+        check_grid_size(_lengths(self.axes, self.cells), self.seeds, self.max_trials)
 
     def trials(self) -> list:
-        """The grid: one validated TrialConfig per combination of axis values (and seed)."""
-        axes = dict(self.axes)
-        if "seed" not in axes:
-            axes["seed"] = list(range(self.seeds))
-        names = list(axes)
+        """The grid: one validated TrialConfig per combination of swept values (and seed)."""
+        seeds = [{}] if "seed" in self.axes else [{"seed": s} for s in range(self.seeds)]
         TrialConfig, ConfigError = _trial().TrialConfig, _trial().ConfigError
+        cell_fields = set(self.cells[0]) if self.cells else set()
         out, seen = [], set()
-        for combo in itertools.product(*(axes[n] for n in names)):
-            cfg_dict = {**self.base_config(), **dict(zip(names, combo))}
-            try:
-                cfg = TrialConfig(**cfg_dict)
-            except ConfigError as e:
-                field = str(e).split(":", 1)[0]
-                where = f"axes.{field}" if field in axes else f"fixed.{field}" if field in self.fixed else field
-                raise SpecError(f"{where}: {str(e).split(':', 1)[-1].strip()}") from None
-            key = repr(sorted(cfg.to_dict().items()))
-            if key not in seen:
-                seen.add(key)
-                out.append(cfg)
+        for combo in self.combos():
+            for seed in seeds:
+                cfg_dict = {**self.base_config(), **combo, **seed}
+                try:
+                    cfg = TrialConfig(**cfg_dict)
+                except ConfigError as e:
+                    field = str(e).split(":", 1)[0]
+                    where = (f"axes.{field}" if field in self.axes else f"cells.{field}" if field in cell_fields
+                             else f"fixed.{field}" if field in self.fixed else field)
+                    raise SpecError(f"{where}: {str(e).split(':', 1)[-1].strip()}") from None
+                key = repr(sorted(cfg.to_dict().items()))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(cfg)
         return out
+
+
+def _lengths(axes: dict[str, Any], cells: list) -> dict[str, int]:
+    """The grid's factors for :func:`check_grid_size`: the number of cells (if any) and each axis's length."""
+    return ({"cells": len(cells)} if cells else {}) | {k: len(v) for k, v in axes.items()}
 
 
 def check_grid_size(lengths: dict[str, int], seeds: int, max_trials: int) -> int:
@@ -323,12 +351,21 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
     fixed = dict(raw.get("fixed") or {})
     axes_raw = dict(raw.get("axes") or {})
     # The grid counted before anything is built or imported (a log_range's num read, not expanded).
-    lengths = {k: _axis_length(k, v) for k, v in axes_raw.items()}
+    cells_raw = raw.get("cells") or []
+    if not isinstance(cells_raw, list) or not all(isinstance(c, dict) and c for c in cells_raw):
+        raise SpecError(f"cells: {cells_raw!r} must be a list of mappings of trial field: value, e.g. "
+                        "[{stabilizers: none, depth: 4}, {stabilizers: weyl, depth: 2}]")
+    lengths = _lengths({k: range(_axis_length(k, v)) for k, v in axes_raw.items()}, cells_raw)
     seeds, limit = raw.get("seeds", 1), raw.get("max_trials", MAX_TRIALS)
     if all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (seeds, limit)):
         check_grid_size(lengths, seeds, limit)  # (a bad seeds / max_trials is named below)
     TRIAL_FIELDS, FLOAT_FIELDS = _trial_fields(), _float_fields()
-    for where, keys in (("fixed", fixed), ("axes", axes_raw)):
+    cell_keys = list(cells_raw[0]) if cells_raw else []
+    for i, c in enumerate(cells_raw):
+        if set(c) != set(cell_keys):
+            raise SpecError(f"cells[{i}]: sets {sorted(c)}, cells[0] sets {sorted(cell_keys)}; every cell must set "
+                            "the same fields (a field left out would take a default silently)")
+    for where, keys in (("fixed", fixed), ("axes", axes_raw), ("cells", cell_keys)):
         for k in keys:
             if k in RESERVED or k in DIVERGENCE_FIELDS or k not in TRIAL_FIELDS:
                 hint = (f"set it as the spec's top-level '{k}'" if k in RESERVED else
@@ -338,7 +375,19 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
     overlap = set(fixed) & set(axes_raw)
     if overlap:
         raise SpecError(f"axes.{sorted(overlap)[0]}: also set in fixed; a field is either fixed or swept")
+    for k in cell_keys:
+        if k in fixed or k in axes_raw:
+            raise SpecError(f"cells.{k}: also set in {'fixed' if k in fixed else 'axes'}; a field is set in one "
+                            "place: fixed, axes or cells")
     axes = {k: _expand_axis(k, v) for k, v in axes_raw.items()}
+    cells = []
+    for i, c in enumerate(cells_raw):
+        c = {k: _number(f"cells[{i}].{k}", v) if k in FLOAT_FIELDS else v for k, v in c.items()}
+        if "stabilizers" in c:
+            c["stabilizers"] = _normalise_stabilizers(f"cells[{i}].stabilizers", c["stabilizers"])
+        if c in cells:
+            raise SpecError(f"cells[{i}]: {cells_raw[i]!r} is the same cell as cells[{cells.index(c)}]")
+        cells.append(c)
     for k in FLOAT_FIELDS & set(fixed):
         fixed[k] = _number(f"fixed.{k}", fixed[k])
     for k in FLOAT_FIELDS & set(axes):
@@ -368,6 +417,8 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
             raise SpecError(f"crash: {crash!r}; allowed: a list of {[c for c in CLASSES if c != 'stable']}, "
                             f"e.g. {list(DEFAULT_CRASH)}") from None
     raw["fixed"], raw["axes"] = fixed, axes
+    if cells_raw:
+        raw["cells"] = cells
     try:
         spec = SweepSpec(**raw)
     except ValidationError as e:

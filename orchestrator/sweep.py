@@ -416,7 +416,7 @@ def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[in
 
 def _label(cfg, spec: SweepSpec) -> str:
     parts = []
-    for k in spec.axes:
+    for k in spec.swept:
         v = getattr(cfg, k)
         parts.append(f"{k}={cfg.stabilizer_label if k == 'stabilizers' else v}")
     if "seed" not in spec.axes and spec.seeds > 1:

@@ -214,3 +214,42 @@ def test_numeric_spec_fields_refuse_non_finite_values(text, message):
     raw.setdefault("axes", {"lr": [1e-3]})
     with pytest.raises(SpecError, match=message):
         parse_spec(raw)
+
+
+def test_cells_are_explicit_combinations_each_with_every_axis_combination():
+    s = spec(axes={"lr": [1e-3, 1e-2]}, seeds=2,
+             cells=[{"stabilizers": "none", "depth": 4}, {"stabilizers": "weyl", "depth": 2}])
+    got = [(t.stabilizer_label, t.depth, t.lr, t.seed) for t in s.trials()]
+    assert got == [(st, d, lr, seed) for st, d in (("none", 4), ("weyl", 2))
+                   for lr in (1e-3, 1e-2) for seed in (0, 1)]
+    assert s.grid_size() == len(got) == 8
+    assert s.swept == ["stabilizers", "depth", "lr"]
+
+
+@pytest.mark.parametrize("cells, message", [
+    ([{"stabilizers": "none", "depth": 4}, {"stabilizers": "weyl"}], r"cells\[1\]: sets \['stabilizers'\], cells\[0\] sets"),
+    ([{"stabilizers": "none"}, {"stabilizers": "none"}], r"cells\[1\]: .* is the same cell as cells\[0\]"),
+    ([{"lr": 0.1}], r"cells.lr: also set in axes"),
+    ([{"depht": 4}], r"cells.depht: unknown or reserved trial field"),
+    ([{"stabilizers": "wyel"}], r"cells\[0\].stabilizers: unknown stabilizer"),
+    ([{"depth": 0}], r"cells.depth: 0 must be an integer >= 1"),
+    ({"depth": 4}, r"cells: .* must be a list of mappings"),
+])
+def test_bad_cells_name_the_cell_and_field(cells, message):
+    with pytest.raises(SpecError, match=message):
+        spec(cells=cells)
+
+
+def test_boundary_cells_are_the_spec_cells_with_the_axes():
+    from orchestrator.boundary import cells_of
+    from orchestrator.boundary_config import boundary_config
+
+    s = parse_spec({"name": "b", "workload": "gpt", "steps": 5, "axes": {"warmup_steps": [0, 1]},
+                    "cells": [{"stabilizers": "none", "depth": 2}, {"stabilizers": "qk_norm", "depth": 1}],
+                    "boundary": {"lr_range": [1e-3, 1.0]}})
+    cells = cells_of(s, boundary_config(s))
+    assert [c.key for c in cells] == ["stabilizers=none depth=2 warmup_steps=0", "stabilizers=none depth=2 warmup_steps=1",
+                                      "stabilizers=qk_norm depth=1 warmup_steps=0", "stabilizers=qk_norm depth=1 warmup_steps=1"]
+    with pytest.raises(SpecError, match=r"cells.lr: not allowed in a boundary search"):
+        boundary_config(parse_spec({"name": "b", "workload": "gpt", "steps": 5, "cells": [{"lr": 0.1}],
+                                    "boundary": {"lr_range": [1e-3, 1.0]}}))
