@@ -344,6 +344,8 @@ class Tracker:
     def metric_history(self, run_id: str, key: str) -> list:
         """The metric's recorded values (MLflow ``Metric``s) in the store's order, each value as it
         was logged: a SQL store's +-max float read back as +-inf (:func:`logged_value`)."""
+        from mlflow.entities import Metric
+
         out = []
         for m in self._call(self.client.get_metric_history, run_id, key):
             v = logged_value(m.value)
