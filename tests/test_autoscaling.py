@@ -212,7 +212,7 @@ def test_boundary_search_stopped_with_ray_job_stop_resumes_when_submitted_again(
                       fixed={**TINY, "warmup_steps": 0, "schedule": "constant", "eval_interval": 0},
                       axes={"stabilizers": ["none", "qk_norm"]}, probe_interval=10,
                       resources={"cpus": 1, "gpus": 0.25},
-                      boundary={"lr_range": [1e-3, 3.0], "resolution": 1.01, "max_trials_per_cell": 10,
+                      boundary={"lr_range": [1e-2, 3.0], "resolution": 1.01, "max_trials_per_cell": 10,
                                 "min_trials_per_cell": 10, "max_in_flight_per_cell": 2})
     first = submit(cluster, "ablate", "boundary", str(spec), wait=False, sid="bnd-1")
     assert first.returncode == 0, first.stderr
