@@ -173,8 +173,13 @@ def test_gpu_sweep_scales_workers_from_zero_through_ray_job_submit(cluster, tmp_
     assert "Adding 1 node(s) of type gpu_a10g" in log or "Adding 2 node(s) of type gpu_a10g" in log, log[-3000:]
     # idle workers go (idle_timeout 8 s)
     wait_for(lambda: cluster.workers() == [], 120, "the idle workers to be removed")
-    assert "nodes of type gpu_a10g (idle)" in cluster.autoscaler_log()
-    print("autoscaler:", *[ln for ln in cluster.autoscaler_log().splitlines() if "Adding" in ln or "Removing" in ln],
+    # the autoscaler logs each idle node's termination at once ("... Terminating the node with id X and
+    # ip Y. (idle)"); its summary line "Removing N nodes of type gpu_a10g (idle)." comes later, if at all
+    wait_for(lambda: "(idle)" in cluster.autoscaler_log(), 30, "the autoscaler to log the idle nodes' removal")
+    assert any("Terminating the node" in ln and ln.rstrip().endswith("(idle)")
+               for ln in cluster.autoscaler_log().splitlines()), cluster.autoscaler_log()[-3000:]
+    print("autoscaler:", *[ln for ln in cluster.autoscaler_log().splitlines() if "Adding" in ln or "Removing" in ln
+                               or "Terminating the node" in ln],
           sep="\n  ")
     # the README's read-back: ablate export --tracking-uri
     exp = ablate(cluster, "export", str(spec), "--tracking-uri", cluster.mlflow.uri, "--out", str(tmp_path / "x"))
