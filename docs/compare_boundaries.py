@@ -114,19 +114,20 @@ def figure(searches: list[dict[str, dict]], labels: list[str], path: Path, check
     k = len(series)
     fig, ax = plt.subplots(figsize=(1.4 + 0.45 * k * len(cells), 3.8))
     for j, (rows, label, color) in enumerate(series):
+        first = next((c for c in cells if c in rows), None)  # the series is labelled at its first cell
         for i, c in enumerate(cells):
             if c not in rows:
                 continue
             r, x = rows[c], i + (j - (k - 1) / 2) * (0.75 / k)
             if r.get("censored"):  # a triangle at the one-sided bound, pointing where LR50 lies
                 ax.plot([x], [r["lr50_bound"]], "^" if r["censored"] == "above" else "v", color=color, ms=7,
-                        label=label if i == 0 else None)
+                        label=label if c == first else None)
                 continue
             ax.plot([x, x], [r["lr10"], r["lr90"]], color=color, lw=6, alpha=0.18, solid_capstyle="butt")
             ax.errorbar([x], [r["lr50"]], yerr=[[r["lr50"] - r["lr50_low"]], [r["lr50_high"] - r["lr50"]]],
                         fmt="o" if r["converged"] or r["stop_reason"] == "grid" else "s", color=color, capsize=3,
                         mfc=color if r["converged"] or r["stop_reason"] == "grid" else "w",
-                        label=label if i == 0 else None)
+                        label=label if c == first else None)
             ax.annotate(str(r["n_trials"]), (x, r["lr50_high"]), textcoords="offset points", xytext=(0, 4),
                         ha="center", fontsize=6, color=color)
     ax.set_yscale("log")
@@ -134,7 +135,8 @@ def figure(searches: list[dict[str, dict]], labels: list[str], path: Path, check
     ax.grid(True, which="both", axis="y", lw=0.3, alpha=0.5)
     ax.set_xticks(range(len(cells)), cells, rotation=30, ha="right")
     ax.set_ylabel("LR50 (bar: 90 % interval;\nshade: lr10-lr90)")
-    ax.set_title(f"{len(searches)} searches, no run shared (number: trials; open square: budget spent)", fontsize=8)
+    ax.set_title(f"{len(searches)} searches" + (f" and the {check_label}" if check else "")
+                 + ", no run shared (number: trials; open square: budget spent)", fontsize=8)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
