@@ -1,15 +1,17 @@
-"""Keep the README's result tables equal to the files ``ablate export`` wrote.
+"""Keep the result tables of README.md and docs/*.md equal to the files ``ablate export`` wrote.
 
-The README marks each table it shows with the export file it comes from:
+A page marks each table it shows with the export file it comes from (a path from the repository's
+root, whichever page holds it):
 
     <!-- export: docs/results/smoke/final_loss.md -->
     ...the table...
     <!-- /export -->
 
-``python docs/sync_tables.py`` rewrites every marked block from its file (the table's caption line
-included); ``--check`` exits 1 and names the blocks that differ (a test runs it), so a table in the
-README cannot drift from what ``ablate export`` produced. Refresh the files with
-``ablate export SPEC --out docs/results/<sweep>``.
+``python docs/sync_tables.py`` rewrites every marked block of README.md and of every ``docs/*.md``
+page from its file (the table's caption line included); ``--check`` exits 1 and names the blocks
+that differ, with their page (a test runs it), so a table cannot drift from what ``ablate export``
+produced. Refresh the files with ``ablate export SPEC --out docs/results/<sweep>`` (docs/results.md
+lists every recording and the command that re-records it).
 """
 
 from __future__ import annotations
@@ -44,11 +46,21 @@ def sync(readme: Path = ROOT / "README.md", check: bool = False) -> list[str]:
     return stale
 
 
+def pages() -> list[Path]:
+    """README.md and every Markdown page of docs/ (not its subfolders: results/ holds the exports)."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def sync_all(check: bool = False) -> list[str]:
+    """:func:`sync` on every page; the stale blocks as ``page: export path``."""
+    return [f"{page.relative_to(ROOT)}: {s}" for page in pages() for s in sync(page, check=check)]
+
+
 def main(argv: list[str]) -> int:
     check = "--check" in argv
-    stale = sync(check=check)
+    stale = sync_all(check=check)
     if check and stale:
-        print("README tables differ from their export files: " + ", ".join(stale)
+        print("tables differ from their export files: " + ", ".join(stale)
               + "\nrun: python docs/sync_tables.py", file=sys.stderr)
         return 1
     for s in stale:

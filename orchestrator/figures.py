@@ -312,8 +312,7 @@ def boundary_fits(plt, tabs: Tables, warmup, crit: str):
         ax.set_xscale("log")
         ax.set_ylim(-0.05, 1.05)
         label = ", ".join(fmt(r[f]) for f in cf if f not in ("warmup_steps",))
-        mark = "" if r["converged"] else " " + stop_mark(r)
-        ax.set_title(f"{label}: LR50 {boundary_text(r)}{mark}", fontsize=7)
+        ax.set_title(f"{label}: LR50 {boundary_text(r)}", fontsize=7)  # (the stop mark included)
         ax.set_xlabel("learning rate", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[n:]:

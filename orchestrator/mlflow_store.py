@@ -344,6 +344,8 @@ class Tracker:
     def metric_history(self, run_id: str, key: str) -> list:
         """The metric's recorded values (MLflow ``Metric``s) in the store's order, each value as it
         was logged: a SQL store's +-max float read back as +-inf (:func:`logged_value`)."""
+        from mlflow.entities import Metric
+
         out = []
         for m in self._call(self.client.get_metric_history, run_id, key):
             v = logged_value(m.value)
@@ -434,7 +436,13 @@ class Tracker:
 
     def download_artifact(self, run_id: str, path: str, dst: str) -> str:
         """Download one artifact of a run into the folder ``dst``; returns its local path (raises
-        when the run has no such artifact)."""
+        ``FileNotFoundError`` at once when the run has no such artifact: MLflow's own error for a
+        missing artifact is a generic ``MlflowException``, which :meth:`_call` would retry as an
+        outage for a minute, e.g. for every grid sweep whose parent has no ``boundary/cells.json``)."""
+        folder, _, _ = path.rpartition("/")
+        listed = self._call(self.client.list_artifacts, run_id, folder or None)
+        if path not in {f.path for f in listed}:
+            raise FileNotFoundError(f"run {run_id} has no artifact {path!r}")
         return self._call(self.client.download_artifacts, run_id, path, dst)
 
     def log_sweep_artifacts(self, sweep: str, files: list[Path], folder: str) -> None:

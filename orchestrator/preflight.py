@@ -197,7 +197,7 @@ def plan(spec_path: str | Path, kind: str = "sweep", max_trials: int | None = No
     else:
         n = spec.grid_size()
     trials = spec.trials()
-    p = Plan(kind, spec, raw, n, cells, per_cell, embedded)
+    p = Plan(kind, spec, raw, n, cells=cells, per_cell=per_cell, embedded=embedded)
     if kind == "boundary":
         p.reference = (cfg.reference_seeds, cfg.ref_lr)
     p.warnings += check_data(spec, trials, embedded)

@@ -173,7 +173,7 @@ def _trial_rows() -> list[tuple[str, str, str, str, str]]:
 
 
 def results_defaults() -> list[str]:
-    """The trial defaults that change results, in words (also named in the README's Sweeps section)."""
+    """The trial defaults that change results, in words (also named in docs/sweeps.md)."""
     from workloads.config import TrialConfig
 
     d = TrialConfig()
@@ -241,7 +241,7 @@ def render() -> str:
         "## `divergence:`",
         "",
         "Events are recorded and never stop a run; early stopping (`stop_on`) only saves compute "
-        "(README, *What counts as a crash*).",
+        "([classes.md](classes.md#early-stopping)).",
         "",
         *_table(_model_rows(Divergence, "divergence.", allowed={"stop_on": "a list of " + ", ".join(STOP_KINDS)
                                                                 + " (must include nonfinite)"},

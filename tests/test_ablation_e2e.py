@@ -33,6 +33,7 @@ BOUNDARY = {
 }
 
 
+@pytest.mark.slow
 def test_ablate_boundary_fits_every_cell_and_export_shows_how_each_search_ended(ray_local, tmp_path):
     spec_path = tmp_path / "boundary.yaml"
     spec_path.write_text(yaml.safe_dump(BOUNDARY))
@@ -125,6 +126,7 @@ SWEEP = {
 }
 
 
+@pytest.mark.slow
 def test_export_reproduces_the_trials_own_results_in_every_format(ray_local, tmp_path):
     spec = parse_spec(SWEEP)
     out = run_sweep(spec, SWEEP, workdir=tmp_path, progress=False)
@@ -178,6 +180,7 @@ def test_export_reproduces_the_trials_own_results_in_every_format(ray_local, tmp
     assert "tables/trials.parquet" in arts and "tables/max_stable_lr_warmup0.md" in arts
 
 
+@pytest.mark.slow
 def test_report_writes_plots(ray_local, tmp_path):
     spec = parse_spec(SWEEP)
     out = run_sweep(spec, SWEEP, workdir=tmp_path, progress=False)
@@ -196,6 +199,7 @@ def test_report_writes_plots(ray_local, tmp_path):
         assert f.read_bytes()[:len(head)] == head and f.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_calibration_sweep_through_forensics(ray_local, tmp_path):
     """The real calibration spec (search_spaces/calibration_gpt.yaml: its model, 200 steps, probes
     every 5 steps, non-finite stopping only), on fewer LRs and 2 seeds, run on Ray, recorded in
@@ -246,6 +250,7 @@ def test_calibration_sweep_through_forensics(ray_local, tmp_path):
     assert "e-324" not in (tmp_path / "fx" / "forensics_warnings.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_recorded_trial_re_runs_bit_for_bit_from_its_mlflow_record(ray_local, tmp_path):
     """Issue 31, exact re-runs: a trial recorded by a real sweep under Ray (1 CPU a trial: it trains
     with 1 thread, torch's default here being 2) is re-run by ``ablate trial --from-run`` in a fresh

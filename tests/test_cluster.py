@@ -49,6 +49,7 @@ def _runs(uri, name):
     return client, client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial'", max_results=1000)
 
 
+@pytest.mark.slow
 def test_fractional_gpu_trials_spread_over_nodes_and_reach_mlflow_over_http(cluster, server, tmp_path):
     raw = spec("t-cluster")
     out = run_sweep(parse_spec(raw), raw, workdir=tmp_path, tracking_uri=server.uri, address=cluster.address,
@@ -72,6 +73,7 @@ def test_fractional_gpu_trials_spread_over_nodes_and_reach_mlflow_over_http(clus
     assert "events.json" in [a.path for a in client.list_artifacts(r0.info.run_id)]
 
 
+@pytest.mark.slow
 def test_killed_worker_node_trials_are_retried_elsewhere(cluster, server, tmp_path):
     raw = spec("t-nodekill", n=6, steps=400)
     victim = cluster.workers[1]
@@ -103,6 +105,7 @@ def test_killed_worker_node_trials_are_retried_elsewhere(cluster, server, tmp_pa
     assert sum(r.data.tags["node_id"] == survivor for r in runs) >= 4
 
 
+@pytest.mark.slow
 def test_mlflow_server_outage_loses_no_metrics(cluster, server, tmp_path, capfd):
     raw = spec("t-outage", n=6, steps=300)
 

@@ -68,6 +68,7 @@ def _session_processes(sid: int) -> list[str]:
     return [ln for ln in out.splitlines() if ln.split()[1] == str(sid) and "<defunct>" not in ln]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_sweep_resumably_and_never_looks_finished(tmp_path, sig):
     spec_path = tmp_path / "s.yaml"
@@ -357,6 +358,7 @@ def test_a_sweep_where_every_trial_failed_exits_non_zero(tmp_path):
                       "(tracebacks: each trial run's traceback.txt in MLflow)"]
 
 
+@pytest.mark.slow
 def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tmp_path):
     """SIGKILL leaves Tune's saved state behind MLflow's record (it is saved every few seconds; here
     never after the start, TUNE_GLOBAL_CHECKPOINT_S=3600): the re-run does not train again the trials

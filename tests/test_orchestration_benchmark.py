@@ -2,6 +2,7 @@
 process (it starts and stops its own Ray). No timing is asserted: only that every part ran, printed
 its figures, and read back every metric value it wrote."""
 
+import pytest
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_orchestration_benchmark_runs_at_a_tiny_size():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("ABLATE_TRACKING_URI", None)

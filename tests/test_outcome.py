@@ -175,7 +175,7 @@ def test_h100_none_and_weyl_at_lr_03_learned_nothing_and_get_the_same_class(shif
 
 
 SMOKE_LRS = (3e-3, 3e-2, 1e-1, 3e-1, 1.0)
-SMOKE = {  # README's smoke sweep table: final validation loss per LR (GPT 2 x 64, 200 steps)
+SMOKE = {  # the smoke sweep table once recorded (docs/results.md): final validation loss per LR (GPT 2 x 64, 200 steps)
     "mlra": [2.458, 3.023, 3.234, 3.362, 27.89],
     "none": [2.434, 2.9, 3.079, 3.353, 6.187],
     "qk_norm": [2.475, 2.648, 2.791, 2.857, 4.706],

@@ -265,3 +265,18 @@ def test_a_trial_cut_off_before_its_first_report_shows_killed_in_mlflow(tmp_path
     (run,) = runs
     assert run.info.run_id == seen.info.run_id and run.info.status == "KILLED"
     assert run.data.tags["interrupted"] == "SIGINT"
+
+
+def test_the_plan_of_a_run_on_a_cluster_says_so_for_a_sweep_and_a_search(monkeypatch):
+    """With an address the plan is not embedded (a merge once passed it into another field, and
+    ``check --address`` described the embedded Ray and never read the cluster's capacity)."""
+    from orchestrator.preflight import plan
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    root = Path(__file__).resolve().parent.parent / "search_spaces"
+    for spec, kind in (("smoke.yaml", "sweep"), ("boundary_smoke.yaml", "boundary")):
+        here, there = plan(root / spec, kind), plan(root / spec, kind, address="127.0.0.1:6379")
+        assert here.embedded and not there.embedded, spec
+        assert "on this machine (embedded Ray)" in "\n".join(here.lines())
+        assert "on the Ray cluster at the given --address" in "\n".join(there.lines())
+        assert (there.reference is None) == (kind == "sweep")

@@ -52,6 +52,7 @@ def store(tmp_path_factory):
     return uri
 
 
+@pytest.mark.slow
 def test_no_figure_is_written_twice_and_names_carry_warmup_and_depth(store, tmp_path):
     out = tmp_path / "rep"
     files = report(store, "syn", "syn", out, log_to_mlflow=False)
@@ -72,6 +73,7 @@ def test_no_figure_is_written_twice_and_names_carry_warmup_and_depth(store, tmp_
         f"loss_vs_lr_depth{d}.{ext}" for d in DEPTHS for ext in ("png", "pdf")}
 
 
+@pytest.mark.slow
 def test_comparison_tables_put_warmups_side_by_side_per_depth(store, tmp_path):
     from orchestrator.report import export
 

@@ -1,6 +1,7 @@
 """Kill the sweep driver part-way (SIGKILL to its whole process group: driver, Ray, workers), then
 resume: each trial ends up exactly once in MLflow, with no metric step logged twice."""
 
+import pytest
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ def _runs(client, finished_only=False):
     return runs
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_with_each_trial_once(tmp_path):
     spec_path = tmp_path / "resume.yaml"
     spec_path.write_text(yaml.safe_dump(SPEC))

@@ -89,3 +89,23 @@ def test_a_tracking_server_gone_for_good_stops_the_sweep_saying_what_was_saved(t
     assert len(active) == 3 and len({r.data.tags["ablate.trial_id"] for r in active}) == 3
     assert all(r.info.status == "FINISHED" for r in active)
     assert all(r.info.status != "RUNNING" for r in every), [(r.info.run_name, r.info.status) for r in every]
+
+
+def test_a_missing_artifact_is_said_at_once_not_waited_for_as_an_outage(tmp_path, capsys):
+    """A grid sweep's parent run has no ``boundary/cells.json``: MLflow's error for it is a generic
+    MlflowException, which the store's retry took for an outage (a minute of "waiting for the
+    tracking store" lines in every export and report of a grid sweep)."""
+    from orchestrator.mlflow_store import Tracker
+    from orchestrator.runs import search_records
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tr = Tracker(uri, "e")
+    grid = tr.sweep_run("grid", {"name": "grid"}, "name: grid\n")
+    search = tr.sweep_run("search", {"name": "search"}, "name: search\n")
+    tr.log_text(search, '[{"stabilizers": "none", "converged": true}]', "boundary/cells.json")
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        tr.download_artifact(grid, "boundary/cells.json", str(tmp_path))
+    assert search_records(uri, "e", None) == [{"stabilizers": "none", "converged": True, "sweep": "search"}]
+    assert time.monotonic() - t0 < 10 and tr.down is None
+    assert "waiting for the tracking store" not in capsys.readouterr().err

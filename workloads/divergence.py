@@ -4,7 +4,7 @@ A trial's outcome is decided by how the run ends (``workloads.outcome``). Early 
 compute: it may stop a trial only when its final class is already settled. By default only a
 non-finite loss stops a run (``stop_on: [nonfinite]``): no loss rule both stopped no held-out full
 run that ended other than diverged and saved >= 15 % of the crashed trials' steps
-(``benchmarks/detector_calibration.py``, README "What counts as a crash"). Everything else is
+(``benchmarks/detector_calibration.py``, docs/classes.md "Early stopping"). Everything else is
 recorded as an event and never stops a run.
 
 Kinds (``STOP_KINDS`` may stop a trial; ``stop_on`` chooses which of them do):
@@ -65,7 +65,7 @@ class DivergenceConfig:
     entropy_collapse: float = 0.05
     stop_grace: float = 0.4
     """Fraction of the run's steps before ``above_initial`` may stop it (calibrated on held-out full
-    runs, see ``benchmarks/detector_calibration.py`` and the README)."""
+    runs, see ``benchmarks/detector_calibration.py`` and docs/classes.md "Early stopping")."""
     stop_window: int = 10
     """Steps whose median training loss is compared with ``stop_margin`` x l_0 (calibrated)."""
     stop_margin: float = 4.0
