@@ -19,7 +19,7 @@ def spec(**changes):
     (dict(axes={"lr": {"log_range": [1e-2, 1e-4], "num": 3}}), r"axes.lr.log_range: \[0.01, 0.0001\] must satisfy 0 < low < high"),
     (dict(axes={"lr": {"log_range": [1e-4, 1e-2]}}), r"axes.lr: .* is not a list or \{log_range: \[low, high\], num: N\} \(Field required\)"),
     (dict(axes={"lr": []}), r"axes.lr: \[\] must be a non-empty list"),
-    (dict(learning_rate=0.1), r"learning_rate: unknown key; allowed: axes, boundary, concurrency"),
+    (dict(learning_rate=0.1), r"learning_rate: unknown key; allowed: axes, boundary, cells, concurrency"),
     (dict(resources={"cpus": 1, "tpus": 4}), r"resources.tpus: unknown key; allowed: cpus, gpus"),
     (dict(resources={"cpus": 0}), r"resources.cpus: 0: Input should be greater than 0"),
     (dict(resources={"gpus": 1.5}), r"resources.gpus: 1.5: .*whole number"),
