@@ -49,6 +49,7 @@ CLAIMS = [
 ]
 ENTROPY_CELLS = [("none", 0, 2), ("qk_norm", 0, 2), ("sigma_reparam", 0, 2)]
 NEAR = 1.5  # runs within x1.5 of the cell's LR50
+COLLAPSE = 0.05  # nats: the entropy_collapse event's default threshold (workloads/divergence.py)
 
 
 def verdict(reference: dict, cell: dict, higher: bool) -> str:
@@ -132,19 +133,23 @@ def _summary(xs: list[float]) -> str:
 def entropy_near_lr50(cells: dict[tuple, dict], trials: list[dict], keys: list[tuple] = ENTROPY_CELLS,
                       near: float = NEAR) -> str:
     """Per cell, the runs with LR within x``near`` of its LR50: the minimum attention entropy at their
-    end (median [min, max] (runs)), of all of them, the stable ones and the crashed ones; runs whose
-    last entropy is not finite (a non-finite loss) are counted apart."""
+    end (median [min, max] (runs)), of all of them, those that did not crash and those that did, and how
+    many of each end below ``COLLAPSE`` nats (a head attending to about one key); runs whose last
+    entropy is not finite (a non-finite loss) are counted apart."""
     seq = {int(t["seq_len"]) for t in trials if t.get("seq_len")}
     top = f"; uniform attention over {max(seq)} keys: ln {max(seq)} = {math.log(max(seq)):.2f} nats" if seq else ""
     lines = [f"**Minimum attention entropy (nats) at the end of the runs near each cell's LR50 (LR within x{near:g} "
              "of it): last/attn_entropy/min, the smallest per-head entropy over the layers at the last probe "
-             "(MLflow's attn_entropy/min), median [min, max] (runs), of all runs, the stable ones and the crashed "
-             f"ones (crash = the spec's crash classes); non-finite: runs whose last value is not finite{top}**", "",
-             "| cell | LR50 | LRs near it | runs | all | stable | crashed | non-finite |", "|" + " --- |" * 8]
+             "(MLflow's attn_entropy/min), median [min, max] (runs), of all runs, those that did not crash (stable or "
+             f"degraded) and those that did (crash = the spec's crash classes); below {COLLAPSE:g}: runs ending below "
+             f"{COLLAPSE:g} nats (the entropy_collapse event's threshold) / runs, not crashed and crashed; non-finite: runs whose last value is not "
+             f"finite{top}**", "",
+             f"| cell | LR50 | LRs near it | runs | all | not crashed | crashed | below {COLLAPSE:g}: not crashed / crashed "
+             "| non-finite |", "|" + " --- |" * 9]
     for k in keys:
         r = cells.get(k)
         if r is None or r.get("censored") or r.get("lr50") is None:
-            lines.append(f"| {name(k)} | {'–' if r is None else cell_text(r)} | – | 0 | – | – | – | – |")
+            lines.append(f"| {name(k)} | {'–' if r is None else cell_text(r)} | – | 0 | – | – | – | – | – |")
             continue
         lo, hi = r["lr50"] / near, r["lr50"] * near
         near_runs = [t for t in trials if key_of(t) == k and lo <= t["lr"] <= hi and t["status"] != "failed"]
@@ -152,7 +157,9 @@ def entropy_near_lr50(cells: dict[tuple, dict], trials: list[dict], keys: list[t
         fin = [(e, c) for e, c in ent if e is not None and math.isfinite(e)]
         lines.append(f"| {name(k)} | {r['lr50']:.3g} | {lo:.3g}-{hi:.3g} | {len(near_runs)} | "
                      f"{_summary([e for e, _ in fin])} | {_summary([e for e, c in fin if not c])} | "
-                     f"{_summary([e for e, c in fin if c])} | {len(ent) - len(fin)} |")
+                     f"{_summary([e for e, c in fin if c])} | "
+                     f"{sum(e < COLLAPSE for e, c in fin if not c)}/{sum(not c for _, c in fin)} / "
+                     f"{sum(e < COLLAPSE for e, c in fin if c)}/{sum(c for _, c in fin)} | {len(ent) - len(fin)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -57,10 +57,10 @@ def test_entropy_takes_runs_near_lr50_and_counts_non_finite_apart():
     def run(lr, ent, crashed):
         return {"stabilizer": "none", "warmup_steps": 0, "depth": 2, "seq_len": 64, "lr": lr, "status": "stable",
                 "crashed": crashed, "last/attn_entropy/min": ent}
-    trials = [run(0.07, 1.0, False), run(0.1, 2.0, False), run(0.14, 0.5, True), run(0.12, math.nan, True),
+    trials = [run(0.07, 0.01, False), run(0.1, 2.0, False), run(0.14, 0.5, True), run(0.12, math.nan, True),
               run(0.2, 0.01, True), run(0.003, 3.0, False)]  # the last two are beyond x1.5 of LR50
     text = dr.entropy_near_lr50(cells, trials, keys=[("none", 0, 2), ("qk_norm", 0, 2)])
     row = next(ln for ln in text.splitlines() if ln.startswith("| none w0 d2"))
-    assert row == ("| none w0 d2 | 0.1 | 0.0667-0.15 | 4 | 1.000 [0.500, 2.000] (3) | 1.500 [1.000, 2.000] (2) | "
-                   "0.500 [0.500, 0.500] (1) | 1 |")
+    assert row == ("| none w0 d2 | 0.1 | 0.0667-0.15 | 4 | 0.500 [0.010, 2.000] (3) | 1.005 [0.010, 2.000] (2) | "
+                   "0.500 [0.500, 0.500] (1) | 1/2 / 0/1 | 1 |")
     assert "| qk_norm w0 d2 | – |" in text and "ln 64 = 4.16 nats" in text
