@@ -21,21 +21,36 @@ and formatting do not count; a ``.yaml``/``.json`` file as its parsed content (c
 do not count); anything else as its bytes. What is *not* in a scope is the transport (MLflow,
 Ray, the recorder): it carries the numbers, it does not decide them.
 
-    python docs/provenance.py                 # every entry: recorded at, current or stale, what changed
+    python docs/provenance.py                 # every entry: recorded at, current, accepted or stale, what changed
     python docs/provenance.py --check         # exit 1 naming each stale or unrecorded entry and its command
+                                              # (an accepted one: a warning line; --strict: exit 1 on it too)
     python docs/provenance.py --record docs/results/calibration docs/results/directions
                                               # after re-recording them: manifests at HEAD
     python docs/provenance.py --record ENTRY --command "CMD" [--command "CMD2"] [--scope PATH ...]
     python docs/provenance.py --record ENTRY --at COMMIT   # back-fill: the hash of COMMIT's tree
     python docs/provenance.py --record ENTRY --at last     # ... of the last commit that changed ENTRY
+    python docs/provenance.py --accept ENTRY [ENTRY ...] --why "TEXT"
+                                              # a code change looked at and said not to (or not yet) matter
 
 Several entries at once take each one's own scope and commands. ``--record`` without ``--at`` refuses, naming them, when in-scope files differ from HEAD in the
 working tree (the manifest would name a commit whose code did not record the result), or when a
 scope path is not in HEAD (a typo; with ``--at`` an absent file is hashed as missing: code moves). Without
 ``--command``/``--scope`` it keeps the entry's manifest's, else takes :data:`DEFAULTS`'.
-``tests/test_provenance.py`` fails for every entry whose manifest is missing or whose hash differs
-from the current code, naming the command that re-records it; ``docs/sync_tables.py`` ends each
-synced table with the commit and command of its entry (:func:`table_note`).
+
+An entry is *current* when the code hashes as recorded, *stale* when it does not. A change that
+cannot move the numbers (a refactor) still makes it stale, and re-recording may take a long CPU run:
+``--accept`` says, with a reason, that the change was looked at and does not (or not yet) matter. It
+writes an ``accepted`` block into the manifest: ``code_hash`` and ``files`` as the code hashes now,
+``changed`` (the in-scope files whose hash differs from the recording), ``commit`` (HEAD, short),
+``date`` and ``why``. While the code hashes as accepted the entry is *accepted*; a further change
+makes it stale again, and ``--record`` writes a manifest without the block. ``--accept`` refuses a
+current entry (nothing to accept), an empty or missing ``--why`` and, as ``--record`` does, in-scope
+files that differ from HEAD; accepting an accepted entry again replaces its block.
+
+``tests/test_provenance.py`` fails for every entry whose manifest is missing or whose hash is neither
+the recorded nor the accepted one, naming the command that re-records it; ``docs/sync_tables.py`` ends
+each synced table with the commit and command of its entry and, for an accepted one, which code
+changed since, at which commit it was accepted and why (:func:`table_note`).
 """
 
 from __future__ import annotations
@@ -331,26 +346,79 @@ def record(entry: str, commands: list[str] | None = None, scope: list[str] | Non
     return manifest
 
 
+def _changed(now: dict[str, str], then: dict[str, str]) -> list[str]:
+    return sorted(p for p in set(now) | set(then) if now.get(p, "missing") != then.get(p, "missing"))
+
+
 def status(entry: str, root: Path = ROOT, tree: Tree | None = None) -> dict:
-    """The entry against the current code: ``state`` (current / stale / unrecorded), the manifest,
-    the files whose code changed (``changed``), and the in-scope files git sees changed whose code
-    did not (``docs_only``: docstrings, comments, formatting)."""
+    """The entry against the current code: ``state``, the manifest, the files whose code changed
+    since the recording (``changed``), since its acceptance (``changed_since_accepted``: empty unless
+    it was accepted), and the in-scope files git sees changed whose code did not (``docs_only``:
+    docstrings, comments, formatting). ``state`` is one of ``current`` (the code hashes as recorded),
+    ``accepted`` (as when its change was accepted: see :func:`accept`), ``stale`` (anything else, a
+    change after an acceptance too) and ``unrecorded`` (no manifest)."""
     m = read_manifest(entry, root)
     if m is None:
         return {"entry": entry, "state": "unrecorded", "manifest": None,
-                "commands": (DEFAULTS.get(entry) or {}).get("commands", []), "changed": [], "docs_only": []}
+                "commands": (DEFAULTS.get(entry) or {}).get("commands", []), "changed": [],
+                "changed_since_accepted": [], "docs_only": []}
     now = (tree or Tree(root)).file_hashes(m["scope"])
-    changed = sorted(p for p in set(now) | set(m["files"]) if now.get(p, "missing") != m["files"].get(p, "missing"))
-    state = "current" if code_hash(now) == m["code_hash"] else "stale"
+    changed = _changed(now, m["files"])
+    acc = m.get("accepted")
+    if code_hash(now) == m["code_hash"]:
+        state = "current"
+    elif acc and code_hash(now) == acc["code_hash"]:
+        state = "accepted"
+    else:
+        state = "stale"
+    since_acc = _changed(now, acc["files"]) if acc and state == "stale" else []
     diff = git(root, "diff", "--name-only", m["commit_full"], "--", *m["scope"], check=False).split()
     untracked = git(root, "ls-files", "--others", "--exclude-standard", "--", *m["scope"], check=False).split()
     docs_only = sorted(set(diff + untracked) - set(changed))
     return {"entry": entry, "state": state, "manifest": m, "commands": m["commands"],
-            "changed": changed, "docs_only": docs_only}
+            "changed": changed, "changed_since_accepted": since_acc, "docs_only": docs_only}
+
+
+def accept(names: list[str], why: str | None, root: Path = ROOT) -> list[dict]:
+    """Say that each entry's code change since its recording was looked at and does not (or not yet)
+    change its numbers, without re-recording it: writes an ``accepted`` block into its manifest
+    (``code_hash`` and ``files`` as the code hashes now, ``changed``: the in-scope files whose hash
+    differs from the recording, ``commit`` (HEAD, short), ``date``, ``why``). The entry then reads
+    ``accepted`` until its code changes again (then ``stale``) or it is recorded again (``--record``
+    writes a manifest without the block). Refused, before anything is written, for an entry that is
+    current (nothing to accept) or has no manifest, without a reason, or while in-scope files differ
+    from HEAD in the working tree. Returns the blocks written, in order."""
+    why = " ".join((why or "").split())  # one line: it ends up in a table's note
+    if not why:
+        raise ProvenanceError('--accept needs --why "TEXT": why the code change does not (or not yet) matter to the numbers')
+    tree, plans = Tree(root), []
+    for entry in names:
+        entry = entry.rstrip("/")
+        if entry_of(entry, root) != entry or not (root / entry).exists():
+            raise ProvenanceError(f"{entry}: not a folder or file directly under {' or '.join(ROOTS)}")
+        s = status(entry, root, tree)
+        if s["state"] == "unrecorded":
+            raise ProvenanceError(f"{entry}: no manifest to accept a change against: record it first (--record)")
+        if s["state"] == "current":
+            raise ProvenanceError(f"refusing to accept {entry}: its code is as recorded at {s['manifest']['commit']} "
+                                  f"(current, nothing to accept)")
+        bad = dirty(s["manifest"]["scope"], root)
+        if bad:
+            raise ProvenanceError(f"refusing to accept {entry}: in-scope files differ from HEAD in the working tree: "
+                                  f"{', '.join(bad)} (commit or stash them, then accept again)")
+        plans.append((entry, s))
+    sha, out = resolve(root, "HEAD"), []
+    for entry, s in plans:
+        files = tree.file_hashes(s["manifest"]["scope"])
+        block = {"code_hash": code_hash(files), "files": files, "changed": s["changed"], "commit": sha[:7],
+                 "date": datetime.date.today().isoformat(), "why": why}
+        write_manifest(entry, {**s["manifest"], "accepted": block}, root)
+        out.append(block)
+    return out
 
 
 def check(root: Path = ROOT) -> list[dict]:
-    """The entries that are not current, each as :func:`status` gives it."""
+    """The entries that are not current (stale, unrecorded or accepted), each as :func:`status` gives it."""
     tree = Tree(root)
     return [s for s in (status(e, root, tree) for e in entries(root)) if s["state"] != "current"]
 
@@ -363,6 +431,11 @@ def describe(s: dict) -> str:
     lines = [head]
     if s["changed"]:
         lines.append("  code changed since: " + ", ".join(s["changed"]))
+    acc = (m or {}).get("accepted")
+    if acc and s["state"] != "current":
+        lines.append(f"  accepted at {acc['commit']} ({acc['date']}): {acc['why']}")
+        if s["changed_since_accepted"]:
+            lines.append("  code changed since the acceptance: " + ", ".join(s["changed_since_accepted"]))
     if s["docs_only"]:
         lines.append("  docstrings/comments only: " + ", ".join(s["docs_only"]))
     if s["state"] != "current":
@@ -371,25 +444,55 @@ def describe(s: dict) -> str:
     return "\n".join(lines)
 
 
+def warning(s: dict) -> str:
+    """One line for an accepted entry (``--check`` prints it and passes; ``--check --strict`` fails)."""
+    m, acc = s["manifest"], s["manifest"]["accepted"]
+    return (f"warning: {s['entry']}: recorded at {m['commit']}, code changed since ({', '.join(acc['changed'])}); "
+            f"accepted at {acc['commit']}: {acc['why']}")
+
+
+def _files_phrase(changed: list[str], scope: list[str]) -> str:
+    """The changed files, short: those under a folder of the scope as the folder and a count when
+    there are several (``workloads/ (19 files)``), the others by name."""
+    groups: dict[str, list[str]] = {}
+    for f in changed:
+        folder = next((d for d in scope if d.endswith("/") and f.startswith(d)), None)
+        groups.setdefault(folder or f, []).append(f)
+    return ", ".join(f"`{k}` ({len(v)} files)" if len(v) > 1 else f"`{v[0]}`" for k, v in sorted(groups.items()))
+
+
 def table_note(path: str, root: Path = ROOT) -> str | None:
     """The line docs/sync_tables.py ends a synced table with: the commit and the command of the
-    entry holding ``path``; None when the entry has no manifest."""
+    entry holding ``path`` and, for an accepted entry, which code changed since, when the change was
+    accepted and why; None when the entry has no manifest."""
     entry = entry_of(path, root)
     m = read_manifest(entry, root) if entry else None
     if not m:
         return None
-    return f"_Recorded at commit {m['commit']} (`{' && '.join(m['commands'])}`)._"
+    note = f"_Recorded at commit {m['commit']} (`{' && '.join(m['commands'])}`)"
+    acc = m.get("accepted")
+    if acc:
+        note += (f"; the code of {_files_phrase(acc['changed'], m['scope'])} changed since "
+                 f"(commit {acc['commit']}: {acc['why'].rstrip('.')}); not re-recorded")
+    return note + "._"
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python docs/provenance.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 naming every stale or unrecorded entry")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 naming every stale or unrecorded entry; accepted ones: a warning line each")
+    ap.add_argument("--strict", action="store_true", help="with --check: exit 1 on accepted entries too")
     ap.add_argument("--record", nargs="+", metavar="ENTRY", help="write these entries' manifests")
     ap.add_argument("--command", action="append", metavar="CMD", help="a command that re-records the entry (repeat, in order)")
     ap.add_argument("--scope", nargs="+", metavar="PATH", help="the code paths that decide its numbers (dir/ = all under it)")
     ap.add_argument("--at", metavar="COMMIT", help="hash this commit's tree (back-fill); 'last': the last commit that changed the entry")
+    ap.add_argument("--accept", nargs="+", metavar="ENTRY",
+                    help="accept these entries' code change since their recording without re-recording them (needs --why)")
+    ap.add_argument("--why", metavar="TEXT", help="with --accept: why the change does not (or not yet) matter to the numbers")
     args = ap.parse_args(argv)
     try:
+        if args.record and args.accept:
+            ap.error("--record and --accept: one at a time")
         if args.record:
             if len(args.record) > 1 and (args.command or args.scope):
                 ap.error("--command and --scope name one entry's: record the entries one at a time")
@@ -401,13 +504,30 @@ def main(argv: list[str]) -> int:
             return 0
         if args.command or args.scope or args.at:
             ap.error("--command, --scope and --at go with --record")
+        if args.why is not None and not args.accept:
+            ap.error("--why goes with --accept")
+        if args.strict and not args.check:
+            ap.error("--strict goes with --check")
+        if args.accept:
+            for entry, block in zip(args.accept, accept(args.accept, args.why)):
+                print(f"{entry.rstrip('/')}: accepted at {block['commit']}, code hash {block['code_hash']}; "
+                      f"changed since the recording: {', '.join(block['changed'])}")
+            return 0
         if args.check:
-            bad = check()
-            if bad:
-                print("results whose code changed since they were recorded, or that have no manifest:\n"
-                      + "\n".join(describe(s) for s in bad), file=sys.stderr)
+            found = check()
+            failing = [s for s in found if s["state"] != "accepted" or args.strict]
+            for s in found:
+                if s not in failing:
+                    print(warning(s), file=sys.stderr)
+            if failing:
+                print("results whose code changed since they were recorded"
+                      + (" (accepted ones included: --strict)" if args.strict else "")
+                      + ", or that have no manifest:\n" + "\n".join(describe(s) for s in failing), file=sys.stderr)
                 return 1
-            print(f"{len(entries())} entries, all current")
+            n_acc = len(found)
+            print(f"{len(entries())} entries, all current" if not n_acc else
+                  f"{len(entries())} entries: {len(entries()) - n_acc} current, {n_acc} accepted "
+                  f"(code changed since the recording; --check --strict fails on them)")
             return 0
         tree = Tree()
         for e in entries():

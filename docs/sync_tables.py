@@ -18,6 +18,11 @@ the results folder holding it (``docs/provenance.py``):
 
     _Recorded at commit abc1234 (`ablate boundary ... && ablate export ... --out ...`)._
 
+A folder whose code change was accepted without re-recording (``docs/provenance.py --accept``) says
+so on the same line:
+
+    _Recorded at commit abc1234 (`...`); the code of `orchestrator/boundary.py` changed since (commit def5678: why); not re-recorded._
+
 A folder without a manifest gets no such line (``tests/test_provenance.py`` fails for it).
 """
 

@@ -22,9 +22,11 @@ _TREE = prov.Tree(ROOT)
 @pytest.mark.parametrize("entry", prov.entries())
 def test_recorded_result_matches_the_current_code(entry):
     """Red for an entry recorded before the code that decides its numbers changed: re-record it
-    with the command the message names (docs/results.md lists them)."""
+    with the command the message names (docs/results.md lists them), or, where the change cannot
+    move its numbers, accept it with a reason (``--accept ENTRY --why TEXT``; ``--check --strict``
+    lists the accepted ones)."""
     s = prov.status(entry, ROOT, _TREE)
-    assert s["state"] == "current", prov.describe(s)
+    assert s["state"] in ("current", "accepted"), prov.describe(s)
 
 
 def test_every_result_folder_is_an_entry():
@@ -205,3 +207,92 @@ def test_at_last_backfills_from_the_commit_that_last_changed_the_folder(repo):
     assert s["state"] == "stale" and s["changed"] == ["workloads/model.py"]
     _commit(repo, "the manifest")  # committing the manifest is not a change of the folder's results
     assert prov.last_commit("docs/results/r", repo) == recorded
+
+
+# --- accepting a code change without re-recording ---------------------------------------------
+
+
+def test_accept_then_a_further_change_is_stale_again_and_record_clears_it(repo):
+    prov.record("docs/results/r", ["ablate sweep search_spaces/s.yaml"], SCOPE, root=repo)
+    prov.record("docs/calibration/runs.json", ["python benchmarks/other.py"], ["benchmarks/other.py"], root=repo)
+    _commit(repo, "the manifests")
+    recorded = prov.read_manifest("docs/results/r", repo)
+    _edit(repo, "workloads/model.py", "return x * 2", "return x + x")  # the same value, another syntax tree
+    (repo / "workloads/helpers.py").write_text("def unused():\n    return 0\n")
+    head = _commit(repo, "a refactor")
+    assert prov.status("docs/results/r", repo)["state"] == "stale"
+    res = _cli(repo, "--check")
+    assert res.returncode == 1 and "docs/results/r" in res.stderr, res.stderr
+
+    res = _cli(repo, "--accept", "docs/results/r/", "--why", "a refactor:\n  the same\tvalues")
+    assert res.returncode == 0, res.stderr
+    m = prov.read_manifest("docs/results/r", repo)
+    acc = m.pop("accepted")
+    assert m == recorded  # the recording itself is kept as it was
+    assert acc["commit"] == head[:7] and acc["why"] == "a refactor: the same values"  # one line
+    assert acc["changed"] == ["workloads/helpers.py", "workloads/model.py"]
+    assert acc["files"] == prov.Tree(repo, head).file_hashes(SCOPE) and acc["code_hash"] == prov.code_hash(acc["files"])
+    s = prov.status("docs/results/r", repo)
+    assert s["state"] == "accepted" and s["changed"] == ["workloads/helpers.py", "workloads/model.py"]
+    assert "accepted at " + head[:7] in prov.describe(s) and "a refactor: the same values" in prov.describe(s)
+    # the note under a synced table says what changed, when it was accepted and why
+    assert prov.table_note("docs/results/r/table.md", repo) == (
+        "_Recorded at commit {} (`ablate sweep search_spaces/s.yaml`); the code of `workloads/` (2 files) changed "
+        "since (commit {}: a refactor: the same values); not re-recorded._".format(recorded["commit"], head[:7]))
+    # --check passes with a warning line for it; --strict fails on it
+    res = _cli(repo, "--check")
+    assert res.returncode == 0, res.stderr
+    warn = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warn) == 1 and "docs/results/r" in warn[0] and "a refactor" in warn[0], res.stderr
+    assert "1 accepted" in res.stdout
+    res = _cli(repo, "--check", "--strict")
+    assert res.returncode == 1 and "docs/results/r" in res.stderr and "--record docs/results/r" in res.stderr
+    assert "--strict" in res.stderr
+    listing = _cli(repo).stdout
+    assert "docs/results/r: recorded at " + recorded["commit"] in listing and ", accepted" in listing
+    assert "docs/calibration/runs.json: recorded at " in listing and ", current" in listing
+
+    # a change after the acceptance: stale again, naming what changed since the acceptance
+    _edit(repo, "workloads/helpers.py", "return 0", "return 1")
+    _commit(repo, "a real change")
+    s = prov.status("docs/results/r", repo)
+    assert s["state"] == "stale" and s["changed_since_accepted"] == ["workloads/helpers.py"]
+    res = _cli(repo, "--check")
+    assert res.returncode == 1 and "code changed since the acceptance: workloads/helpers.py" in res.stderr, res.stderr
+    # accepting again replaces the block
+    assert _cli(repo, "--accept", "docs/results/r", "--why", "helpers is not called").returncode == 0
+    assert prov.read_manifest("docs/results/r", repo)["accepted"]["why"] == "helpers is not called"
+    assert prov.status("docs/results/r", repo)["state"] == "accepted"
+
+    # re-recording writes a manifest without the block: current, and the note is the plain one
+    _commit(repo, "accepted")
+    assert _cli(repo, "--record", "docs/results/r").returncode == 0
+    assert "accepted" not in prov.read_manifest("docs/results/r", repo)
+    assert prov.status("docs/results/r", repo)["state"] == "current"
+    assert prov.table_note("docs/results/r/table.md", repo).endswith("(`ablate sweep search_spaces/s.yaml`)._")
+    assert _cli(repo, "--check", "--strict").returncode == 0
+
+
+def test_accept_refuses_a_current_entry_no_reason_and_a_dirty_scope(repo):
+    prov.record("docs/results/r", ["ablate sweep search_spaces/s.yaml"], SCOPE, root=repo)
+    _commit(repo, "the manifest")
+    manifest = (repo / "docs/results/r/provenance.json").read_text()
+
+    def refused(*args: str, says: str) -> None:
+        res = _cli(repo, "--accept", *args)
+        assert res.returncode == 2 and says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert (repo / "docs/results/r/provenance.json").read_text() == manifest  # nothing written
+
+    refused("docs/results/r", "--why", "nothing changed", says="nothing to accept")
+    _edit(repo, "workloads/model.py", "return x * 2", "return x * 2 + 0")
+    _commit(repo, "a change")
+    refused("docs/results/r", says="--why")
+    refused("docs/results/r", "--why", " \n ", says="--why")
+    refused("docs/calibration/runs.json", "--why", "w", says="record it first")  # no manifest
+    refused("docs/results/r", "docs/calibration/runs.json", "--why", "w", says="record it first")  # all or none
+    _edit(repo, "workloads/model.py", "return x * 2 + 0", "return x * 2 + 1")  # not committed
+    refused("docs/results/r", "--why", "w", says="workloads/model.py")
+    _git(repo, "checkout", "--", "workloads/model.py")
+    _edit(repo, "benchmarks/other.py", "return 1", "return 2")  # dirty, but outside the scope
+    assert _cli(repo, "--accept", "docs/results/r", "--why", "w").returncode == 0
+    assert prov.status("docs/results/r", repo)["state"] == "accepted"
