@@ -132,9 +132,17 @@ _PERMANENT = ("resource_does_not_exist", "invalid_parameter", "readonly database
               "unable to open database file", "[errno 13]", "[errno 28]", "[errno 30]")
 
 
+_PERMANENT_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "PERMISSION_DENIED",
+                              "UNAUTHENTICATED", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"})
+
+
 def permanent_error(e: BaseException) -> bool:
-    """True when retrying ``e`` cannot help (permission, read-only, disk full, bad request)."""
+    """True when retrying ``e`` cannot help (permission, read-only, disk full, bad request, a missing
+    resource). MLflow's own exceptions carry an ``error_code`` that their message may not repeat
+    (a missing artifact says only "Failed to download artifacts from path ..."): read it first."""
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        return True
+    if getattr(e, "error_code", None) in _PERMANENT_CODES:
         return True
     text = str(e).lower()
     return any(p in text for p in _PERMANENT)
@@ -435,15 +443,15 @@ class Tracker:
         self._call(self.client.set_terminated, run_id, status)
 
     def download_artifact(self, run_id: str, path: str, dst: str) -> str:
-        """Download one artifact of a run into the folder ``dst``; returns its local path (raises
-        ``FileNotFoundError`` at once when the run has no such artifact: MLflow's own error for a
-        missing artifact is a generic ``MlflowException``, which :meth:`_call` would retry as an
-        outage for a minute, e.g. for every grid sweep whose parent has no ``boundary/cells.json``)."""
-        folder, _, _ = path.rpartition("/")
-        listed = self._call(self.client.list_artifacts, run_id, folder or None)
-        if path not in {f.path for f in listed}:
-            raise FileNotFoundError(f"run {run_id} has no artifact {path!r}")
-        return self._call(self.client.download_artifacts, run_id, path, dst)
+        """Download one artifact of a run into the folder ``dst``; returns its local path. A run
+        without that artifact raises ``FileNotFoundError`` at once (MLflow's error, code
+        RESOURCE_DOES_NOT_EXIST, is permanent: :func:`permanent_error`), never retried as an outage."""
+        try:
+            return self._call(self.client.download_artifacts, run_id, path, dst)
+        except Exception as e:  # noqa: BLE001 - MLflow raises MlflowException (local) or RestException
+            if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                raise FileNotFoundError(f"run {run_id} has no artifact {path!r}") from e
+            raise
 
     def log_sweep_artifacts(self, sweep: str, files: list[Path], folder: str) -> None:
         """Log ``files`` as artifacts under ``folder`` of the sweep's parent run (nothing when the

@@ -197,9 +197,8 @@ def plan(spec_path: str | Path, kind: str = "sweep", max_trials: int | None = No
     else:
         n = spec.grid_size()
     trials = spec.trials()
-    p = Plan(kind, spec, raw, n, cells=cells, per_cell=per_cell, embedded=embedded)
-    if kind == "boundary":
-        p.reference = (cfg.reference_seeds, cfg.ref_lr)
+    p = Plan(kind, spec, raw, n, cells=cells, per_cell=per_cell, embedded=embedded,
+             reference=(cfg.reference_seeds, cfg.ref_lr) if kind == "boundary" else None)
     p.warnings += check_data(spec, trials, embedded)
     p.local_gpus = check_gpus(spec, embedded)
     if time_steps_n > 0:

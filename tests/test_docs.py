@@ -32,7 +32,9 @@ def test_readme_tables_equal_their_export_files():
 def test_sync_names_a_stale_or_missing_block_of_a_page(tmp_path):
     src = "docs/results/smoke/final_loss.md"
     page = tmp_path / "page.md"
-    good = f"text\n<!-- export: {src} -->\n{(ROOT / src).read_text()}<!-- /export -->\n"
+    body = sync_tables.block_body(src)  # the file, then the commit and command that recorded it
+    assert body.startswith((ROOT / src).read_text()) and "_Recorded at commit " in body
+    good = f"text\n<!-- export: {src} -->\n{body}<!-- /export -->\n"
     page.write_text(good)
     assert sync_tables.sync(page, check=True) == []
     page.write_text(good.replace("| mlra |", "| mlra (edited) |", 1)

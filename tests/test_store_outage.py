@@ -109,3 +109,17 @@ def test_a_missing_artifact_is_said_at_once_not_waited_for_as_an_outage(tmp_path
     assert search_records(uri, "e", None) == [{"stabilizers": "none", "converged": True, "sweep": "search"}]
     assert time.monotonic() - t0 < 10 and tr.down is None
     assert "waiting for the tracking store" not in capsys.readouterr().err
+
+
+def test_mlflow_errors_are_classed_by_their_code_not_only_their_message():
+    """MLflow's message for a missing resource need not name its code; the code decides."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
+
+    from orchestrator.mlflow_store import permanent_error
+
+    assert permanent_error(MlflowException("Failed to download artifacts from path 'x'",
+                                           error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not permanent_error(MlflowException("Failed to download artifacts from path 'x'",
+                                               error_code=INTERNAL_ERROR))
+    assert not permanent_error(ConnectionError("connection refused"))
