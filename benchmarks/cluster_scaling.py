@@ -192,7 +192,7 @@ def scale_mode(args) -> None:
             cpu0, t0 = time.process_time(), time.perf_counter()
             out = run_sweep(spec, raw, workdir=Path(tmp) / "wd-sweep", tracking_uri=uri, address=cluster.address,
                             progress=False, trial_fn=standin_trial)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            sweep_wall, sweep_cpu = time.perf_counter() - t0, time.process_time() - cpu0
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name("ablate-scale")
             runs = client.search_runs([exp.experiment_id], "tags.`ablate.kind` = 'trial' and "
@@ -208,8 +208,8 @@ def scale_mode(args) -> None:
     for cells, n, nr, wall, cpu, w, s in rows:
         print(f"| {cells} | {n} | {nr} | {wall:.1f} | {cpu * 1000:.1f} | {w * 1000:.1f} | {s * 1000:.2f} |")
     print(f"\nsweep of {out.trials} stand-in trials through {uri}: {len(runs)} MLflow runs, {len(finished)} FINISHED, "
-          f"{len(ids)} distinct trial ids, counts {out.counts}; {wall:.1f} s, driver CPU {cpu / out.trials * 1000:.1f} "
-          f"ms/trial, wall {wall / out.trials * 1000:.1f} ms/trial; lost: {out.trials - len(finished)}")
+          f"{len(ids)} distinct trial ids, counts {out.counts}; {sweep_wall:.1f} s, driver CPU "
+          f"{sweep_cpu / out.trials * 1000:.1f} ms/trial, wall {sweep_wall / out.trials * 1000:.1f} ms/trial; lost: {out.trials - len(finished)}")
 
 
 def main() -> None:
