@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_boundaries import cell_text, interval  # noqa: E402  (docs/ holds scripts, not a package)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the repo root, for workloads
+from compare_boundaries import cell_text, interval, overlap  # noqa: E402  (docs/ holds scripts, not a package)
+
+from workloads.divergence import DivergenceConfig  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -49,19 +53,17 @@ CLAIMS = [
 ]
 ENTROPY_CELLS = [("none", 0, 2), ("qk_norm", 0, 2), ("sigma_reparam", 0, 2)]
 NEAR = 1.5  # runs within x1.5 of the cell's LR50
-COLLAPSE = 0.05  # nats: the entropy_collapse event's default threshold (workloads/divergence.py)
+COLLAPSE = DivergenceConfig().entropy_collapse  # nats: the entropy_collapse event's threshold
 
 
 def verdict(reference: dict, cell: dict, higher: bool) -> str:
     """From the two cells' 90 % intervals of LR50 (a censored cell's: its bound to the end of the
     axis): disjoint in the claimed direction -> "reproduced", disjoint the other way -> "reversed",
     overlapping -> "not resolved at this size"."""
-    (rlo, rhi), (clo, chi) = interval(reference), interval(cell)
-    if clo > rhi:
-        return "reproduced" if higher else "reversed"
-    if chi < rlo:
-        return "reversed" if higher else "reproduced"
-    return "not resolved at this size"
+    if overlap(reference, cell):  # the rule compare_boundaries.py calls signal / not distinguishable
+        return "not resolved at this size"
+    above = interval(cell)[0] > interval(reference)[1]
+    return "reproduced" if above == higher else "reversed"
 
 
 def key_of(r: dict) -> tuple[str, int, int]:
@@ -120,14 +122,8 @@ def need_text(reference: dict, cell: dict) -> str:
     return "–" if n is None else str(n)
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-
 def _summary(xs: list[float]) -> str:
-    return f"{_median(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}] ({len(xs)})" if xs else "– (0)"
+    return f"{statistics.median(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}] ({len(xs)})" if xs else "– (0)"
 
 
 def entropy_near_lr50(cells: dict[tuple, dict], trials: list[dict], keys: list[tuple] = ENTROPY_CELLS,
