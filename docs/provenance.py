@@ -94,7 +94,13 @@ DEFAULTS: dict[str, dict] = {
     "docs/results/smoke_seeds": _sweep("smoke_seeds", "docs/results/smoke_seeds"),
     "docs/calibration/dense_grid_smoke": _sweep("dense_grid_smoke", "docs/calibration/dense_grid_smoke"),
     **{f"docs/results/{n}": _sweep(n, f"docs/results/{n}", "boundary", BOUNDARY)
-       for n in ("boundary_smoke", "boundary_smoke_seed100", "boundary_smoke_seed200", "directions")},
+       for n in ("boundary_smoke", "boundary_smoke_seed100", "boundary_smoke_seed200")},
+    # the search, then the contrast table that docs/directions.py reads from its export
+    "docs/results/directions": {
+        "scope": BOUNDARY + ["search_spaces/directions.yaml", "docs/directions.py", "docs/compare_boundaries.py"],
+        "commands": ["ablate boundary search_spaces/directions.yaml",
+                     "ablate export search_spaces/directions.yaml --out docs/results/directions",
+                     "python docs/directions.py docs/results/directions --out docs/results/directions/contrasts.md"]},
     # the three searches and the dense grid side by side: their exported fits are its inputs
     "docs/results/boundary_smoke_offsets.md": {
         "scope": ["docs/compare_boundaries.py", "docs/results/boundary_smoke/max_stable_lr.json",
