@@ -239,14 +239,21 @@ class Tracker:
         self.down: StoreUnavailable | None = None  # set once the patience is spent: later calls try once
         exp = self._call(self.client.get_experiment_by_name, experiment)
         if exp is None:
-            self.experiment_id = self._call(self.client.create_experiment, experiment,
-                                            artifact_location=local_artifact_root(tracking_uri),
-                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
-        else:
-            self.experiment_id = exp.experiment_id
-            if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older ablate; a kind set by hand is kept
-                self._call(self.client.set_experiment_tag, self.experiment_id, TAG_EXPERIMENT_KIND,
-                           EXPERIMENT_KIND)
+            try:
+                self.experiment_id = self._call(self.client.create_experiment, experiment,
+                                                artifact_location=local_artifact_root(tracking_uri),
+                                                tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+                return
+            except Exception as e:  # noqa: BLE001 - MLflow's own exception, read by its code
+                if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # another process (a second driver, a job's retry) made it since the lookup: use theirs
+                exp = self._call(self.client.get_experiment_by_name, experiment)
+                if exp is None:  # made and deleted meanwhile: nothing to read back
+                    raise
+        self.experiment_id = exp.experiment_id
+        if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older ablate; a kind set by hand is kept
+            self._call(self.client.set_experiment_tag, self.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
 
     def experiment_url(self, ui: str = "http://127.0.0.1:5000") -> str:
         """The experiment's page in the MLflow UI at ``ui``, on its model-training view (runs, not

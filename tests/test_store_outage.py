@@ -123,3 +123,32 @@ def test_mlflow_errors_are_classed_by_their_code_not_only_their_message():
     assert not permanent_error(MlflowException("Failed to download artifacts from path 'x'",
                                                error_code=INTERNAL_ERROR))
     assert not permanent_error(ConnectionError("connection refused"))
+
+
+def test_two_trackers_racing_to_create_one_experiment_both_use_it(tmp_path):
+    """Two drivers start on a new store at once: both look the experiment up (none yet), one creates
+    it, the other's create is refused (RESOURCE_ALREADY_EXISTS) and reads the winner's back, instead
+    of failing. The interleaving is forced: the second lookup answers "none" after the first tracker
+    made the experiment, as it would have a moment before."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.mlflow_store import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lookup = MlflowClient.get_experiment_by_name
+    made: list[str] = []
+    first = [True]
+
+    def late_lookup(client, name):
+        if first.pop() if first else False:  # the other driver creates it between this lookup and our create
+            made.append(Tracker(uri, name).experiment_id)
+            return None
+        return lookup(client, name)
+
+    MlflowClient.get_experiment_by_name = late_lookup
+    try:
+        second = Tracker(uri, "ablate-race")
+    finally:
+        MlflowClient.get_experiment_by_name = lookup
+    assert second.experiment_id == made[0]
+    assert [e.name for e in MlflowClient(uri).search_experiments() if e.name == "ablate-race"] == ["ablate-race"]
