@@ -18,12 +18,14 @@ on the held-out half and save >= 15 % of the crashed trials' steps; otherwise th
 
     python benchmarks/detector_calibration.py --size cpu                 # GPT smoke size + ViT/digits, 200 steps
     python benchmarks/detector_calibration.py --size boundary,lengths    # 150 steps (boundary smoke), 100-1000
+    python benchmarks/detector_calibration.py --size cpu,boundary,lengths --seed-offset 2   # new seeds of all
     python benchmarks/detector_calibration.py --replay a.json b.json     # re-analyse recorded curves
     python benchmarks/detector_calibration.py --size gpu                 # the gpt_warmup_ablation size (CUDA, bf16)
 
 The per-step curves are written to ``--out`` (JSON) so that the analysis can be repeated; the CPU
-recordings are ``docs/calibration/cpu_runs.json`` (200 steps) and
-``docs/calibration/cpu_runs_heldout.json`` (the boundary smoke config and 100-1000 steps).
+recordings are ``docs/calibration/cpu_runs.json`` (200 steps),
+``docs/calibration/cpu_runs_heldout.json`` (the boundary smoke config and 100-1000 steps) and
+``docs/calibration/cpu_runs_replicates.json`` (all of them again, seeds shifted by 2).
 """
 
 from __future__ import annotations
@@ -103,12 +105,14 @@ def _one(args: tuple[str, dict]) -> dict:
             "losses": [x if math.isfinite(x) else str(x) for x in r.train_losses]}
 
 
-def run_grid(size: str, processes: int, seeds: int) -> list[dict]:
+def run_grid(size: str, processes: int, seeds: int, seed_offset: int = 0) -> list[dict]:
+    """Every configuration of ``size`` run to the end; a grid without its own seed count takes
+    ``seeds`` seeds. ``seed_offset`` shifts every seed (new replicates of a recorded grid)."""
     jobs = []
     for entry in SIZES[size]:
         name, base = entry[0], entry[1]
         lrs, n_seeds = (entry[2], entry[3]) if len(entry) > 2 else (LRS, seeds)
-        for stab, lr, seed in itertools.product(STABILIZERS, lrs, range(n_seeds)):
+        for stab, lr, seed in itertools.product(STABILIZERS, lrs, range(seed_offset, seed_offset + n_seeds)):
             jobs.append((name, {**base, "lr": lr, "seed": seed, "stabilizers": () if stab == "none" else (stab,)}))
     out, t0 = [], time.monotonic()
     ctx = mp.get_context("spawn")
@@ -259,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="cpu", help=f"comma-separated grids to run: {', '.join(sorted(SIZES))}")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seed-offset", type=int, default=0,
+                    help="added to every seed: new replicates of a recorded grid (e.g. 2 beside seeds 0-1)")
     ap.add_argument("--out", default="calibration_runs.json", help="where the recorded curves go (JSON)")
     ap.add_argument("--replay", nargs="+", help="analyse curves recorded by earlier runs instead of training")
     args = ap.parse_args(argv)
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         records = [r for f in args.replay for r in json.loads(Path(f).read_text())]
     else:
         t0 = time.monotonic()
-        records = [r for size in args.size.split(",") for r in run_grid(size, args.processes, args.seeds)]
+        records = [r for size in args.size.split(",") for r in run_grid(size, args.processes, args.seeds, args.seed_offset)]
         Path(args.out).write_text(json.dumps(records))
         print(f"{len(records)} full runs in {time.monotonic() - t0:.0f}s; curves in {args.out}")
     classes = final_classes(records)

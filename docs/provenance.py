@@ -133,6 +133,10 @@ DEFAULTS: dict[str, dict] = {
         "scope": ["benchmarks/detector_calibration.py", "workloads/"],
         "commands": ["python benchmarks/detector_calibration.py --size boundary,lengths "
                      "--out docs/calibration/cpu_runs_heldout.json"]},
+    "docs/calibration/cpu_runs_replicates.json": {
+        "scope": ["benchmarks/detector_calibration.py", "workloads/"],
+        "commands": ["python benchmarks/detector_calibration.py --size cpu,boundary,lengths --seed-offset 2 "
+                     "--out docs/calibration/cpu_runs_replicates.json"]},
 }
 
 

@@ -90,15 +90,18 @@ def test_bad_config_names_allowed_values():
 def test_the_default_stopping_rule_makes_no_false_stop_on_held_out_full_runs(benchmark_module):
     """The recorded full runs (``docs/calibration/cpu_runs*.json``: GPT and ViT at 100, 150 (the
     boundary smoke config, LR 0.1-1, 2 seeds), 200, 600 and 1000 steps, only a non-finite loss
-    stopped them), halved: the loss rule is chosen on one half and judged on the other. The default
-    stops no held-out run that ended other than diverged; a loss rule is the default only if it also
-    saves >= 15 % of the crashed trials' steps there, else the default is non-finite stopping alone."""
+    stopped them; ``cpu_runs_replicates.json``: every configuration again with new seeds), halved:
+    the loss rule is chosen on one half and judged on the other. The default stops no held-out run
+    that ended other than diverged; a loss rule is the default only if it also saves >= 15 % of the
+    crashed trials' steps there, else the default is non-finite stopping alone."""
     import json
     from pathlib import Path
 
     cal = benchmark_module("detector_calibration")
     root = Path(__file__).resolve().parent.parent / "docs" / "calibration"
-    records = [r for f in ("cpu_runs.json", "cpu_runs_heldout.json") for r in json.loads((root / f).read_text())]
+    records = [r for f in ("cpu_runs.json", "cpu_runs_heldout.json", "cpu_runs_replicates.json")
+               for r in json.loads((root / f).read_text())]
+    assert len({(r["name"], r["stabilizer"], r["lr"], r["seed"]) for r in records}) == len(records) == 400
     assert {r["steps"] for r in records} >= {100, 150, 200, 600, 1000}
     classes = cal.final_classes(records)
     train, test = cal.halves(records)
@@ -116,8 +119,15 @@ def test_the_default_stopping_rule_makes_no_false_stop_on_held_out_full_runs(ben
         assert w_best > 0 or s_best < cal.MIN_SAVING
     # the previous default (grace 25 %, 3 x l_0) stops held-out runs that did not end diverged
     assert cal.extra_saving(records, classes, cal.PREVIOUS)[1] > 0
-    # the loss rule's own defaults (what stop_on: [nonfinite, above_initial] turns on) stop none wrongly
-    assert cal.extra_saving(records, classes, DivergenceConfig(stop_on=("nonfinite", "above_initial")))[1] == 0
+    # no rule of the searched grid is safe on every recorded run: a GPT with sigmaReparam at lr 1 held
+    # ~10 x l_0 for half of its 1000 steps and still ended below l_0 (collapsed, not diverged)
+    wrong = {(g, w, m): cal.extra_saving(records, classes, cal.loss_rule(g, w, m))[1]
+             for g in cal.RULE_GRID["grace"] for w in cal.RULE_GRID["window"] for m in cal.RULE_GRID["margin"]}
+    assert min(wrong.values()) >= 1
+    # the loss rule's own defaults (what stop_on: [nonfinite, above_initial] turns on) are among the
+    # rules with the fewest false stops (docs/classes.md states it: 1 of the 400 runs)
+    opt_in = DivergenceConfig(stop_on=("nonfinite", "above_initial"))
+    assert cal.extra_saving(records, classes, opt_in)[1] == min(wrong.values())
 
 
 def test_by_default_only_a_nonfinite_loss_stops_a_run():
