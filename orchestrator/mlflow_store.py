@@ -70,6 +70,94 @@ def local_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+STORE_TEMPLATE_ENV = "ABLATE_STORE_TEMPLATES"
+
+
+def _template_path() -> Path | None:
+    """Where the empty store of this MLflow version is kept (``$ABLATE_STORE_TEMPLATES``, else
+    ``$XDG_CACHE_HOME/ablate`` or ``~/.cache/ablate``; ``ABLATE_STORE_TEMPLATES=off``: none)."""
+    import mlflow.version
+
+    root = os.environ.get(STORE_TEMPLATE_ENV)
+    if root is not None and root.strip().lower() in ("", "0", "off", "no"):
+        return None
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ablate")
+    return Path(root) / f"mlflow-{mlflow.version.VERSION}-empty.db"
+
+
+def _sqlite_copy(src: Path, dst: Path) -> None:
+    """A consistent copy of a SQLite file (its backup API), written beside ``dst`` and then moved."""
+    import sqlite3
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with sqlite3.connect(src) as a, sqlite3.connect(tmp) as b:
+            a.backup(b)
+        a.close()
+        b.close()
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def seed_sqlite_store(tracking_uri: str) -> str:
+    """Before MLflow opens a SQLite store that does not exist yet: MLflow would create it by running
+    its whole chain of schema migrations, 2 s of CPU on 2 cores (the fresh-workdir start of
+    ``ablate sweep``, issue #32). Instead, copy the empty store that MLflow made the first time on
+    this machine (one file per MLflow version, :func:`_template_path`), with its ``Default``
+    experiment's artifact location and times set as MLflow would set them now. Returns "copied",
+    "made" (no template: MLflow makes the store, the caller calls :func:`keep_store_template`), or
+    "" (not a new SQLite store, or no template place)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return ""
+    path = Path(tracking_uri[len("sqlite:///"):])
+    template = _template_path()
+    if path.exists() or template is None or not path.parent.is_dir():
+        return ""
+    if not template.exists():
+        return "made"
+    import sqlite3
+
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+
+    try:
+        tmp = path.with_name(f".{path.name}.seed.{os.getpid()}")
+        _sqlite_copy(template, tmp)
+        now = int(time.time() * 1000)
+        default_root = Path(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH).resolve() / "0"
+        with sqlite3.connect(tmp) as con:
+            con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                        "WHERE experiment_id = 0", (str(default_root), now, now))
+        con.close()
+        try:
+            os.link(tmp, path)  # never over a store another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        return "copied"
+    except (OSError, sqlite3.Error) as e:  # a template that cannot be read: MLflow makes the store
+        log.debug("store template %s not used: %s", template, e)
+        return "made" if not path.exists() else ""
+
+
+def keep_store_template(tracking_uri: str) -> None:
+    """After MLflow made a new SQLite store (before anything is written to it): keep a copy as this
+    machine's template for the next new store (:func:`seed_sqlite_store`). Best effort."""
+    template = _template_path()
+    if template is None or template.exists():
+        return
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        _sqlite_copy(Path(tracking_uri[len("sqlite:///"):]), template)
+    except (OSError, Exception) as e:  # noqa: BLE001 - only a slower next start
+        log.debug("store template %s not kept: %s", template, e)
+
+
 def code_version() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -227,6 +315,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri
+        seeded = seed_sqlite_store(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         self.retries = retries
         if patience is None:
@@ -238,6 +327,8 @@ class Tracker:
         self.label = label  # the sweep's name, on its waiting lines
         self.down: StoreUnavailable | None = None  # set once the patience is spent: later calls try once
         exp = self._call(self.client.get_experiment_by_name, experiment)
+        if seeded == "made":  # MLflow made the store just now, empty: the template of the next one
+            keep_store_template(tracking_uri)
         if exp is None:
             try:
                 self.experiment_id = self._call(self.client.create_experiment, experiment,

@@ -76,6 +76,7 @@ def init_ray(address: str | None = None, workdir: Path | None = None, attempts: 
                 ray.init(address=address, **kwargs)  # the cluster's own authentication applies, untouched
             else:
                 system = {"preload_python_modules": list(PRELOAD)} if preload else {}
+                embedded.inherit_worker_env()  # Tune's actor variables: trials run on the prestarted workers
                 with embedded.loopback() as ip:  # every port of the embedded Ray on 127.0.0.1 only
                     ray.init(address="local", include_dashboard=False, _node_ip_address=ip, _system_config=system,
                              **kwargs)

@@ -211,3 +211,47 @@ def test_what_a_killed_driver_left_running_is_stopped_by_the_next_driver(tmp_pat
     assert all(name in notes[0] for name in survivors), (survivors, notes)
     assert alive() == []
     assert json.loads((tmp_path / embedded.SESSION_FILE).read_text())["driver"] != first.pid  # the second's own
+
+
+def test_trial_actors_run_on_the_workers_the_embedded_ray_prestarted(tmp_path):
+    """Ray Tune gives every trial actor a runtime_env of environment variables (PL_DISABLE_FORK=1 in
+    Ray 2.60), and an actor with a runtime_env never runs on the workers Ray prestarted with the
+    trial's modules imported: each trial waited for a fresh process to import torch again. Inside
+    ``plain_trial_actors`` Tune's actor class (built by Tune's own class cache) carries none of the
+    variables the embedded Ray's workers inherited, and its actor runs in a process that existed
+    before it was created, with the variable set; outside, Tune's tables are as Tune made them."""
+    import ray
+    from ray.tune.execution import class_cache
+
+    import psutil  # Ray's own copy: after ray
+
+    from orchestrator.sweep import init_ray
+
+    tune_defaults = dict(class_cache.DEFAULT_ENV_VARS)
+    assert tune_defaults == embedded.TUNE_ACTOR_ENV  # Ray's table as this module copies it
+
+    class Probe:
+        def where(self):
+            return os.getpid(), os.environ.get("PL_DISABLE_FORK"), ray.get_runtime_context().runtime_env
+
+    def idle_workers() -> set[int]:
+        return {c.pid for c in psutil.Process().children(recursive=True) if c.name() == "ray::IDLE"}
+
+    started = init_ray(None, tmp_path)
+    try:
+        deadline = time.monotonic() + 90  # one worker per CPU, each importing torch as it starts
+        while len(idle_workers()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        workers = idle_workers()
+        assert workers, "the embedded Ray prestarted no worker"
+        with embedded.plain_trial_actors(started):
+            actor_cls = class_cache._ActorClassCache().get(Probe)
+            pid, fork_var, env = ray.get(actor_cls.options(num_cpus=1).remote().where.remote(), timeout=120)
+        assert fork_var == "1"
+        assert not env.get("env_vars")
+        assert pid in workers, "the trial actor started a fresh worker process"
+        assert dict(class_cache.DEFAULT_ENV_VARS) == tune_defaults  # restored
+        with embedded.plain_trial_actors(False):  # a cluster: Tune's runtime_env untouched
+            assert dict(class_cache.DEFAULT_ENV_VARS) == tune_defaults
+    finally:
+        ray.shutdown()

@@ -263,3 +263,51 @@ def test_progress_line(capsys):
     p.tick(statuses, [], 0)
     p.tick(statuses, [], 0)  # within `every` seconds of the last line: nothing
     assert capsys.readouterr().err.count("[sw]") == 1
+
+
+def test_a_new_store_is_copied_from_the_empty_one_mlflow_made_first(tmp_path, monkeypatch):
+    """A new SQLite store costs MLflow its whole chain of schema migrations (2 s of CPU on 2 cores,
+    issue #32's start-up); the first one MLflow makes is kept as this machine's template and the next
+    new store is a copy of it: the same schema and migration head, no run, the ``Default``
+    experiment where MLflow puts it (relative to the folder the driver runs in, as MLflow would set
+    it); a store that exists is never touched; ``ABLATE_STORE_TEMPLATES=off`` turns it off."""
+    import sqlite3
+
+    from orchestrator.mlflow_store import Tracker, _template_path, seed_sqlite_store
+
+    monkeypatch.setenv("ABLATE_STORE_TEMPLATES", str(tmp_path / "cache"))
+    monkeypatch.delenv("ABLATE_TRACKING_URI", raising=False)
+    template = _template_path()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "off").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    made = Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "ablate-one")
+    assert template.exists()
+    monkeypatch.chdir(tmp_path / "b")
+    assert seed_sqlite_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}") == "copied"
+    assert seed_sqlite_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}") == ""  # exists: untouched
+    copied = Tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "ablate-two")
+    run = copied.client.create_run(copied.experiment_id)
+    copied.client.log_metric(run.info.run_id, "loss", 1.5, step=3)
+    assert [m.value for m in copied.client.get_metric_history(run.info.run_id, "loss")] == [1.5]
+
+    def schema(db):
+        con = sqlite3.connect(db)
+        try:
+            tables = con.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+            head = con.execute("SELECT version_num FROM alembic_version").fetchall()
+            default = con.execute("SELECT name, artifact_location, lifecycle_stage FROM experiments "
+                                  "WHERE experiment_id = 0").fetchall()
+            return tables, head, default
+        finally:
+            con.close()
+
+    # MLflow's own new store, made in folder b, against the copy made there
+    monkeypatch.setenv("ABLATE_STORE_TEMPLATES", "off")
+    assert seed_sqlite_store(f"sqlite:///{tmp_path / 'off' / 'mlflow.db'}") == ""
+    Tracker(f"sqlite:///{tmp_path / 'off' / 'mlflow.db'}", "ablate-three")
+    own, copy = schema(tmp_path / "off" / "mlflow.db"), schema(tmp_path / "b" / "mlflow.db")
+    assert own == copy
+    assert own[2][0][1] == str(tmp_path / "b" / "mlruns" / "0")
+    assert made.experiment_id == copied.experiment_id  # the same ids as in a store MLflow made
