@@ -92,6 +92,7 @@ def loopback():
 
 
 _WORKER_ENV: dict[str, str] = {}  # the environment the embedded Ray's processes inherited at its start
+_STARTED: dict[str, str] = {}  # "gcs": the GCS address of the embedded Ray this process started
 
 TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}
 """What Ray Tune puts in every trial actor's ``runtime_env`` (``class_cache.DEFAULT_ENV_VARS`` in Ray
@@ -105,16 +106,37 @@ def inherit_worker_env() -> None:
         os.environ.setdefault(k, v)
     _WORKER_ENV.clear()
     _WORKER_ENV.update(os.environ)
+    _STARTED.clear()
+
+
+def started_here() -> None:
+    """Just after the embedded Ray started: remember it (its GCS address), for :func:`connected_here`."""
+    import ray
+
+    _STARTED["gcs"] = ray.get_runtime_context().gcs_address
+
+
+def connected_here() -> bool:
+    """True while this process is connected to the embedded Ray it started (a later session in the
+    same process, e.g. a second sweep after ``init_ray``, included); False on a cluster."""
+    import ray
+
+    if not _STARTED or not ray.is_initialized():
+        return False
+    try:
+        return ray.get_runtime_context().gcs_address == _STARTED["gcs"]
+    except Exception:  # noqa: BLE001 - not connected after all
+        return False
 
 
 @contextmanager
-def plain_trial_actors(embedded: bool):
-    """While inside (around ``tuner.fit()`` of a session that started the embedded Ray), Tune's trial
-    actors carry in their ``runtime_env`` only the variables the embedded Ray's workers do not already
-    hold with the same value: none, normally, so that a trial runs on a worker Ray prestarted with
-    the trial's modules imported (see the module's docstring). Tune's own tables are restored on
-    exit. On a cluster, or without a record of the workers' environment, nothing changes."""
-    if not embedded or not _WORKER_ENV:
+def plain_trial_actors():
+    """While inside (around ``tuner.fit()``, connected to the embedded Ray this process started),
+    Tune's trial actors carry in their ``runtime_env`` only the variables the embedded Ray's workers
+    do not already hold with the same value: none, normally, so that a trial runs on a worker Ray
+    prestarted with the trial's modules imported (see the module's docstring). Tune's own tables are
+    restored on exit. On a cluster nothing changes."""
+    if not _WORKER_ENV or not connected_here():
         yield
         return
     from ray.tune.execution import class_cache

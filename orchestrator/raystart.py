@@ -56,8 +56,10 @@ def init_ray(address: str | None = None, workdir: Path | None = None, attempts: 
 
     ``preload``: the embedded Ray's worker processes import what a trial needs
     (``orchestrator.trainable.PRELOAD``: Ray Tune's trainable, torch, the trial's code) as they
-    start, before any trial is given to them: the first trial starts 2-4 s sooner on a 2-core
-    machine, the imports overlapping the driver's own set-up (``benchmarks/orchestration_overhead.py``)."""
+    start, before any trial is given to them, the imports overlapping the driver's own set-up. Tune's
+    trial actors run on them only without a ``runtime_env`` of their own
+    (``embedded.plain_trial_actors``, around ``tuner.fit()``); before that was in place each trial
+    waited for a fresh worker to import torch again (``benchmarks/orchestration_overhead.py``)."""
     import ray
 
     if ray.is_initialized():  # by prestart (the command line), for the session that calls this: its own
@@ -80,6 +82,7 @@ def init_ray(address: str | None = None, workdir: Path | None = None, attempts: 
                 with embedded.loopback() as ip:  # every port of the embedded Ray on 127.0.0.1 only
                     ray.init(address="local", include_dashboard=False, _node_ip_address=ip, _system_config=system,
                              **kwargs)
+                embedded.started_here()
             break
         except Exception as e:  # noqa: BLE001 - Ray raises Exception, RuntimeError, ConnectionError, ...
             try:

@@ -73,14 +73,14 @@ def storage_root(spec: SweepSpec, workdir: Path) -> str:
     return root if "://" in root else str(Path(root).resolve())
 
 
-def check_resources(spec: SweepSpec, started_ray: bool = False):
+def check_resources(spec: SweepSpec):
     """Fail before anything runs when no node of the cluster can ever hold a trial: neither a node
     present nor a node type its autoscaler may add (``orchestrator.capacity``; a fresh autoscaling
-    cluster has no GPU until a trial asks for one). Returns the cluster's ``Capacity``. A Ray this
-    driver started (``started_ray``) is this machine alone: no autoscaler to read."""
+    cluster has no GPU until a trial asks for one). Returns the cluster's ``Capacity``. The embedded
+    Ray this process started is this machine alone: no autoscaler to read."""
     from orchestrator.capacity import read_capacity
 
-    cap = read_capacity(autoscaler=not started_ray)
+    cap = read_capacity(autoscaler=not embedded.connected_here())
     msg = cap.refusal(spec.resources.cpus, spec.resources.gpus)
     if msg:
         raise SpecError(msg)
@@ -118,7 +118,7 @@ class Session:
         callback's writes waited out the tracker's patience): one ``StoreError`` line that says
         what was saved, what was not, and that the same command resumes."""
         try:
-            with FoldedWarnings(), embedded.plain_trial_actors(self.started_ray):  # (the embedded Ray's prestarted workers)
+            with FoldedWarnings(), embedded.plain_trial_actors():  # trials on the embedded Ray's prestarted workers
                 result = self.signals.fit(tuner) if self.signals else tuner.fit()
         except (Interrupted, KeyboardInterrupt) as e:
             self.interrupted(e)
@@ -210,7 +210,7 @@ def open_session(spec: SweepSpec, spec_raw: dict | None, workdir: str | Path, tr
         os.environ["ABLATE_TRACKING_URI"] = tracking_uri
         started_ray = init_ray(address, workdir)
         signals.install()  # ray.init took SIGTERM
-        capacity = check_resources(spec, started_ray)
+        capacity = check_resources(spec)
         spec_raw = spec_raw if spec_raw is not None else spec.model_dump(mode="json")
         tracker = Tracker(tracking_uri, spec.experiment_name)
         parent = tracker.sweep_run(spec.name, spec_raw, yaml.safe_dump(spec_raw, sort_keys=False))

@@ -244,14 +244,17 @@ def test_trial_actors_run_on_the_workers_the_embedded_ray_prestarted(tmp_path):
             time.sleep(0.5)
         workers = idle_workers()
         assert workers, "the embedded Ray prestarted no worker"
-        with embedded.plain_trial_actors(started):
+        assert started and embedded.connected_here()
+        with embedded.plain_trial_actors():
             actor_cls = class_cache._ActorClassCache().get(Probe)
             pid, fork_var, env = ray.get(actor_cls.options(num_cpus=1).remote().where.remote(), timeout=120)
         assert fork_var == "1"
         assert not env.get("env_vars")
         assert pid in workers, "the trial actor started a fresh worker process"
         assert dict(class_cache.DEFAULT_ENV_VARS) == tune_defaults  # restored
-        with embedded.plain_trial_actors(False):  # a cluster: Tune's runtime_env untouched
-            assert dict(class_cache.DEFAULT_ENV_VARS) == tune_defaults
     finally:
         ray.shutdown()
+    # not connected to the embedded Ray this process started (a cluster, or none): Tune's tables untouched
+    assert not embedded.connected_here()
+    with embedded.plain_trial_actors():
+        assert dict(class_cache.DEFAULT_ENV_VARS) == tune_defaults
