@@ -73,7 +73,7 @@ def local_artifact_root(tracking_uri: str) -> str | None:
 STORE_TEMPLATE_ENV = "ABLATE_STORE_TEMPLATES"
 
 
-def _template_path() -> Path | None:
+def store_template_path() -> Path | None:
     """Where the empty store of this MLflow version is kept (``$ABLATE_STORE_TEMPLATES``, else
     ``$XDG_CACHE_HOME/ablate`` or ``~/.cache/ablate``; ``ABLATE_STORE_TEMPLATES=off``: none)."""
     import mlflow.version
@@ -108,14 +108,14 @@ def seed_sqlite_store(tracking_uri: str) -> str:
     """Before MLflow opens a SQLite store that does not exist yet: MLflow would create it by running
     its whole chain of schema migrations, 2 s of CPU on 2 cores (the fresh-workdir start of
     ``ablate sweep``, issue #32). Instead, copy the empty store that MLflow made the first time on
-    this machine (one file per MLflow version, :func:`_template_path`), with its ``Default``
+    this machine (one file per MLflow version, :func:`store_template_path`), with its ``Default``
     experiment's artifact location and times set as MLflow would set them now. Returns "copied",
     "made" (no template: MLflow makes the store, the caller calls :func:`keep_store_template`), or
     "" (not a new SQLite store, or no template place)."""
     if not tracking_uri.startswith("sqlite:///"):
         return ""
     path = Path(tracking_uri[len("sqlite:///"):])
-    template = _template_path()
+    template = store_template_path()
     if path.exists() or template is None or not path.parent.is_dir():
         return ""
     if not template.exists():
@@ -148,7 +148,7 @@ def seed_sqlite_store(tracking_uri: str) -> str:
 def keep_store_template(tracking_uri: str) -> None:
     """After MLflow made a new SQLite store (before anything is written to it): keep a copy as this
     machine's template for the next new store (:func:`seed_sqlite_store`). Best effort."""
-    template = _template_path()
+    template = store_template_path()
     if template is None or template.exists():
         return
     try:

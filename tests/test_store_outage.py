@@ -152,3 +152,23 @@ def test_two_trackers_racing_to_create_one_experiment_both_use_it(tmp_path):
         MlflowClient.get_experiment_by_name = lookup
     assert second.experiment_id == made[0]
     assert [e.name for e in MlflowClient(uri).search_experiments() if e.name == "ablate-race"] == ["ablate-race"]
+
+
+@pytest.mark.slow
+def test_a_missing_artifact_through_the_servers_artifact_proxy_is_said_at_once(tmp_path):
+    """Through a tracking server that serves the artifacts (``--serve-artifacts``, as cluster.yaml runs
+    it), a run without the artifact asked for raises FileNotFoundError at once: MLflow's error there
+    carries RESOURCE_DOES_NOT_EXIST too (checked before only on the local SQLite store), so it is not
+    retried as an outage for the tracker's whole patience."""
+    from orchestrator.mlflow_store import Tracker
+
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        tr = Tracker(server.uri, "ablate-missing", patience=60)
+        run = tr.client.create_run(tr.experiment_id).info.run_id
+        t0 = time.monotonic()
+        with pytest.raises(FileNotFoundError, match="has no artifact 'nothing/here.txt'"):
+            tr.download_artifact(run, "nothing/here.txt", str(tmp_path))
+        assert time.monotonic() - t0 < 30  # not the 60 s patience of an outage
+    finally:
+        server.stop()
