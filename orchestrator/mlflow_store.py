@@ -74,8 +74,12 @@ STORE_TEMPLATE_ENV = "ABLATE_STORE_TEMPLATES"
 
 
 def store_template_path() -> Path | None:
-    """Where the empty store of this MLflow version is kept (``$ABLATE_STORE_TEMPLATES``, else
-    ``$XDG_CACHE_HOME/ablate`` or ``~/.cache/ablate``; ``ABLATE_STORE_TEMPLATES=off``: none)."""
+    """Where the empty store of this MLflow version and set of schema migrations is kept
+    (``$ABLATE_STORE_TEMPLATES``, else ``$XDG_CACHE_HOME/ablate`` or ``~/.cache/ablate``;
+    ``ABLATE_STORE_TEMPLATES=off``: none)."""
+    import hashlib
+
+    import mlflow.store
     import mlflow.version
 
     root = os.environ.get(STORE_TEMPLATE_ENV)
@@ -83,7 +87,12 @@ def store_template_path() -> Path | None:
         return None
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ablate")
-    return Path(root) / f"mlflow-{mlflow.version.VERSION}-empty.db"
+    try:  # the migrations MLflow runs on a new store: a template made by another set is never used
+        migrations = sorted(os.listdir(Path(mlflow.store.__file__).parent / "db_migrations" / "versions"))
+    except OSError:
+        return None
+    key = hashlib.sha256("\n".join(migrations).encode()).hexdigest()[:12]
+    return Path(root) / f"mlflow-{mlflow.version.VERSION}-{key}-empty.db"
 
 
 def _sqlite_copy(src: Path, dst: Path) -> None:
@@ -124,25 +133,40 @@ def seed_sqlite_store(tracking_uri: str) -> str:
 
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
 
+    tmp = path.with_name(f".{path.name}.seed.{os.getpid()}")
     try:
-        tmp = path.with_name(f".{path.name}.seed.{os.getpid()}")
         _sqlite_copy(template, tmp)
         now = int(time.time() * 1000)
         default_root = Path(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH).resolve() / "0"
-        with sqlite3.connect(tmp) as con:
-            con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
-                        "WHERE experiment_id = 0", (str(default_root), now, now))
-        con.close()
+        con = sqlite3.connect(tmp)
+        try:
+            with con:
+                runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+                changed = con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, "
+                                      "last_update_time = ? WHERE experiment_id = 0",
+                                      (str(default_root), now, now)).rowcount
+        finally:
+            con.close()
+        if runs or changed != 1:
+            raise sqlite3.DatabaseError(f"not an empty MLflow store ({runs} runs, Default experiment rows {changed})")
         try:
             os.link(tmp, path)  # never over a store another process made meanwhile
         except FileExistsError:
             pass
-        finally:
-            os.unlink(tmp)
         return "copied"
-    except (OSError, sqlite3.Error) as e:  # a template that cannot be read: MLflow makes the store
-        log.debug("store template %s not used: %s", template, e)
+    except sqlite3.Error as e:  # a template that is not an empty store: MLflow makes the store, and a new template
+        log.warning("MLflow store template %s not used (%s): removed", template, e)
+        try:
+            template.unlink()
+        except OSError:
+            pass
         return "made" if not path.exists() else ""
+    except OSError as e:  # this folder cannot take the copy (no hard links, ...): MLflow makes the store
+        log.debug("MLflow store template %s not used: %s", template, e)
+        return ""
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def keep_store_template(tracking_uri: str) -> None:

@@ -315,3 +315,14 @@ def test_a_new_store_is_copied_from_the_empty_one_mlflow_made_first(tmp_path, mo
     assert own == copy
     assert own[2][0][1] == str(tmp_path / "b" / "mlruns" / "0")
     assert made.experiment_id == copied.experiment_id  # the same ids as in a store MLflow made
+
+    # a template that is not an empty MLflow store (here: one with a run) is removed, not copied
+    monkeypatch.setenv("ABLATE_STORE_TEMPLATES", str(tmp_path / "cache"))
+    template.unlink()
+    template.write_bytes((tmp_path / "b" / "mlflow.db").read_bytes())
+    (tmp_path / "c").mkdir()
+    assert seed_sqlite_store(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}") == "made"
+    assert not (tmp_path / "c" / "mlflow.db").exists() and not template.exists()
+    Tracker(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}", "ablate-four")  # MLflow makes it, and a new template
+    assert template.exists() and schema(template) == own
+    assert not [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]  # no copy left behind
