@@ -139,9 +139,13 @@ def plain_trial_actors():
     if not _WORKER_ENV or not connected_here():
         yield
         return
-    from ray.tune.execution import class_cache
+    try:  # Ray Tune's tables (Ray 2.60); another layout: Tune's runtime_env as it is (slower, not wrong)
+        from ray.tune.execution import class_cache
 
-    defaults, propagated = dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)
+        defaults, propagated = dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)
+    except (ImportError, AttributeError, TypeError):
+        yield
+        return
     held = lambda k, v: _WORKER_ENV.get(k) == v  # noqa: E731
     for k, v in defaults.items():
         if held(k, v):
