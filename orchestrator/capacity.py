@@ -185,7 +185,8 @@ def _read_monitor_config(pid: int) -> dict | None:
 
 
 def _types_from_monitor() -> tuple[list[NodeType], int | None] | None:
-    """Autoscaler v1: its own config, read on the head node by a task of no CPU."""
+    """Autoscaler v1: its own config, read on the head node (here when the driver runs there, else by
+    a task of no CPU)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -197,13 +198,18 @@ def _types_from_monitor() -> tuple[list[NodeType], int | None] | None:
                  and "node:__internal_head__" in n.get("Resources", {})), None)
     if head is None:
         return None
-    task = ray.remote(num_cpus=0, max_retries=0)(_read_monitor_config).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False))
-    try:
-        cfg = ray.get(task.remote(pid), timeout=60)
-    except Exception as e:  # noqa: BLE001 - a head that cannot run the task: no types known
-        log.warning("could not read the autoscaler's config on the head node: %s", e)
-        return None
+    # A driver on the head node (the embedded Ray, a job submitted to a cluster) reads it here: a task
+    # would wait for a worker, 3 s on 2 cores while the prestarted ones import torch.
+    if head == ray.get_runtime_context().get_node_id():
+        cfg = _read_monitor_config(pid)
+    else:
+        task = ray.remote(num_cpus=0, max_retries=0)(_read_monitor_config).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False))
+        try:
+            cfg = ray.get(task.remote(pid), timeout=60)
+        except Exception as e:  # noqa: BLE001 - a head that cannot run the task: no types known
+            log.warning("could not read the autoscaler's config on the head node: %s", e)
+            return None
     if not cfg:
         return None
     head_type = cfg.get("head_node_type")
@@ -219,13 +225,9 @@ def _types_from_monitor() -> tuple[list[NodeType], int | None] | None:
     return types, (int(mw) if mw is not None else None)
 
 
-def read_capacity(autoscaler: bool = True) -> Capacity:
-    """The connected cluster's :class:`Capacity`. ``autoscaler=False``: its nodes only (the embedded
-    Ray this driver started has no autoscaler config; reading one takes a task, which waits for a
-    worker while the prestarted ones import a trial's modules: 3 s on 2 cores)."""
+def read_capacity() -> Capacity:
+    """The connected cluster's :class:`Capacity`."""
     nodes = _alive_nodes()
-    if not autoscaler:
-        return Capacity(nodes)
     for source, reader in (("gcs cluster config", _types_from_gcs_config), ("autoscaler config", _types_from_monitor)):
         found = reader()
         if found is not None:

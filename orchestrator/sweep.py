@@ -76,11 +76,10 @@ def storage_root(spec: SweepSpec, workdir: Path) -> str:
 def check_resources(spec: SweepSpec):
     """Fail before anything runs when no node of the cluster can ever hold a trial: neither a node
     present nor a node type its autoscaler may add (``orchestrator.capacity``; a fresh autoscaling
-    cluster has no GPU until a trial asks for one). Returns the cluster's ``Capacity``. The embedded
-    Ray this process started is this machine alone: no autoscaler to read."""
+    cluster has no GPU until a trial asks for one). Returns the cluster's ``Capacity``."""
     from orchestrator.capacity import read_capacity
 
-    cap = read_capacity(autoscaler=not embedded.connected_here())
+    cap = read_capacity()
     msg = cap.refusal(spec.resources.cpus, spec.resources.gpus)
     if msg:
         raise SpecError(msg)
