@@ -636,7 +636,7 @@ def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, addr
         typer.echo(f"device      cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}); no CUDA")
 
     from orchestrator.faults import WorkdirError, prepare_workdir
-    from orchestrator.mlflow_store import StoreError, check_store, default_tracking_uri
+    from orchestrator.mlflow_store import StoreError, check_store, default_tracking_uri, sqlite_path
     from orchestrator.sweep import init_ray
 
     try:
@@ -659,7 +659,7 @@ def doctor(workdir: Path = WORKDIR, tracking_uri: Optional[str] = TRACKING, addr
     # Read-only: a health check leaves no data behind (no experiment, no run; a SQLite store that
     # does not exist yet is not created, only its folder checked).
     try:
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        if (db := sqlite_path(uri)) is not None and not db.exists():
             check_store(uri, write=True)
             typer.echo("mlflow      no store yet; the first sweep creates it (folder writable)")
         else:

@@ -136,7 +136,7 @@ def plain_trial_actors():
     do not already hold with the same value: none, normally, so that a trial runs on a worker Ray
     prestarted with the trial's modules imported (see the module's docstring). Tune's own tables are
     restored on exit. On a cluster nothing changes."""
-    if not _WORKER_ENV or not connected_here():
+    if not connected_here():  # true only once inherit_worker_env has recorded the workers' environment
         yield
         return
     try:  # Ray Tune's tables (Ray 2.60); another layout: Tune's runtime_env as it is (slower, not wrong)

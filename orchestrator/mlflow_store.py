@@ -61,13 +61,17 @@ def default_tracking_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` tracking URI; None for any other store."""
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+
+
 def local_artifact_root(tracking_uri: str) -> str | None:
     """Beside an embedded SQLite store, artifacts go to ``<store folder>/mlartifacts`` (MLflow's own
     default would be ``./mlruns`` under whatever folder the driver was started from). A server
     (http) chooses its own artifact root."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-    return None
+    path = sqlite_path(tracking_uri)
+    return (path.resolve().parent / "mlartifacts").as_uri() if path is not None else None
 
 
 STORE_TEMPLATE_ENV = "ABLATE_STORE_TEMPLATES"
@@ -117,15 +121,15 @@ def seed_sqlite_store(tracking_uri: str) -> str:
     """Before MLflow opens a SQLite store that does not exist yet: MLflow would create it by running
     its whole chain of schema migrations, 2 s of CPU on 2 cores (the fresh-workdir start of
     ``ablate sweep``, issue #32). Instead, copy the empty store that MLflow made the first time on
-    this machine (one file per MLflow version, :func:`store_template_path`), with its ``Default``
+    this machine (one file per MLflow version and set of migrations, :func:`store_template_path`), with its ``Default``
     experiment's artifact location and times set as MLflow would set them now. Returns "copied",
     "made" (no template: MLflow makes the store, the caller calls :func:`keep_store_template`), or
     "" (not a new SQLite store, or no template place)."""
-    if not tracking_uri.startswith("sqlite:///"):
+    path = sqlite_path(tracking_uri)
+    if path is None or path.exists() or not path.parent.is_dir():
         return ""
-    path = Path(tracking_uri[len("sqlite:///"):])
     template = store_template_path()
-    if path.exists() or template is None or not path.parent.is_dir():
+    if template is None:
         return ""
     if not template.exists():
         return "made"
@@ -177,8 +181,8 @@ def keep_store_template(tracking_uri: str) -> None:
         return
     try:
         template.parent.mkdir(parents=True, exist_ok=True)
-        _sqlite_copy(Path(tracking_uri[len("sqlite:///"):]), template)
-    except (OSError, Exception) as e:  # noqa: BLE001 - only a slower next start
+        _sqlite_copy(sqlite_path(tracking_uri), template)
+    except Exception as e:  # noqa: BLE001 - only a slower next start
         log.debug("store template %s not kept: %s", template, e)
 
 
@@ -302,8 +306,8 @@ def check_store(tracking_uri: str, write: bool = True, timeout: float = 5.0) -> 
     import urllib.error
     import urllib.request
 
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri[len("sqlite:///"):])
+    path = sqlite_path(tracking_uri)
+    if path is not None:
         folder = path.parent
         if not path.exists():
             if not write:
