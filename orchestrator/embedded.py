@@ -36,6 +36,21 @@ cluster address (``orchestrator.sweep.init_ray``). What keeps it private, and ti
   leaves out of the actors' ``runtime_env`` every variable the workers already hold with the same
   value; one they do not (set after Ray started, or a value Tune adds in a later release) stays.
 
+- **A lean node, its workers started at once** (:func:`lean_head`, :data:`SYSTEM_CONFIG`). On 2 cores
+  the first trial waited for CPU that Ray's own processes took and for workers started late (issue
+  #32: the first trial within 8 s of the command). The embedded Ray is one private node that nobody
+  else reaches, so it runs without what only a cluster, or a person watching one, uses: the
+  autoscaler monitor (nothing to scale), the log monitor (``log_to_driver=False``: nobody reads its
+  stream), the dashboard's API server (``include_dashboard=False`` still started one, for jobs and
+  the state API; ``ray.init`` waited for it, ~1.8 s here) and the dashboard agent's optional modules
+  (node metrics, job and log agents: the agent runs ``--minimal``). 3-4 CPU-s fewer before the
+  first trial and none spent by them during the sweep. Its raylet starts one worker per CPU as it
+  starts (``enable_worker_prestart``) instead of when the driver registers, 1-2 s later; and those
+  workers are not killed as idle while Tune places its trials: Ray keeps idle workers up to the
+  *available* CPUs, Tune's placement groups take every CPU before the trial actors are leased, and
+  after 1 s (``idle_worker_killing_time_threshold_ms``) the raylet stopped a prestarted worker still
+  importing torch, so that a trial waited for a new one (seen in 1 of 2 start-ups).
+
 The version floors in ``pyproject.toml`` are the releases that carry what this relies on
 (``RAY_TOKEN_AUTH_SINCE``, ``MLFLOW_ADMIN_PASSWORD_SINCE``; ``tests/test_embedded.py`` checks them).
 """
@@ -160,6 +175,64 @@ def plain_trial_actors():
         class_cache.DEFAULT_ENV_VARS.update(defaults)
         class_cache.ENV_VARS_TO_PROPAGATE.clear()
         class_cache.ENV_VARS_TO_PROPAGATE.update(propagated)
+
+
+SYSTEM_CONFIG = {
+    "enable_worker_prestart": True,  # one worker per CPU as the raylet starts ...
+    "prestart_worker_first_driver": False,  # ... not (again) when the driver registers
+    "idle_worker_killing_time_threshold_ms": 30_000,  # Ray's default 1000: see the module's docstring
+}
+"""Ray's system config for the embedded Ray (``ray.init(_system_config=...)``), beside the workers'
+preloaded modules (``orchestrator.raystart.init_ray``). Names from Ray's ``ray_config_def.h`` (all three
+in Ray 2.x); a name Ray does not know stops its GCS from starting (a 30 s time-out), so a Ray release
+that drops one fails every embedded start, tests included, instead of running on slowly."""
+
+
+@contextmanager
+def lean_head():
+    """While inside (around the ``ray.init`` that starts the embedded Ray): the head node Ray starts
+    runs no autoscaler monitor, no log monitor, no dashboard API server, and its dashboard agent
+    only the modules Ray's minimal install has (see the module's docstring). Ray's own functions are
+    restored on exit. A Ray whose private layout differs (``ray._private.node.Node``,
+    ``RayParams.no_monitor`` / ``include_log_monitor``, ``ray._private.utils.get_dashboard_dependency_error``)
+    starts as usual: slower, nothing wrong."""
+    try:
+        import ray._private.node as ray_node
+        import ray._private.parameter as ray_parameter
+        import ray._private.utils as ray_utils
+
+        params = ray_parameter.RayParams()
+        ok = (hasattr(params, "no_monitor") and hasattr(params, "include_log_monitor")
+              and callable(getattr(ray_node.Node, "start_api_server", None))
+              and callable(getattr(ray_utils, "get_dashboard_dependency_error", None)))
+    except (ImportError, AttributeError, TypeError):
+        ok = False
+    if not ok:
+        log.debug("embedded Ray: this Ray's layout is not the one lean_head knows; its node starts as usual")
+        yield
+        return
+    init, api_server, dependency_error = (ray_node.Node.__init__, ray_node.Node.start_api_server,
+                                          ray_utils.get_dashboard_dependency_error)
+
+    def node_init(self, ray_params, head=False, *args, **kwargs):
+        if head:
+            ray_params.no_monitor = True
+            ray_params.include_log_monitor = False
+        return init(self, ray_params, head, *args, **kwargs)
+
+    def no_api_server(self, *args, **kwargs):
+        return None
+
+    ray_node.Node.__init__ = node_init
+    ray_node.Node.start_api_server = no_api_server
+    # services.start_raylet gives the agent --minimal when this names a missing dependency
+    ray_utils.get_dashboard_dependency_error = lambda: "ablate's embedded Ray runs a minimal dashboard agent"
+    try:
+        yield
+    finally:
+        ray_node.Node.__init__ = init
+        ray_node.Node.start_api_server = api_server
+        ray_utils.get_dashboard_dependency_error = dependency_error
 
 
 def _ray_version() -> str:

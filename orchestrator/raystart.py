@@ -77,9 +77,9 @@ def init_ray(address: str | None = None, workdir: Path | None = None, attempts: 
             if address:
                 ray.init(address=address, **kwargs)  # the cluster's own authentication applies, untouched
             else:
-                system = {"preload_python_modules": list(PRELOAD)} if preload else {}
+                system = dict(embedded.SYSTEM_CONFIG, **({"preload_python_modules": list(PRELOAD)} if preload else {}))
                 embedded.inherit_worker_env()  # Tune's actor variables: trials run on the prestarted workers
-                with embedded.loopback() as ip:  # every port of the embedded Ray on 127.0.0.1 only
+                with embedded.loopback() as ip, embedded.lean_head():  # 127.0.0.1 only; no monitors, no API server
                     ray.init(address="local", include_dashboard=False, _node_ip_address=ip, _system_config=system,
                              **kwargs)
                 embedded.started_here()

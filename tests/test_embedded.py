@@ -258,3 +258,58 @@ def test_trial_actors_run_on_the_workers_the_embedded_ray_prestarted(tmp_path):
     assert not embedded.connected_here()
     with embedded.plain_trial_actors():
         assert dict(class_cache.DEFAULT_ENV_VARS) == tune_defaults
+
+
+def test_the_embedded_node_runs_lean_and_keeps_its_prestarted_workers_while_trials_are_placed(tmp_path):
+    """Issue #32 (the first trial within 8 s): the embedded Ray runs no autoscaler monitor, no log
+    monitor and no dashboard API server, its dashboard agent is minimal, and Ray's functions are
+    restored after the start. Its raylet prestarts one worker per CPU, and those workers outlive a
+    placement group that takes every CPU for longer than Ray's 1 s idle limit (Tune reserves its
+    trials' CPUs before it creates their actors): with Ray's defaults the raylet stopped them as idle
+    workers beyond the available CPUs, and a trial waited for a fresh worker to import torch."""
+    import ray
+    import ray._private.node as ray_node
+    from ray.tune.execution import class_cache
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    import psutil  # Ray's own copy: after ray
+
+    from orchestrator.sweep import init_ray
+
+    node_init = ray_node.Node.__init__
+
+    class Probe:
+        def pid(self):
+            return os.getpid()
+
+    def idle_workers() -> set[int]:
+        return {c.pid for c in psutil.Process().children(recursive=True) if c.name() == "ray::IDLE"}
+
+    assert init_ray(None, tmp_path) is True
+    try:
+        assert ray_node.Node.__init__ is node_init  # restored
+        commands = [" ".join(c.cmdline()) for c in psutil.Process().children(recursive=True)]
+        for extra in ("autoscaler/_private/monitor.py", "log_monitor.py", "dashboard/dashboard.py"):
+            assert not any(extra in c for c in commands), (extra, commands)
+        agents = [c for c in commands if "dashboard/agent.py" in c]
+        assert len(agents) == 1 and " --minimal" in agents[0], agents
+        cpus = int(ray.cluster_resources()["CPU"])
+        deadline = time.monotonic() + 90  # one worker per CPU, each importing torch as it starts
+        while len(idle_workers()) < cpus and time.monotonic() < deadline:
+            time.sleep(0.5)
+        workers = idle_workers()
+        assert len(workers) == cpus, workers
+        pg = placement_group([{"CPU": 1}] * cpus)
+        ray.get(pg.ready(), timeout=60)
+        time.sleep(3)  # Ray's default limit: 1 s idle, checked every 0.2 s
+        assert idle_workers() == workers, "the raylet stopped prestarted workers while the CPUs were reserved"
+        with embedded.plain_trial_actors():
+            actor_cls = class_cache._ActorClassCache().get(Probe)
+            actors = [actor_cls.options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote()
+                      for i in range(cpus)]
+            pids = set(ray.get([a.pid.remote() for a in actors], timeout=120))
+        assert pids == workers, (pids, workers)
+        remove_placement_group(pg)
+    finally:
+        ray.shutdown()
