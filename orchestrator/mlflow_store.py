@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -280,18 +281,32 @@ class StoreUnavailable(StoreError):
 
 
 def short_reason(e: BaseException) -> str:
-    """A store error in a few words (MLflow's HTTP errors are hundreds of characters long)."""
-    text = str(e)
-    low = text.lower()
+    """A store error in a few words, at most 60 characters (MLflow's HTTP errors are hundreds of
+    characters long, their cause often only in the chained exception)."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen and len(chain) < 5:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    low = " ".join(f"{type(c).__name__} {c}" for c in chain).lower()
     for key, words in (("connection refused", "connection refused"), ("timed out", "timed out"),
+                       ("timeout", "timed out"),
                        ("name or service not known", "unknown host"), ("temporary failure in name", "unknown host"),
                        ("connection reset", "connection reset"), ("remote end closed", "connection closed"),
-                       ("database is locked", "database is locked"), ("503", "HTTP 503"), ("502", "HTTP 502"),
-                       ("504", "HTTP 504"), ("500", "HTTP 500")):
+                       ("remotedisconnected", "connection closed"), ("connection aborted", "connection closed"),
+                       ("incompleteread", "connection closed"), ("broken pipe", "connection closed"),
+                       ("database is locked", "database is locked")):
         if key in low:
             return words
+    status = re.search(r"(?:error code|status code|status|http|too many)\D{0,3}(5\d\d)\b", low)  # not a port's digits
+    if status:
+        return f"HTTP {status.group(1)}"
+    if "max retries exceeded" in low:
+        return "no answer"
+    text = re.sub(r"API request to \S+ failed with (exception )?", "", str(chain[0]))
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return f"{type(e).__name__}: {first[:80]}" if first else type(e).__name__
+    out = f"{type(chain[0]).__name__}: {first}" if first else type(chain[0]).__name__
+    return out if len(out) <= 60 else out[:57] + "..."
 
 
 MIN_FREE_BYTES = 32 * 2**20

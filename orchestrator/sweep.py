@@ -26,7 +26,7 @@ from orchestrator.quiet import FoldedWarnings
 from orchestrator.raystart import init_ray  # noqa: F401 - also public here, orchestrator.sweep.init_ray
 from orchestrator.spec import SpecError, SweepSpec
 from orchestrator.tracking import TrackingCallback
-from orchestrator.trainable import train_trial
+from orchestrator.trainable import train_trial, unless_recorded
 
 log = logging.getLogger("ablate")
 
@@ -228,12 +228,17 @@ def run_config(spec: SweepSpec, name: str, storage: str, callback: TrackingCallb
                           failure_config=tune.FailureConfig(max_failures=spec.max_failures))
 
 
-def trainable_for(spec: SweepSpec, trial_fn=None):
+def trainable_for(spec: SweepSpec, trial_fn=None, recorded: dict[str, str] | None = None):
     """The Tune trainable of the spec's trials: ``trial_fn`` (default :func:`train_trial`; a
-    benchmark's stand-in trial) with the spec's resources."""
+    benchmark's stand-in trial) with the spec's resources; with ``recorded`` (trial id -> label of
+    the trials MLflow holds as ended that Tune will create again), those return at once
+    (:func:`orchestrator.trainable.unless_recorded`)."""
     from ray import tune
 
-    return tune.with_resources(trial_fn or train_trial, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
+    fn = trial_fn or train_trial
+    if recorded:
+        fn = unless_recorded(fn, recorded)
+    return tune.with_resources(fn, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
 
 
 def run_sweep(spec: SweepSpec, spec_raw: dict | None = None, *, workdir: str | Path = "ablate_runs",
@@ -293,10 +298,14 @@ def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progres
         for r in cut:
             ses.tracker.close_cut_off(r, "cut off: its driver stopped before the trial ended")
         try:
-            ended, again = reconcile_tune_state(exp_dir, ses.tracker, spec.name)
+            ended, again, unsaved = reconcile_tune_state(exp_dir, ses.tracker, spec.name)
         except (OSError, ValueError, KeyError) as e:  # Tune's state as Tune left it: it resumes as before
             log.warning("sweep %s: Tune's saved state not checked against MLflow's record (%s)", spec.name, e)
-            ended = again = 0
+            ended, again, unsaved = 0, 0, {}
+        if unsaved:  # ended after Tune last saved its state, which does not hold them: Tune makes them again
+            trainable = trainable_for(spec, trial_fn, recorded=unsaved)
+            callback.settings["recorded"] = dict(unsaved)
+            ended += len(unsaved)
         if progress:
             notes = [f"{n} {what}" for n, what in (
                 (len(cut), "run(s) an earlier driver left RUNNING closed (KILLED)"),
@@ -343,7 +352,7 @@ def _run(spec: SweepSpec, ses: Session, trials: list, can_restore: bool, progres
                         counts, resumed=can_restore, errors=errors)
 
 
-def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[int, int]:
+def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[int, int, dict[str, str]]:
     """MLflow's record of which trials ended wins over Tune's saved state, which is saved every few
     seconds (``TUNE_GLOBAL_CHECKPOINT_S``) and so can be behind it: a driver killed by SIGKILL after
     recording a trial's end, or one that lost the tracking store. In the newest
@@ -354,7 +363,11 @@ def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[in
     also taken out of the grid searcher's trials in flight (``basic-variant-state-*.json``, saved
     with it: Tune's ``BasicVariantGenerator`` hands out no more trials than ``concurrency`` while it
     counts them, and a trial that never ends again would stall the sweep); without that file no
-    trial is marked ended. Returns the two counts."""
+    trial is marked ended. A trial MLflow holds as ended that the saved state does not hold at all
+    (Tune created it after it last saved its state) Tune creates again, with the same id: it is
+    returned, with its run's label, for the resumed sweep to leave as recorded
+    (:func:`orchestrator.trainable.unless_recorded`). Returns the two counts and those trials
+    (trial id -> label)."""
     import fnmatch
     import io
     import json
@@ -365,12 +378,14 @@ def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[in
     from orchestrator.mlflow_store import TAG_TRIAL
 
     ended: dict[str, str] = {}
+    labels: dict[str, str] = {}
     for r in tracker.trial_runs(sweep):
         tid, status = r.data.tags.get(TAG_TRIAL), r.data.tags.get("status", "running")
         if r.info.status == "FINISHED" and status != "running":
             ended[tid] = "TERMINATED"
         elif r.info.status == "FAILED" and status == "failed":
             ended[tid] = "ERROR"
+        labels[tid] = r.info.run_name
     fs, path = pafs.FileSystem.from_uri(exp_dir) if "://" in exp_dir else (pafs.LocalFileSystem(), exp_dir)
     files = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]
 
@@ -380,7 +395,7 @@ def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[in
 
     state_file, searcher_file = newest("experiment_state-*.json"), newest("basic-variant-state-*.json")
     if state_file is None:
-        return 0, 0
+        return 0, 0, {}
     with fs.open_input_stream(state_file) as f:
         data = json.loads(f.readall())
     searcher = None
@@ -388,9 +403,10 @@ def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[in
         with fs.open_input_stream(searcher_file) as f:
             searcher = cloudpickle.load(io.BytesIO(f.readall()))
     live = searcher.get("_live_trials") if isinstance(searcher, dict) else None
-    marked, again = [], 0
+    marked, again, saved = [], 0, set()
     for entry in data.get("trial_data", []):
         trial = json.loads(entry[0])
+        saved.add(trial.get("trial_id"))
         want, status = ended.get(trial.get("trial_id")), trial.get("status")
         if want is not None and status not in ("TERMINATED", "ERROR"):
             if not isinstance(live, set):
@@ -411,7 +427,8 @@ def reconcile_tune_state(exp_dir: str, tracker: Tracker, sweep: str) -> tuple[in
     if marked or again:
         with fs.open_output_stream(state_file) as f:
             f.write(json.dumps(data).encode())
-    return len(marked), again
+    unsaved = {tid: labels[tid] for tid in ended if tid not in saved and labels.get(tid)}
+    return len(marked), again, unsaved
 
 
 def _label(cfg, spec: SweepSpec) -> str:

@@ -93,11 +93,20 @@ class TrackingCallback(Callback):
         return (t.status for t in trials), self.recorder.outcomes.values(), self.recorder.done, note
 
     # ---- Tune hooks
+    def _recorded(self, trial) -> bool:
+        """A trial MLflow already holds as ended that a resumed Tune made again (same id, same grid
+        point: ``orchestrator.trainable.unless_recorded`` returns at once): its run stays as it is."""
+        label = (self.settings.get("recorded") or {}).get(trial.trial_id)
+        return label is not None and label == trial.config["point"]["label"]
+
     @_store_guarded
     def on_trial_start(self, iteration, trials, trial, **info):
         """The trial's run is made when the trial starts (RUNNING, tag status=running, its config as
         params), replacing a run of an earlier attempt: a sweep stopped before the trial's first
-        report still shows it, and marks it KILLED."""
+        report still shows it, and marks it KILLED. Not for a trial MLflow holds as ended
+        (:meth:`_recorded`)."""
+        if self._recorded(trial):
+            return
         self._run_for(trial, replace=True)
         self._fresh.add(trial.trial_id)
 
@@ -120,6 +129,8 @@ class TrackingCallback(Callback):
 
     @_store_guarded
     def on_trial_error(self, iteration, trials, trial, **info):
+        if self._recorded(trial):
+            return
         self._run_for(trial, replace=False)
         tb = ""
         if trial.error_file and Path(trial.error_file).is_file():

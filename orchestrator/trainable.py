@@ -105,3 +105,22 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
     summary["ended_at"] = time.time()
     send({"step": res.steps_run, "summary": json.dumps(summary, default=str),
           "final_loss": res.final_loss, "diverged": int(res.diverged)})
+
+
+def unless_recorded(fn, recorded: dict[str, str]):
+    """``fn`` as a Tune function trainable, except for a trial that MLflow already holds as ended:
+    ``recorded`` maps trial ids to their runs' labels, and a trial with one of those ids *and* that
+    label (the same grid point) returns at once, reporting nothing, so that it is not trained again.
+    A sweep resumed after SIGKILL needs it for the trials Tune created after it last saved its
+    state: Tune does not know they ended and creates them again, with the same ids
+    (``orchestrator.sweep.reconcile_tune_state``)."""
+    def trial(config: dict) -> None:
+        from ray import tune
+
+        if recorded.get(tune.get_context().get_trial_id()) == config["point"]["label"]:
+            return None
+        return fn(config)
+
+    trial.__name__ = getattr(fn, "__name__", "trial")
+    trial.__qualname__ = trial.__name__
+    return trial

@@ -396,6 +396,9 @@ def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tm
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    # what MLflow held when the kill landed (a trial may have ended since the last look)
+    finished = {r.data.tags["ablate.trial_id"]: r.info.run_id for r in _runs(client, "ablate-t-kill9", "trial")
+                if r.info.status == "FINISHED"}
     assert len(finished) < 4, "the kill must land mid-sweep"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -426,3 +429,77 @@ def _tune_ended(exp_dir) -> set:
     except ValueError:  # being written
         return set()
     return {t["trial_id"] for t in (json.loads(e[0]) for e in data["trial_data"]) if t["status"] in ("TERMINATED", "ERROR")}
+
+
+_KILL9_DRIVER = r'''
+import os, sys, time
+from orchestrator.spec import load_spec
+from orchestrator.sweep import run_sweep
+
+HANG = float(os.environ.get("HANG_LR", "0"))
+
+
+def trial(config):  # pickled by value (defined in __main__); the real trial, except one that hangs
+    import time
+
+    from orchestrator.trainable import train_trial
+
+    if config["point"]["trial"]["lr"] == HANG:
+        time.sleep(600)
+    return train_trial(config)
+
+
+run_sweep(load_spec(sys.argv[1]), workdir=sys.argv[2], trial_fn=trial)
+'''
+
+
+@pytest.mark.slow
+def test_a_rerun_after_sigkill_leaves_alone_a_trial_ended_after_tunes_last_save(tmp_path):
+    """A trial that Tune created *and* that ended after Tune last saved its state is not in that
+    state at all: the resumed Tune creates it again, with the same id. Before, it trained again and
+    its recorded run was replaced (seen when the start-up got faster: the test above then raced);
+    now MLflow's record stands and the trial returns at once. Deterministic: of 3 trials at
+    concurrency 2, the second hangs, so the third is created and ends while Tune's saved state
+    (written at the start only, TUNE_GLOBAL_CHECKPOINT_S=3600) holds the first two."""
+    import json
+
+    raw = dict(SPEC, name="t-unsaved", steps=30, probe_interval=10, axes={"lr": [1e-3, 2e-3, 3e-3]})
+    spec_path, wd, drv = tmp_path / "s.yaml", tmp_path / "wd", tmp_path / "drv.py"
+    spec_path.write_text(yaml.safe_dump(raw))
+    drv.write_text(_KILL9_DRIVER)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TUNE_GLOBAL_CHECKPOINT_S="3600")
+    log = tmp_path / "first.log"
+    proc = subprocess.Popen([sys.executable, str(drv), str(spec_path), str(wd)], env=dict(env, HANG_LR="0.002"),
+                            start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
+    exp_dir = wd / "ray_results" / "t-unsaved"
+    try:
+        deadline, finished = time.time() + 240, {}
+        while time.time() < deadline and len(finished) < 2:
+            time.sleep(0.25)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                runs = _runs(client, "ablate-t-unsaved", "trial")
+            except Exception:  # noqa: BLE001 - the store may be mid-creation
+                continue
+            finished = {r.data.tags["ablate.trial_id"]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
+        assert len(finished) == 2, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    state = json.loads(sorted(exp_dir.glob("experiment_state-*.json"))[-1].read_text())
+    saved = {json.loads(e[0])["trial_id"] for e in state["trial_data"]}
+    unsaved = set(finished) - saved
+    assert unsaved, (finished, saved)  # the case this test is for: ended, and not in Tune's state
+    done = subprocess.run([sys.executable, str(drv), str(spec_path), str(wd)], env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 trial(s) MLflow holds as ended not run again" in done.stdout, done.stdout
+    trials = _runs(client, "ablate-t-unsaved", "trial")
+    by_trial = {r.data.tags["ablate.trial_id"]: r for r in trials}
+    assert len(trials) == 3 and len(by_trial) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    assert all(by_trial[t].info.run_id == rid for t, rid in finished.items())  # not trained again
+    assert all(by_trial[t].data.tags["status"] != "running" for t in by_trial)

@@ -125,6 +125,40 @@ def test_mlflow_errors_are_classed_by_their_code_not_only_their_message():
     assert not permanent_error(ConnectionError("connection refused"))
 
 
+def test_a_store_error_is_said_in_a_few_words_whatever_its_shape():
+    """The retry line names the cause in at most 60 characters: from the exception, or from the one
+    it was raised from (a server stopped mid-request); a port's digits are not an HTTP status; an
+    error no rule knows is cut, not printed whole (a 180-character retry line in the slow outage
+    test: MLflow's 'API request to <url> failed with exception ...')."""
+    import http.client
+
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.mlflow_store import short_reason
+
+    api = "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with exception "
+
+    def raised_from(outer, inner):
+        try:
+            try:
+                raise inner
+            except Exception as e:  # noqa: BLE001
+                raise outer from e
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    pool = "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded with url: /x (Caused by "
+    assert short_reason(MlflowException(api + pool + "NewConnectionError('[Errno 111] Connection refused'))")) \
+        == "connection refused"
+    assert short_reason(MlflowException(api + pool + "ResponseError('too many 503 error responses'))")) == "HTTP 503"
+    assert short_reason(MlflowException(api.replace("exception ", "error code 500 != 200"))) == "HTTP 500"
+    assert short_reason(MlflowException(api + pool + "SSLError('bad handshake'))")) == "no answer"  # not HTTP 500
+    assert short_reason(raised_from(MlflowException(api + "an odd one"),
+                                    http.client.RemoteDisconnected("Remote end closed connection"))) == "connection closed"
+    odd = short_reason(MlflowException(api + "a failure no rule knows, " * 8))
+    assert odd.startswith("MlflowException: a failure no rule knows") and len(odd) <= 60 and "http" not in odd
+
+
 def test_two_trackers_racing_to_create_one_experiment_both_use_it(tmp_path):
     """Two drivers start on a new store at once: both look the experiment up (none yet), one creates
     it, the other's create is refused (RESOURCE_ALREADY_EXISTS) and reads the winner's back, instead
