@@ -13,6 +13,7 @@ from orchestrator.capacity import waiting_note
 from orchestrator.mlflow_store import TAG_REFERENCE, StoreUnavailable
 from orchestrator.progress import Progress
 from orchestrator.recorder import TrialRecorder
+from orchestrator.trainable import is_recorded
 from workloads.stabilizers import label as stabilizer_label
 
 
@@ -96,8 +97,7 @@ class TrackingCallback(Callback):
     def _recorded(self, trial) -> bool:
         """A trial MLflow already holds as ended that a resumed Tune made again (same id, same grid
         point: ``orchestrator.trainable.unless_recorded`` returns at once): its run stays as it is."""
-        label = (self.settings.get("recorded") or {}).get(trial.trial_id)
-        return label is not None and label == trial.config["point"]["label"]
+        return is_recorded(self.settings.get("recorded"), trial.trial_id, trial.config)
 
     @_store_guarded
     def on_trial_start(self, iteration, trials, trial, **info):

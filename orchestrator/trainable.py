@@ -107,6 +107,14 @@ def train_trial(config: dict, report_every_s: float = 1.0) -> None:
           "final_loss": res.final_loss, "diverged": int(res.diverged)})
 
 
+def is_recorded(recorded: dict[str, str] | None, trial_id: str, config: dict) -> bool:
+    """Whether a trial is one MLflow already holds as ended: ``recorded`` (trial id -> its run's
+    label) has its id *and* its grid point's label. The one test :func:`unless_recorded` (in the
+    trial's worker) and the sweep's tracking callback (in the driver) both apply."""
+    label = (recorded or {}).get(trial_id)
+    return label is not None and label == config["point"]["label"]
+
+
 def unless_recorded(fn, recorded: dict[str, str]):
     """``fn`` as a Tune function trainable, except for a trial that MLflow already holds as ended:
     ``recorded`` maps trial ids to their runs' labels, and a trial with one of those ids *and* that
@@ -117,7 +125,7 @@ def unless_recorded(fn, recorded: dict[str, str]):
     def trial(config: dict) -> None:
         from ray import tune
 
-        if recorded.get(tune.get_context().get_trial_id()) == config["point"]["label"]:
+        if is_recorded(recorded, tune.get_context().get_trial_id(), config):
             return None
         return fn(config)
 

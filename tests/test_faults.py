@@ -384,10 +384,9 @@ def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tm
             time.sleep(0.25)
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
-                runs = _runs(client, "ablate-t-kill9", "trial")
+                finished = _finished(client, "ablate-t-kill9")
             except Exception:  # noqa: BLE001 - the store may be mid-creation
                 continue
-            finished = {r.data.tags["ablate.trial_id"]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
             stale = set(finished) - _tune_ended(wd / "ray_results" / "t-kill9")  # ended in MLflow, not in Tune's state
         assert len(finished) >= 2 and stale, log.read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID` does
@@ -397,8 +396,7 @@ def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tm
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     # what MLflow held when the kill landed (a trial may have ended since the last look)
-    finished = {r.data.tags["ablate.trial_id"]: r.info.run_id for r in _runs(client, "ablate-t-kill9", "trial")
-                if r.info.status == "FINISHED"}
+    finished = _finished(client, "ablate-t-kill9")
     assert len(finished) < 4, "the kill must land mid-sweep"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -415,6 +413,12 @@ def test_a_rerun_after_sigkill_trains_only_what_mlflow_does_not_hold_finished(tm
     deleted = [r for r in every if r.info.lifecycle_stage == "deleted"]
     assert all(r.info.status == "KILLED" for r in deleted), [(r.info.run_name, r.info.status) for r in deleted]
     assert [ln for ln in done.stderr.splitlines() if ln.startswith("note: stopped")], done.stderr[-2000:]
+
+
+def _finished(client, exp_name) -> dict[str, str]:
+    """Trial id -> run id of the trial runs MLflow holds as FINISHED."""
+    return {r.data.tags["ablate.trial_id"]: r.info.run_id for r in _runs(client, exp_name, "trial")
+            if r.info.status == "FINISHED"}
 
 
 def _tune_ended(exp_dir) -> set:
@@ -479,10 +483,9 @@ def test_a_rerun_after_sigkill_leaves_alone_a_trial_ended_after_tunes_last_save(
             time.sleep(0.25)
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
-                runs = _runs(client, "ablate-t-unsaved", "trial")
+                finished = _finished(client, "ablate-t-unsaved")
             except Exception:  # noqa: BLE001 - the store may be mid-creation
                 continue
-            finished = {r.data.tags["ablate.trial_id"]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
         assert len(finished) == 2, log.read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
